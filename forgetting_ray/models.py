@@ -1,0 +1,107 @@
+"""Loading Hugging Face causal LMs and tokenizers: local folders, hub ids, built-in aliases.
+
+Safe defaults: ``trust_remote_code`` off, safetensors only for weights, never resize embeddings to
+get a pad token (an existing token becomes the pad id; pad positions carry label -100 anyway).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import ModelConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def _as_config(model: ModelConfig | str | Path) -> ModelConfig:
+    if isinstance(model, ModelConfig):
+        return model
+    return ModelConfig(name_or_path=str(model))
+
+
+def resolve_model_path(model: ModelConfig | str | Path) -> str:
+    """Alias -> cached local folder; local folder -> absolute path; anything else is a hub id."""
+    cfg = _as_config(model)
+    from . import aliases
+
+    if cfg.name_or_path in aliases.ALIASES:
+        return str(aliases.materialize(cfg.name_or_path, cache_dir=cfg.cache_dir))
+    p = Path(cfg.name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} exists but has no config.json: not a Hugging Face model folder")
+        return str(p.resolve())
+    return cfg.name_or_path
+
+
+def load_tokenizer(model: ModelConfig | str | Path) -> "PreTrainedTokenizerBase":
+    """Load the tokenizer and give it a pad token taken from existing tokens (no new embedding rows)."""
+    from transformers import AutoTokenizer
+
+    cfg = _as_config(model)
+    source = cfg.tokenizer or resolve_model_path(cfg)
+    tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ModelLoadError(f"tokenizer of {source} has neither a pad nor an eos token to pad with")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"  # per-token arrays are indexed from position 0 (METHOD.md §2.2)
+    return tok
+
+
+def tokenizer_fingerprint(tok: "PreTrainedTokenizerBase") -> str:
+    """Hash of the vocabulary, special tokens and chat template: what fixes the token ids."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode())
+    h.update(json.dumps(tok.all_special_tokens, ensure_ascii=False).encode())
+    h.update(str(getattr(tok, "chat_template", None) or "").encode())
+    h.update(str(tok.eos_token).encode())
+    return h.hexdigest()[:16]
+
+
+def resolve_dtype(name: str, device: "torch.device | str | None" = None) -> "torch.dtype":
+    import torch
+
+    if name == "auto":
+        dev = torch.device(device) if device is not None else None
+        on_gpu = dev.type == "cuda" if dev is not None else torch.cuda.is_available()
+        return torch.bfloat16 if on_gpu else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(
+    model: ModelConfig | str | Path,
+    *,
+    device: "torch.device | str | None" = None,
+    dtype: str | None = None,
+) -> "PreTrainedModel":
+    """Load a causal LM from safetensors with remote code off unless the config allows it."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _as_config(model)
+    path = resolve_model_path(cfg)
+    torch_dtype = resolve_dtype(dtype or cfg.dtype, device)
+    kwargs = dict(
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=torch_dtype,
+        use_safetensors=True,
+    )
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load model {cfg.name_or_path!r} from {path}: {e}") from e
+    if device is not None:
+        m = m.to(device)
+    return m

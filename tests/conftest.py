@@ -1,0 +1,70 @@
+"""Shared fixtures: real Hugging Face folders of tiny random models with a real trained tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
+FLAN_DIR = SHARED_DATA / "train" / "flan_v2_cot"
+DOLLY_FILE = SHARED_DATA / "train" / "dolly_subset" / "dolly.jsonl"
+EVAL_DIR = SHARED_DATA / "eval"
+
+
+def flan_texts(limit: int = 3000) -> list[str]:
+    texts: list[str] = []
+    for f in sorted(FLAN_DIR.glob("*.tsv")):
+        with open(f, encoding="utf-8") as fh:
+            for line in fh:
+                texts.append(line.replace("\\n", "\n").replace("\t", " "))
+                if len(texts) >= limit:
+                    return texts
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tiny_dir) -> Path:
+    """A byte-level BPE (vocab 512) trained on the FLAN CoT corpus, with a ChatML chat template."""
+    from forgetting_ray import tiny
+
+    out = tiny_dir / "tokenizer"
+    tiny.build_tokenizer(flan_texts(), out, vocab_size=512, chat_template=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_tokenizer_dir(tiny_dir) -> Path:
+    """The same BPE without a chat template (exercises the Tulu template path)."""
+    from forgetting_ray import tiny
+
+    out = tiny_dir / "tokenizer_plain"
+    tiny.build_tokenizer(flan_texts(), out, vocab_size=512, chat_template=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dir, tiny_tokenizer_dir) -> dict[str, Path]:
+    """arch -> folder of a random 2-layer model (llama, qwen2, gpt_neo, gemma3) with the tokenizer."""
+    from forgetting_ray import tiny
+
+    return {a: tiny.build_model(a, tiny_tokenizer_dir, tiny_dir / a) for a in tiny.ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]

@@ -1,0 +1,81 @@
+import pytest
+
+from forgetting_ray.config import (
+    ConfigError,
+    PipelineConfig,
+    config_reference_markdown,
+    dump_config,
+    flatten,
+    config_to_dict,
+    load_config,
+)
+
+
+def test_paper_defaults():
+    c = PipelineConfig()
+    assert c.selection.rho == 0.7
+    assert (c.training.t_max, c.training.t_min, c.training.lambda_schedule) == (0.25, 1e-5, "linear")
+    lora = c.training.lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (64, 16, 0.1, "all-linear")
+    assert (c.training.lr, c.training.warmup_ratio, c.training.epochs) == (1e-4, 0.03, 1)
+    assert c.data.max_length == 2048
+    assert c.model.trust_remote_code is False
+
+
+def test_every_field_has_a_description():
+    table = config_reference_markdown()
+    rows = [r for r in table.splitlines()[2:]]
+    assert len(rows) > 60
+    for r in rows:
+        assert r.rstrip("| ").split("|")[-1].strip(), f"field without description: {r}"
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("training:\n  lr: 3.0e-4\n  lora:\n    r: 8\ndata:\n  schema: messages\n")
+    c = load_config(p, ["training.lr=2e-5", "selection.rho=0.5", "data.train_files=[a.jsonl, b.jsonl]"])
+    assert c.training.lr == 2e-5 and c.training.lora.r == 8 and c.selection.rho == 0.5
+    assert c.data.train_files == ["a.jsonl", "b.jsonl"] and c.data.schema_ == "messages"
+    again = load_config(None, [])
+    assert again.training.lr == 1e-4
+    # the dump round-trips
+    p2 = tmp_path / "d.yaml"
+    p2.write_text(dump_config(c))
+    assert config_to_dict(load_config(p2)) == config_to_dict(c)
+
+
+def test_typo_names_file_and_field(tmp_path):
+    p = tmp_path / "typo.yaml"
+    p.write_text("training:\n  lerning_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "training.lerning_rate" in str(e.value) and "unknown field" in str(e.value)
+
+
+@pytest.mark.parametrize("bad,field", [
+    ("selection.rho=0", "selection.rho"),
+    ("selection.rho=1.5", "selection.rho"),
+    ("training.lambda_schedule=exponential", "training.lambda_schedule"),
+    ("training.t_min=0.5", "training"),
+    ("tune.rho={low: 0.9, high: 0.5}", "tune.rho"),
+])
+def test_invalid_values(bad, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [bad])
+    assert field in str(e.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("training: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(None, ["training.lr"])
+
+
+def test_flatten():
+    flat = flatten(config_to_dict(PipelineConfig()))
+    assert flat["training.lora.r"] == 64 and flat["selection.rho"] == 0.7
