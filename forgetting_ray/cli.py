@@ -1,0 +1,80 @@
+"""The ``forgetting-ray`` command: one sub-command per stage, plus ``run`` for the whole pipeline.
+
+Every sub-command takes a YAML config and dotted overrides, e.g.
+``forgetting-ray train jobs/configs/llama-3.2-1b.yaml training.lr=2e-5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from .config import ConfigError, PipelineConfig, config_reference_markdown, dump_config, load_config
+
+log = logging.getLogger("forgetting_ray")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _cmd_config(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    print(config_reference_markdown() if args.reference else dump_config(cfg), end="")
+    return 0
+
+
+def _cmd_prepare(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from .data.prepare import run_prepare
+
+    result = run_prepare(cfg)
+    print(f"token table: {result.train_path}\nreference table: {result.reference_path}\nmanifest: {result.manifest_path}")
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[PipelineConfig, argparse.Namespace], int], str]] = {
+    "config": (_cmd_config, "print the resolved config (or --reference: the field reference)"),
+    "prepare": (_cmd_prepare, "tokenize the corpus once into the token table and split off the reference subset"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forgetting-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", nargs="?", default=None, help="YAML config file (defaults when omitted)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides such as training.lr=2e-5")
+        if name == "config":
+            p.add_argument("--reference", action="store_true", help="print every field with default and help")
+    return parser
+
+
+def _split_config_arg(args: argparse.Namespace) -> None:
+    # `forgetting-ray prepare training.lr=1` (no file): the first positional is an override
+    if args.config is not None and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)
+        args.config = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    _split_config_arg(args)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        handler, _ = COMMANDS[args.command]
+        return handler(cfg, args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Starting or joining Ray, with the environment every worker of the pipeline needs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+# Passed to every Ray worker: DeepSpeed must pick the CPU accelerator without guessing on CPU
+# boxes, its JIT ops must land in one shared cache, and nothing may reach for a model hub.
+WORKER_ENV_VARS = (
+    "DS_ACCELERATOR",
+    "TORCH_EXTENSIONS_DIR",
+    "HF_HUB_OFFLINE",
+    "HF_HOME",
+    "FORGETTING_RAY_CACHE",
+    "TOKENIZERS_PARALLELISM",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_DISABLE_TELEMETRY",
+    "PYTHONPATH",
+)
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in WORKER_ENV_VARS if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwargs: Any):
+    """Join ``address`` (or $RAY_ADDRESS), else start a local cluster bound to 127.0.0.1.
+
+    Idempotent: returns at once when this process is already connected.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=kwargs.pop("include_dashboard", True),
+            dashboard_host="127.0.0.1",
+            runtime_env=runtime_env,
+            **kwargs,
+        )
+    return ray
+
+
+def default_storage_path(run_dir: str | Path) -> str:
+    return str((Path(run_dir) / "ray_storage").resolve())
