@@ -1,0 +1,184 @@
+"""MLflow lineage: one parent run per pipeline invocation, one child run per stage or Tune trial.
+
+Runs are addressed by id through ``MlflowClient`` rather than MLflow's process-global "active
+run", so a :class:`Tracker` can be pickled into a Ray worker or a Tune trial and keep logging into
+the same tree.  Only the process that owns the tracker logs; Ray Train loops log from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+log = logging.getLogger(__name__)
+
+SECRET_KEY = re.compile(r"(pass(word)?|secret|token|api[_-]?key|credential|auth)", re.I)
+URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:]+)(:(?P<pw>[^/@]*))?@", re.I)
+MAX_PARAM_LEN = 6000  # MLflow's limit for a param value
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def redact(key: str, value: Any) -> Any:
+    """Hide secrets: values of secret-looking keys, and passwords inside URIs."""
+    if value is None:
+        return value
+    if SECRET_KEY.search(key.split(".")[-1]):
+        return "***"
+    if isinstance(value, str):
+        return URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m["pw"] is not None else m[0], value)
+    return value
+
+
+def resolve_tracking_uri(tracking_uri: str | None, run_dir: str | Path) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else a sqlite store in the run directory.
+
+    mlflow 3.17 refuses the plain file store, so the local default is sqlite.
+    """
+    if tracking_uri:
+        return tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = Path(run_dir).resolve() / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail before any compute when a remote tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - user-configured URI
+            if resp.status >= 400:
+                raise TrackingError(f"MLflow tracking server {redact('uri', uri)} answered HTTP {resp.status}")
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingError(
+            f"MLflow tracking server {redact('uri', uri)} is unreachable ({e}). Start it, fix "
+            "tracking.tracking_uri, or set tracking.tracking_uri to null to use the local store."
+        ) from None
+
+
+@dataclass
+class Tracker:
+    """A handle on one MLflow run; picklable (holds ids, not clients)."""
+
+    uri: str
+    experiment_id: str
+    run_id: str
+    enabled: bool = True
+    _client: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    # -- creation ---------------------------------------------------------------------------
+    @classmethod
+    def start(cls, uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> "Tracker":
+        from mlflow.tracking import MlflowClient
+
+        check_reachable(uri)
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+        run = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
+        return cls(uri=uri, experiment_id=exp_id, run_id=run.info.run_id, _client=client)
+
+    @classmethod
+    def disabled(cls) -> "Tracker":
+        return cls(uri="", experiment_id="", run_id="", enabled=False)
+
+    def child(self, run_name: str, tags: Mapping[str, str] | None = None) -> "Tracker":
+        if not self.enabled:
+            return self
+        all_tags = {"mlflow.parentRunId": self.run_id, **(tags or {})}
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        return Tracker(uri=self.uri, experiment_id=self.experiment_id, run_id=run.info.run_id, _client=self._client)
+
+    @contextmanager
+    def stage(self, name: str, tags: Mapping[str, str] | None = None) -> Iterator["Tracker"]:
+        """A child run that ends FINISHED, or FAILED when the block raises."""
+        run = self.child(name, {"forgetting_ray.stage": name, **(tags or {})})
+        try:
+            yield run
+        except BaseException:
+            run.end("FAILED")
+            raise
+        run.end("FINISHED")
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status=status)
+
+    # -- logging ----------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(redact(k, v))[:MAX_PARAM_LEN]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow batch limit
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        ]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.enabled:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(redact(k, v)))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        if self.enabled:
+            self.client.log_dict(self.run_id, obj, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        if self.enabled:
+            self.client.log_text(self.run_id, text, name)
+
+    def log_model_reference(self, name: str, path: str | Path, sha256: str, upload: bool = False) -> None:
+        """Record a checkpoint/export by URI and hash; uploading (large) is opt-in."""
+        if not self.enabled:
+            return
+        uri = Path(path).resolve().as_uri() if "://" not in str(path) else str(path)
+        self.set_tags({f"model.{name}.uri": uri, f"model.{name}.sha256": sha256})
+        if upload:
+            self.client.log_artifacts(self.run_id, str(path), f"models/{name}")

@@ -1,0 +1,63 @@
+import pickle
+
+import pytest
+
+from forgetting_ray.tracking import Tracker, TrackingError, check_reachable, redact, resolve_tracking_uri
+
+
+def test_parent_and_stage_children_in_a_real_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = Tracker.start(uri, "exp", "pipeline")
+    parent.log_params({"training.lr": 1e-4, "tracking.tracking_uri": "https://bob:hunter2@mlflow.example/x",
+                       "hub.token": "abc123"})
+    with parent.stage("score") as st:
+        st.log_metrics({"tokens": 10, "bad": float("nan"), "flag": True}, step=3)
+        (tmp_path / "hist.png").write_bytes(b"\x89PNG fake")
+        st.log_artifact(tmp_path / "hist.png")
+    with pytest.raises(RuntimeError):
+        with parent.stage("train"):
+            raise RuntimeError("boom")
+    parent.end()
+
+    client = MlflowClient(uri)
+    p = client.get_run(parent.run_id)
+    assert p.data.params["training.lr"] == "0.0001"
+    assert "hunter2" not in p.data.params["tracking.tracking_uri"] and p.data.params["hub.token"] == "***"
+    assert p.info.status == "FINISHED"
+    kids = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    by_name = {r.info.run_name: r for r in kids}
+    assert by_name["score"].info.status == "FINISHED" and by_name["train"].info.status == "FAILED"
+    assert by_name["score"].data.metrics == {"tokens": 10.0}
+    assert [a.path for a in client.list_artifacts(by_name["score"].info.run_id)] == ["hist.png"]
+    # picklable for Ray workers; reconnects lazily
+    clone = pickle.loads(pickle.dumps(st))
+    clone.log_metrics({"later": 1.0})
+    assert client.get_run(st.run_id).data.metrics["later"] == 1.0
+
+
+def test_default_uri_is_sqlite_in_run_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://h:5000")
+    assert resolve_tracking_uri(None, tmp_path) == "http://h:5000"
+    assert resolve_tracking_uri("sqlite:///x.db", tmp_path) == "sqlite:///x.db"
+
+
+def test_unreachable_server_fails_fast():
+    with pytest.raises(TrackingError, match="unreachable"):
+        check_reachable("http://127.0.0.1:9/", timeout_s=2)
+
+
+def test_redact():
+    assert redact("aws_secret_access_key", "x") == "***"
+    assert redact("uri", "postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    assert redact("uri", "http://h:5000") == "http://h:5000"
+
+
+def test_disabled_tracker_is_inert():
+    t = Tracker.disabled()
+    with t.stage("x") as s:
+        s.log_metrics({"a": 1})
+    assert s is t
