@@ -203,8 +203,11 @@ class ScoringConfig(Section):
         16384, gt=0, description="Token budget of one length-bucketed batch (rows x padded length)."
     )
     batch_size: int = Field(64, gt=0, description="Rows handed to a scoring actor per Ray Data batch.")
-    chunk_size: int = Field(
-        1024, gt=0, description="Positions per chunk when projecting hidden states to logits in token_nll."
+    chunk_size: int | None = Field(
+        None,
+        gt=0,
+        description="Positions per chunk when projecting hidden states to logits in token_nll; "
+        "None = as many as fit in 256 MiB of logits.",
     )
     concurrency: int = Field(1, gt=0, description="Number of scoring actors.")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per scoring actor.")
@@ -247,6 +250,57 @@ class EvalConfig(Section):
     concurrency: int = Field(1, gt=0, description="Number of evaluation actors.")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per evaluation actor.")
     num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per evaluation actor.")
+    limit_mode: Literal["first", "random"] = Field(
+        "first",
+        description="How 'limit' picks documents: the first ones in file order (lm-eval, the paper's "
+        "0.99) or a sample seeded with 'seed'.",
+    )
+    backend: Literal["ray", "local"] = Field(
+        "ray", description="'ray' = Ray Data actor pool (concurrency actors); 'local' = in the calling process."
+    )
+    harness: Literal["native", "lm-eval"] = Field(
+        "native",
+        description="'native' = this package's scorer; 'lm-eval' = lm-evaluation-harness (if installed) on "
+        "task configs built from the same local files (BoolQ, TruthfulQA, LogiQA, ASDiv only).",
+    )
+    prefix_reuse: bool = Field(
+        True, description="Run a question's shared context once and score every choice from its KV cache."
+    )
+    chat_template: bool = Field(
+        False, description="Wrap each prompt in the tokenizer's chat template as one user turn (error if it has none)."
+    )
+    task_files: dict[str, str] = Field(
+        default_factory=dict,
+        description="Override benchmark files, relative to data_dir unless absolute. Keys: boolq, truthfulqa, "
+        "logiqa, asdiv, tydiqa (English dev), tydiqa_train, tydiqa_other_langs (folder).",
+    )
+    tydiqa_decoding: Literal["greedy", "sample"] = Field(
+        "greedy", description="TyDiQA decoding: greedy, or temperature-1 sampling (the paper's; seeded here)."
+    )
+    tydiqa_max_context_tokens: int = Field(512, gt=0, description="Cut TyDiQA passages to this many tokens.")
+    tydiqa_max_new_tokens: int = Field(50, gt=0, description="TyDiQA generation length limit.")
+    asdiv_mode: Literal["generate", "loglikelihood", "both"] = Field(
+        "generate",
+        description="ASDiv metric: greedy generation exact match ('acc'), lm-eval's loglikelihood "
+        "is_greedy ('is_greedy'), or both.",
+    )
+    asdiv_max_new_tokens: int = Field(32, gt=0, description="ASDiv generation length limit (stops at a newline).")
+
+    @field_validator("task_files")
+    @classmethod
+    def _known_task_files(cls, v: dict[str, str]) -> dict[str, str]:
+        known = {"boolq", "truthfulqa", "logiqa", "asdiv", "tydiqa", "tydiqa_train", "tydiqa_other_langs"}
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown task_files key(s) {unknown}; known: {sorted(known)}")
+        return v
+
+    @field_validator("limit")
+    @classmethod
+    def _limit_fraction_or_count(cls, v: float | None) -> float | None:
+        if v is not None and v >= 1 and not float(v).is_integer():
+            raise ValueError(f"limit must be a fraction < 1 or a whole count, got {v}")
+        return v
 
 
 class SearchRange(Section):

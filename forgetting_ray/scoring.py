@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+CHUNK_BYTES = 256 * 2**20  # scratch for one chunk: fp32 logits plus cross_entropy's log-softmax copy
 
 
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -48,13 +49,14 @@ def token_nll(
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``out[b, j] = -log p(input_ids[b, j] | input_ids[b, :j])`` where ``labels[b, j] != -100``, else 0.
 
     Returns float32 ``[B, L]``, aligned with ``labels`` (position 0 is always 0).  Differentiable:
     the training loss uses the same kernel.  ``labels`` holds the token ids to score (normally
-    ``input_ids`` with non-response positions set to -100).
+    ``input_ids`` with non-response positions set to -100).  ``chunk_size`` defaults to the
+    number of rows whose logits fit in ``CHUNK_BYTES``, so memory stays bounded at any vocabulary.
     """
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ in shape")
@@ -64,6 +66,9 @@ def token_nll(
         raise TypeError(f"{type(lm).__name__} exposes no backbone (base_model); not a *ForCausalLM?")
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     head = lm.get_output_embeddings()
+    if chunk_size is None:
+        vocab = getattr(head, "out_features", None) or lm.config.vocab_size  # weight is [0]-shaped under ZeRO-3
+        chunk_size = max(16, CHUNK_BYTES // (8 * vocab))
 
     targets = labels[:, 1:]
     rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # cols index the predicting position
