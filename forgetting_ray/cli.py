@@ -29,17 +29,43 @@ def _cmd_config(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_prepare(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    from .data.prepare import run_prepare
+def _run_until(stage: str | None) -> Callable[[PipelineConfig, argparse.Namespace], int]:
+    """Stage commands run the pipeline up to that stage: earlier stages are cache hits when done."""
 
-    result = run_prepare(cfg)
-    print(f"token table: {result.train_path}\nreference table: {result.reference_path}\nmanifest: {result.manifest_path}")
+    def handler(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+        from .pipeline import run_pipeline, summarize, use_tiny_model
+
+        if getattr(args, "tiny", False):
+            cfg = use_tiny_model(cfg)
+        result = run_pipeline(cfg, until=stage)
+        print(summarize(cfg, result))
+        return 0
+
+    return handler
+
+
+def _cmd_eval(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .stages.evaluate import format_table, run_eval
+
+    model = args.model or cfg.model.name_or_path
+    out = Path(args.out) if args.out else Path(cfg.run_dir) / "eval" / Path(model).name
+    result = run_eval(cfg, model, out, harness=args.harness)
+    print(format_table(result))
+    print(f"results: {result.results_path}")
     return 0
 
 
 COMMANDS: dict[str, tuple[Callable[[PipelineConfig, argparse.Namespace], int], str]] = {
     "config": (_cmd_config, "print the resolved config (or --reference: the field reference)"),
-    "prepare": (_cmd_prepare, "tokenize the corpus once into the token table and split off the reference subset"),
+    "run": (_run_until(None), "run every stage in order (each skipped when its output exists)"),
+    "prepare": (_run_until("prepare"), "tokenize the corpus once into the token table and split off the reference subset"),
+    "reference": (_run_until("reference"), "fine-tune the reference model on the reference subset (after prepare)"),
+    "score": (_run_until("score"), "score every response token with base and reference models (Ray Data)"),
+    "partition": (_run_until("partition"), "split the scored tokens into positive / negative by a global top-rho"),
+    "train": (_run_until("train"), "forgetting fine-tune (and the configured baselines) on the partitioned table"),
+    "eval": (_cmd_eval, "evaluate a model (--model PATH, default the configured base) on the benchmark suite"),
 }
 
 
@@ -53,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides such as training.lr=2e-5")
         if name == "config":
             p.add_argument("--reference", action="store_true", help="print every field with default and help")
+        if name in ("run", "prepare", "reference", "score", "partition", "train"):
+            p.add_argument("--tiny", action="store_true", help="use a random 2-layer model (quick check of the plumbing)")
+        if name == "eval":
+            p.add_argument("--model", help="model folder, hub id or alias to evaluate")
+            p.add_argument("--out", help="output folder for results.json")
+            p.add_argument("--harness", choices=["native", "lm-eval"], default=None, help="evaluation backend")
     return parser
 
 

@@ -152,6 +152,17 @@ class FinetuneConfig(Section):
     export_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="dtype of the exported Hugging Face safetensors."
     )
+    keep_checkpoints: int = Field(
+        2, gt=0, description="Resumable checkpoints kept in Ray Train storage (the newest ones)."
+    )
+    max_failures: int = Field(
+        1, ge=0, description="Worker-group failures Ray Train recovers from (restart from the latest checkpoint)."
+    )
+    resume_from: str | None = Field(
+        None,
+        description="Checkpoint folder to start from when Ray Train storage holds none for this run "
+        "(must come from the same configuration, data and base model).",
+    )
 
 
 class ReferenceConfig(FinetuneConfig):
@@ -373,6 +384,12 @@ class PipelineConfig(Section):
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune search.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray resources.")
+    baselines: list[Literal["sft", "ignore"]] = Field(
+        default_factory=lambda: ["sft"],
+        description="Extra fine-tunes on the same data and steps, for comparison: 'sft' (standard SFT) "
+        "and/or 'ignore' (positives only).",
+    )
+    eval_base_model: bool = Field(True, description="Also evaluate the untouched base model.")
 
 
 # --------------------------------------------------------------------------------------------
