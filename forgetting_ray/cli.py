@@ -57,6 +57,22 @@ def _cmd_eval(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    import subprocess
+
+    from .submit import check_address, check_upload, format_command, submit_command
+
+    check_address(args.address)
+    size = check_upload(".", [".git"])
+    log.info("working directory upload: %.1f MiB in %d files", size.bytes / 2**20, size.files)
+    extra = ["--stage", args.stage] + (["--tiny"] if args.tiny else [])
+    cmd = submit_command(args.address, args.config, overrides=args.overrides, extra=extra)
+    if args.no_wait:
+        cmd.insert(3, "--no-wait")
+    print(format_command(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
 COMMANDS: dict[str, tuple[Callable[[PipelineConfig, argparse.Namespace], int], str]] = {
     "config": (_cmd_config, "print the resolved config (or --reference: the field reference)"),
     "run": (_run_until(None), "run every stage in order (each skipped when its output exists)"),
@@ -65,6 +81,7 @@ COMMANDS: dict[str, tuple[Callable[[PipelineConfig, argparse.Namespace], int], s
     "score": (_run_until("score"), "score every response token with base and reference models (Ray Data)"),
     "partition": (_run_until("partition"), "split the scored tokens into positive / negative by a global top-rho"),
     "train": (_run_until("train"), "forgetting fine-tune (and the configured baselines) on the partitioned table"),
+    "submit": (_cmd_submit, "check the cluster address and upload size, then `ray job submit` the pipeline"),
     "eval": (_cmd_eval, "evaluate a model (--model PATH, default the configured base) on the benchmark suite"),
 }
 
@@ -81,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--reference", action="store_true", help="print every field with default and help")
         if name in ("run", "prepare", "reference", "score", "partition", "train"):
             p.add_argument("--tiny", action="store_true", help="use a random 2-layer model (quick check of the plumbing)")
+        if name == "submit":
+            p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+            p.add_argument("--stage", default="run", help="last stage to run (default: all)")
+            p.add_argument("--tiny", action="store_true", help="random 2-layer model")
+            p.add_argument("--no-wait", action="store_true", help="return after submitting")
         if name == "eval":
             p.add_argument("--model", help="model folder, hub id or alias to evaluate")
             p.add_argument("--out", help="output folder for results.json")
