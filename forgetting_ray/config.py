@@ -152,6 +152,16 @@ class FinetuneConfig(Section):
     export_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="dtype of the exported Hugging Face safetensors."
     )
+    report_every: int = Field(
+        1,
+        gt=0,
+        description="Report metrics to Ray Train every N optimizer steps (checkpoints and the last step are "
+        "always reported). Ray Train V2 takes one report per worker every 2 s, so a report per step "
+        "throttles steps faster than that; every step's metrics are kept in metrics.jsonl regardless.",
+    )
+    export: bool = Field(
+        True, description="Export the trained model at the end (merged HF folder, LoRA adapter, manifest)."
+    )
     keep_checkpoints: int = Field(
         2, gt=0, description="Resumable checkpoints kept in Ray Train storage (the newest ones)."
     )
@@ -224,6 +234,12 @@ class ScoringConfig(Section):
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per scoring actor.")
     num_cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per scoring actor.")
     shard_size: int = Field(256, gt=0, description="Samples per output parquet shard (the unit of resume).")
+    pad_tolerance: float | None = Field(
+        0.1,
+        ge=0,
+        description="Start a new length-sorted sub-batch when a row is this fraction longer than the batch's "
+        "shortest row (caps padding at about tol/(1+tol) per batch); None = fill up to batch_tokens only.",
+    )
 
 
 class SelectionConfig(Section):

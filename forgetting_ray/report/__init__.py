@@ -1,0 +1,1 @@
+"""Report surfaces: plots (and, later, the HTML audit) built from stage outputs."""

@@ -1,0 +1,731 @@
+"""SCORE stage: per-token NLL under the base and the reference model, score = NLL_base - NLL_ref.
+
+Recipe, top to bottom (``run_score``):
+
+1. resolve inputs: read and check the token table, resolve base and reference (an export folder's
+   ``adapter/`` when present, else ``merged/``, else a plain HF folder), and refuse mismatched
+   tokenizers or vocabularies before any work starts;
+2. key the output folder ``<run_dir>/score/<key>/`` by everything that changes the numbers
+   (weights, tokenizer, table content, dtype) -- never by batch size or concurrency;
+3. cache hit -> return; otherwise keep every valid finished shard and score only the rest;
+4. Ray Data: read the table -> split into blocks of ``shard_size`` rows -> sort each block by length
+   -> ``map_batches`` into an actor pool (:class:`ScoreActor`, both models loaded once per actor)
+   that cuts each batch into token-budget sub-batches and runs ``token_nll`` twice;
+5. the driver collects rows per shard and writes each shard (temp file + rename) the moment it is
+   complete, so a kill loses at most the shards in flight; finally the completion marker.
+
+Shard ``i`` always holds table rows ``[i*shard_size, (i+1)*shard_size)`` in table order, whatever
+order Ray Data delivers them in: that is what makes resume exact.  The maths (``token_nll``) and the
+batch planner are plain functions, testable without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..config import ModelConfig, PipelineConfig, config_to_dict
+from ..data.table import IGNORE_INDEX, TokenTableError, read_token_table, token_table_hash
+from ..store import (atomic_path, atomic_write_json, content_hash, file_sha256, is_complete, mark_complete,
+                     read_done, stage_dir)
+
+log = logging.getLogger(__name__)
+
+STAGE = "score"
+# Bump when the numbers or the shard layout change, so old score sets are not reused.
+SCORE_VERSION = 1
+LAYOUT_FILE = "layout.json"  # shard_size and row count, fixed when the folder is created
+SCORE_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("nll_base", pa.list_(pa.float32())),
+        ("nll_ref", pa.list_(pa.float32())),
+        ("score", pa.list_(pa.float32())),
+    ]
+)
+SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
+# Test hook: "exit_after_shards=N" makes the driver die hard (os._exit) right after writing its N-th
+# shard, exactly like a killed job: no cleanup, no marker.
+FAULT_ENV = "FORGETTING_RAY_SCORE_FAULT"
+FAULT_EXIT_CODE = 17
+_STAT_COLS = ("_padded_len", "_busy_s", "_actor")  # per-row actor bookkeeping, stripped before writing
+
+
+class ScoreInputError(ValueError):
+    """Bad input found before any scoring work (table, models, tokenizers)."""
+
+
+class ScoreValueError(RuntimeError):
+    """A non-finite score; the message names the sample_id and the token position."""
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """Where the reference model comes from and how an actor builds it."""
+
+    mode: Literal["adapter", "merged", "plain"]
+    path: Path  # adapter folder, or a full HF folder
+    export_dir: Path | None  # the export folder when one was given
+    tokenizer_dir: Path | None  # folder holding the reference's tokenizer, when it ships one
+
+
+@dataclass
+class ScoreResult:
+    dir: Path
+    key: str
+    n_samples: int
+    n_shards: int
+    n_response_tokens: int
+    shard_size: int
+    reference_mode: str
+    cached: bool = False
+    shards_scored: list[int] = field(default_factory=list)  # scored by this call
+    shards_reused: list[int] = field(default_factory=list)  # finished before this call
+    stats: dict[str, float] = field(default_factory=dict)  # wall_s, actor_busy_s, padded/real tokens
+
+    def shard_paths(self) -> list[Path]:
+        return [self.dir / shard_name(i) for i in range(self.n_shards)]
+
+
+# ------------------------------------------------------------------------------------------------
+# pure helpers (no Ray)
+# ------------------------------------------------------------------------------------------------
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.parquet"
+
+
+def plan_batches(lengths: np.ndarray, batch_tokens: int, *, sort: bool = True,
+                 pad_tolerance: float | None = None) -> list[np.ndarray]:
+    """Cut rows into batches whose ``rows x padded length`` stays within ``batch_tokens``.
+
+    With ``sort`` the rows go in ascending length order (stable), so each batch pads to nearly its
+    own rows' lengths; ``pad_tolerance`` also cuts where a row is that fraction longer than the
+    batch's shortest, which bounds the padding of every batch.  A row longer than the budget gets a
+    batch of its own.  Returns row indices.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(lengths, kind="stable") if sort else np.arange(lengths.size)
+    cap = math.inf if pad_tolerance is None or not sort else 1.0 + pad_tolerance
+    batches: list[np.ndarray] = []
+    start, width = 0, 0
+    for pos, i in enumerate(order):
+        n = int(lengths[i])
+        if pos > start and ((pos - start + 1) * max(width, n) > batch_tokens or n > cap * lengths[order[start]]):
+            batches.append(order[start:pos])
+            start, width = pos, 0
+        width = max(width, n)
+    if start < order.size:
+        batches.append(order[start:])
+    return batches
+
+
+def padding_waste(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
+    """Fraction of the padded batch area that is padding."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    area = sum(len(b) * int(lengths[b].max()) for b in batches if len(b))
+    return 1.0 - float(lengths.sum()) / area if area else 0.0
+
+
+def simulate_pipeline_batches(
+    lengths: np.ndarray, shard_size: int, batch_size: int, batch_tokens: int, *, bucketing: bool = True,
+    pad_tolerance: float | None = None,
+) -> list[np.ndarray]:
+    """The sub-batches the stage forms on a fresh run: blocks of ``shard_size`` rows, sorted by
+    length (when ``bucketing``), handed out ``batch_size`` rows at a time, cut by the token budget.
+    Used by the benchmark to replay the same batches outside Ray."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rows: list[np.ndarray] = []
+    for s in range(0, lengths.size, shard_size):
+        idx = np.arange(s, min(s + shard_size, lengths.size))
+        rows.append(idx[np.argsort(lengths[idx], kind="stable")] if bucketing else idx)
+    stream = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    out: list[np.ndarray] = []
+    for s in range(0, stream.size, batch_size):
+        chunk = stream[s : s + batch_size]
+        out.extend(chunk[b] for b in plan_batches(lengths[chunk], batch_tokens, sort=bucketing,
+                                                  pad_tolerance=pad_tolerance))
+    return out
+
+
+def _sum_by(keys: np.ndarray, values: np.ndarray) -> tuple[list[int], list[float]]:
+    uniq, inv = np.unique(keys, return_inverse=True)
+    return uniq.tolist(), np.bincount(inv, weights=values).tolist()
+
+
+def parse_fault(text: str | None) -> int | None:
+    """``exit_after_shards=N`` -> N (see FAULT_ENV)."""
+    if not text:
+        return None
+    kv = dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+    if "exit_after_shards" not in kv:
+        raise ValueError(f"{FAULT_ENV}={text!r}: expected exit_after_shards=N")
+    return int(kv["exit_after_shards"])
+
+
+# ------------------------------------------------------------------------------------------------
+# model resolution and identity
+# ------------------------------------------------------------------------------------------------
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def resolve_reference(reference_model: str | Path) -> ReferenceSpec:
+    """Export folder -> its ``adapter/`` (one base copy per actor) or ``merged/``; else a plain folder."""
+    p = Path(reference_model).expanduser().resolve()
+    if not p.is_dir():
+        raise ScoreInputError(f"reference model {p} is not a folder")
+    if (p / "adapter" / "adapter_config.json").is_file():
+        adapter = p / "adapter"
+        tok = next((d for d in (adapter, p / "merged") if _has_tokenizer(d)), None)
+        return ReferenceSpec("adapter", adapter, p, tok)
+    if (p / "merged" / "config.json").is_file():
+        merged = p / "merged"
+        return ReferenceSpec("merged", merged, p, merged if _has_tokenizer(merged) else None)
+    if (p / "adapter_config.json").is_file():
+        return ReferenceSpec("adapter", p, None, p if _has_tokenizer(p) else None)
+    if (p / "config.json").is_file():
+        return ReferenceSpec("plain", p, None, p if _has_tokenizer(p) else None)
+    raise ScoreInputError(
+        f"reference model {p}: expected an export folder (adapter/ or merged/), a PEFT adapter folder "
+        "or a Hugging Face model folder with config.json"
+    )
+
+
+_SHA_MEMO_FILE = ".file_hashes.json"
+
+
+def _memo_sha(path: Path, memo: dict[str, Any]) -> str:
+    # Weights of an 8B model are ~16 GB: re-hash only when size or mtime changed (as git's index).
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns]
+    hit = memo.get(str(path))
+    if hit and hit["stamp"] == stamp:
+        return hit["sha256"]
+    sha = file_sha256(path)
+    memo[str(path)] = {"stamp": stamp, "sha256": sha}
+    return sha
+
+
+def _weights_identity(folder: Path, memo: dict[str, Any]) -> dict[str, str]:
+    """sha256 of the files that define a model's numbers (weights and configs), by relative name."""
+    files = sorted(
+        f for f in folder.iterdir()
+        if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", "adapter_config.json"))
+    )
+    if not any(f.suffix == ".safetensors" for f in files):
+        raise ScoreInputError(f"{folder} holds no *.safetensors weights (only safetensors are loaded)")
+    return {f.name: _memo_sha(f, memo) for f in files}
+
+
+def _base_identity(model: ModelConfig, path: str, memo: dict[str, Any]) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        return {"files": _weights_identity(p, memo)}
+    # A hub id: the revision is all we can key on without downloading.
+    return {"hub_id": model.name_or_path, "revision": model.revision or "main"}
+
+
+def _reference_identity(ref: ReferenceSpec, memo: dict[str, Any]) -> dict[str, Any]:
+    manifest = ref.export_dir / "manifest.json" if ref.export_dir else None
+    if manifest is not None and manifest.is_file():
+        # The export manifest lists the sha256 of every file it wrote: hashing it is O(1) in model size.
+        return {"mode": ref.mode, "manifest": content_hash(json.loads(manifest.read_text()), length=64)}
+    return {"mode": ref.mode, "files": _weights_identity(ref.path, memo)}
+
+
+def _config_vocab(folder: Path) -> int | None:
+    f = folder / "config.json"
+    if not f.is_file():
+        return None
+    cfg = json.loads(f.read_text())
+    return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+
+
+def _actor_dtype(cfg: PipelineConfig) -> str:
+    """The dtype actors load in: bf16 on GPU, fp32 on CPU unless model.dtype says otherwise."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "bfloat16" if cfg.scoring.num_gpus_per_actor > 0 else "float32"
+
+
+def score_key(parts: dict[str, Any]) -> str:
+    return content_hash({"version": SCORE_VERSION, **parts})
+
+
+# ------------------------------------------------------------------------------------------------
+# the Ray Data pieces
+# ------------------------------------------------------------------------------------------------
+def _select_and_sort(block: pa.Table, pending: list[str] | None) -> pa.Table:
+    """One Ray Data block: keep rows of unfinished shards, then sort by length (bucketing)."""
+    if pending is not None:
+        block = block.filter(pc.is_in(block.column("sample_id"), value_set=pa.array(pending, pa.string())))
+    lengths = pc.list_value_length(block.column("input_ids")).to_numpy(zero_copy_only=False)
+    return block.take(pa.array(np.argsort(lengths, kind="stable")))
+
+
+class ScoreActor:
+    """Ray Data actor: holds base and reference once, scores batches of token-table rows.
+
+    With an adapter reference there is ONE copy of the base weights: the reference pass runs with
+    the LoRA on and the base pass inside ``disable_adapter()``.
+    """
+
+    def __init__(self, base_cfg: dict[str, Any], ref: dict[str, Any], dtype: str, use_gpu: bool,
+                 threads: int, batch_tokens: int, pad_tolerance: float | None, chunk_size: int | None,
+                 pad_token_id: int) -> None:
+        import torch
+
+        from transformers.utils import logging as hf_logging
+
+        from ..models import load_model
+
+        hf_logging.disable_progress_bar()  # one bar for the stage (driver), not one per actor
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, threads))  # its CPU share, not every core of the node
+        self.batch_tokens, self.pad_tolerance = batch_tokens, pad_tolerance
+        self.chunk_size, self.pad_token_id = chunk_size, pad_token_id
+        base = load_model(ModelConfig(**base_cfg), device=self.device, dtype=dtype).eval()
+        if ref["mode"] == "adapter":
+            from peft import PeftModel
+
+            self.ref = PeftModel.from_pretrained(base, ref["path"], is_trainable=False).eval()
+            self.base = None
+        else:
+            ref_cfg = ModelConfig(**{**base_cfg, "name_or_path": ref["path"], "tokenizer": None, "revision": None})
+            self.ref = load_model(ref_cfg, device=self.device, dtype=dtype).eval()
+            self.base = base
+
+    def _nll_pair(self, ids, mask, labels):
+        from ..scoring import token_nll
+
+        if self.base is None:
+            with self.ref.disable_adapter():
+                nll_base = token_nll(self.ref, ids, mask, labels, chunk_size=self.chunk_size)
+        else:
+            nll_base = token_nll(self.base, ids, mask, labels, chunk_size=self.chunk_size)
+        nll_ref = token_nll(self.ref, ids, mask, labels, chunk_size=self.chunk_size)
+        return nll_base, nll_ref
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from ..data.collate import collate
+
+        ids_col, labels_col = batch.column("input_ids").to_pylist(), batch.column("labels").to_pylist()
+        lengths = np.fromiter((len(r) for r in ids_col), dtype=np.int64, count=len(ids_col))
+        n = len(ids_col)
+        base_vals: list[np.ndarray | None] = [None] * n
+        ref_vals: list[np.ndarray | None] = [None] * n
+        padded = np.zeros(n, dtype=np.int32)
+        busy = np.zeros(n, dtype=np.float64)
+        with torch.inference_mode():
+            for rows in plan_batches(lengths, self.batch_tokens, pad_tolerance=self.pad_tolerance):
+                t0 = time.perf_counter()
+                t = collate({"input_ids": [ids_col[i] for i in rows], "labels": [labels_col[i] for i in rows]},
+                            self.pad_token_id)
+                t = {k: v.to(self.device) for k, v in t.items()}
+                nll_base, nll_ref = self._nll_pair(t["input_ids"], t["attention_mask"], t["labels"])
+                keep = t["labels"] != IGNORE_INDEX
+                counts = keep.sum(dim=1).tolist()
+                # rows are right-padded, so the masked values come out row by row, positions in order
+                b = torch.split(nll_base[keep].float().cpu(), counts)
+                r = torch.split(nll_ref[keep].float().cpu(), counts)
+                for j, i in enumerate(rows):
+                    base_vals[i], ref_vals[i] = b[j].numpy(), r[j].numpy()
+                padded[rows] = t["input_ids"].shape[1]
+                busy[rows] = (time.perf_counter() - t0) / len(rows)
+        offsets = np.concatenate([[0], np.cumsum([v.size for v in base_vals])]).astype(np.int32)
+        flat_base = np.concatenate(base_vals) if n else np.zeros(0, np.float32)
+        flat_ref = np.concatenate(ref_vals) if n else np.zeros(0, np.float32)
+        as_list = lambda v: pa.ListArray.from_arrays(pa.array(offsets), pa.array(v, pa.float32()))  # noqa: E731
+        return pa.table(
+            {
+                "sample_id": batch.column("sample_id"),
+                "nll_base": as_list(flat_base),
+                "nll_ref": as_list(flat_ref),
+                "score": as_list(flat_base - flat_ref),
+                "_padded_len": pa.array(padded),
+                "_busy_s": pa.array(busy),
+                "_actor": pa.array(np.full(n, os.getpid(), dtype=np.int64)),
+            }
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# shards on disk
+# ------------------------------------------------------------------------------------------------
+def _check_shard(path: Path, expected_ids: list[str], expected_counts: np.ndarray) -> str | None:
+    """None when ``path`` is a complete shard for these rows, else what is wrong with it."""
+    try:
+        t = pq.read_table(path)
+    except Exception as e:  # truncated or garbage files raise several pyarrow error types
+        return f"unreadable ({type(e).__name__}: {e})"
+    if t.schema != SCORE_SCHEMA:
+        return f"schema {t.schema} differs from {SCORE_SCHEMA}"
+    if t.column("sample_id").to_pylist() != expected_ids:
+        return "its sample_ids differ from the table rows of this shard"
+    for col in ("nll_base", "nll_ref", "score"):
+        if not np.array_equal(pc.list_value_length(t.column(col)).to_numpy(zero_copy_only=False), expected_counts):
+            return f"column {col!r} does not hold one value per response token"
+    return None
+
+
+def _nonfinite_error(table_path: Path, shard: Path | str, sid: str, resp_idx: int, value: float) -> ScoreValueError:
+    row = pq.read_table(table_path, columns=["labels"], filters=[("sample_id", "=", sid)])
+    labels = np.asarray(row.column("labels")[0].as_py()) if row.num_rows else np.zeros(0)
+    positions = np.flatnonzero(labels != IGNORE_INDEX)
+    pos = int(positions[resp_idx]) if resp_idx < positions.size else -1
+    return ScoreValueError(
+        f"non-finite score {value} for sample_id {sid} at token position {pos} (response token #{resp_idx}) "
+        f"in {shard}; base or reference produced NaN/inf -- check the models and the dtype"
+    )
+
+
+def find_nonfinite(scores: pa.Table) -> tuple[str, int, float] | None:
+    """(sample_id, index among the row's response tokens, value) of the first NaN/inf score."""
+    col = scores.column("score")
+    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(~np.isfinite(flat))
+    if bad.size == 0:
+        return None
+    parents = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
+    row = int(parents[bad[0]])
+    first_of_row = int(np.flatnonzero(parents == row)[0])
+    return scores.column("sample_id")[row].as_py(), int(bad[0]) - first_of_row, float(flat[bad[0]])
+
+
+# ------------------------------------------------------------------------------------------------
+# stage
+# ------------------------------------------------------------------------------------------------
+def _check_tokenizers(cfg: PipelineConfig, table: pa.Table, table_path: Path, ref: ReferenceSpec,
+                      base_path: str) -> tuple[str, int]:
+    """Every mismatch that would make scores silently wrong, before any work. Returns (fingerprint, pad id)."""
+    from ..models import load_tokenizer, tokenizer_fingerprint
+
+    tok = load_tokenizer(cfg.model)
+    fp = tokenizer_fingerprint(tok)
+    manifest = table_path.parent / "manifest.json"
+    if manifest.is_file():
+        got = json.loads(manifest.read_text()).get("tokenizer_fingerprint")
+        if got != fp:
+            raise ScoreInputError(
+                f"token table {table_path} was tokenized with tokenizer fingerprint {got} (see {manifest}), but "
+                f"the configured model {cfg.model.name_or_path!r} has tokenizer fingerprint {fp}: re-run prepare "
+                "with this model, or score with the model the table was made for"
+            )
+    else:
+        log.warning("score: no prepare manifest next to %s; the table's tokenizer cannot be verified", table_path)
+    if ref.tokenizer_dir is not None:
+        ref_fp = tokenizer_fingerprint(load_tokenizer(ModelConfig(name_or_path=str(ref.tokenizer_dir),
+                                                                  tokenizer=str(ref.tokenizer_dir))))
+        if ref_fp != fp:
+            raise ScoreInputError(
+                f"reference tokenizer at {ref.tokenizer_dir} (fingerprint {ref_fp}) differs from the base "
+                f"model's {cfg.model.name_or_path!r} (fingerprint {fp}): token ids would mean different tokens"
+            )
+    vocab_base = _config_vocab(Path(base_path)) if Path(base_path).is_dir() else None
+    vocab_ref = _config_vocab(ref.path) if ref.mode != "adapter" else vocab_base
+    if vocab_base is not None and vocab_ref is not None and vocab_base != vocab_ref:
+        raise ScoreInputError(
+            f"vocabulary sizes differ: base {base_path} has vocab_size {vocab_base}, reference {ref.path} has "
+            f"{vocab_ref}; both models must share one vocabulary"
+        )
+    vocab = min(v for v in (vocab_base, vocab_ref, len(tok)) if v is not None)
+    max_id = pc.max(pc.list_flatten(table.column("input_ids"))).as_py()
+    if max_id is not None and max_id >= vocab:
+        raise ScoreInputError(
+            f"token table {table_path} column 'input_ids' holds id {max_id} >= vocabulary size {vocab}: "
+            "it was made with another tokenizer"
+        )
+    return fp, tok.pad_token_id
+
+
+def _existing_shards(out: Path, n_shards: int, ids: list[str], n_resp: np.ndarray, size: int) -> set[int]:
+    """Indices of valid finished shards; corrupt ones are removed (with a warning) to be rescored."""
+    done: set[int] = set()
+    for stale in out.glob(".shard-*.tmp-*"):  # temp files of a killed writer
+        stale.unlink(missing_ok=True)
+    for f in sorted(out.glob("shard-*.parquet")):
+        m = SHARD_RE.match(f.name)
+        i = int(m.group(1)) if m else -1
+        if not 0 <= i < n_shards:
+            warnings.warn(f"score: {f} is not a shard of this layout; removing it", stacklevel=2)
+            f.unlink()
+            continue
+        lo, hi = i * size, min((i + 1) * size, len(ids))
+        problem = _check_shard(f, ids[lo:hi], n_resp[lo:hi])
+        if problem:
+            msg = f"score: shard {f} is corrupt or incomplete ({problem}); it will be rescored"
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=2)
+            f.unlink()
+            continue
+        done.add(i)
+    return done
+
+
+def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
+    s = cfg.scoring
+    if s.num_gpus_per_actor > 0:
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    need = s.concurrency * s.num_cpus_per_actor
+    if need > total - 0.25:
+        msg = (f"scoring.concurrency={s.concurrency} x num_cpus_per_actor={s.num_cpus_per_actor} = {need} CPUs "
+               f"leaves less than 0.25 of the cluster's {total} CPUs for reading: Ray Data would hang "
+               "(STACK_NOTES Exp 3); lower num_cpus_per_actor (e.g. 0.5) or concurrency")
+        if cfg.resources.ray_address is None:
+            raise ScoreInputError(msg)
+        log.warning(msg + " (continuing: an autoscaler may add nodes)")
+
+
+def _stream_scores(cfg: PipelineConfig, table_path: Path, pending_ids: list[str] | None, actor_kwargs: dict,
+                   n_blocks_rows: int) -> Iterator[pa.Table]:
+    """Ray Data pipeline: read -> blocks of shard_size rows -> sort by length -> actor pool."""
+    import ray
+    from ray.data import DataContext
+
+    s = cfg.scoring
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start)
+    # one driver-side bar for the whole stage instead of one per operator
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = ctx.print_on_execution_start = False
+    try:
+        ds = ray.data.read_parquet(str(table_path), columns=["sample_id", "input_ids", "labels"], num_cpus=0.25)
+        # Small parquet files arrive as one block (STACK_NOTES Exp 3); blocks of shard_size rows feed every
+        # actor and let shards complete (and be written) one after another.
+        ds = ds.repartition(target_num_rows_per_block=n_blocks_rows)
+        ds = ds.map_batches(_select_and_sort, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
+                            fn_kwargs={"pending": pending_ids}, num_cpus=0.25)
+        ds = ds.map_batches(
+            ScoreActor,
+            fn_constructor_kwargs=actor_kwargs,
+            batch_size=s.batch_size,
+            batch_format="pyarrow",
+            # One batch at a time per actor: a batch is seconds of compute, so queueing several on the first
+            # actor that starts would leave the others idle (load balance over prefetch).
+            compute=ray.data.ActorPoolStrategy(size=s.concurrency, max_tasks_in_flight_per_actor=1),
+            num_cpus=s.num_cpus_per_actor,
+            num_gpus=s.num_gpus_per_actor or None,
+        )
+        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    finally:
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start = saved
+
+
+@dataclass
+class _Inputs:
+    table_path: Path
+    ref: ReferenceSpec
+    base_path: str
+    pad_id: int
+    dtype: str
+    key_parts: dict[str, Any]
+    key: str
+    out: Path
+    ids: list[str]
+    n_resp: np.ndarray
+    lengths: np.ndarray
+    table_hash: str
+
+
+def _resolve_inputs(cfg: PipelineConfig, train_table: Path, reference_model: Path) -> _Inputs:
+    """Read and check everything, compute the key. Raises ScoreInputError before any work."""
+    from ..models import resolve_model_path
+
+    train_table = Path(train_table).resolve()
+    try:
+        table = read_token_table(train_table)
+    except TokenTableError as e:
+        raise ScoreInputError(str(e)) from None
+    if table.num_rows == 0:
+        raise ScoreInputError(f"token table {train_table} has no rows: nothing to score")
+    ref = resolve_reference(reference_model)
+    base_path = resolve_model_path(cfg.model)
+    fingerprint, pad_id = _check_tokenizers(cfg, table, train_table, ref, base_path)
+
+    memo_file = Path(cfg.run_dir) / STAGE / _SHA_MEMO_FILE
+    memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
+    table_hash = token_table_hash(table)
+    dtype = _actor_dtype(cfg)
+    key_parts = {
+        "base": _base_identity(cfg.model, base_path, memo),
+        "reference": _reference_identity(ref, memo),
+        "tokenizer": fingerprint,
+        "table": table_hash,
+        "dtype": dtype,
+        "attn_implementation": cfg.model.attn_implementation,
+    }
+    atomic_write_json(memo_file, memo)
+    key = score_key(key_parts)
+    return _Inputs(train_table, ref, base_path, pad_id, dtype, key_parts, key, stage_dir(cfg.run_dir, STAGE, key),
+                   table.column("sample_id").to_pylist(), table.column("n_response").to_numpy(),
+                   table.column("length").to_numpy(), table_hash)
+
+
+def score_location(cfg: PipelineConfig, train_table: Path, reference_model: Path) -> tuple[str, Path]:
+    """(key, folder) where ``run_score`` keeps this score set; checks the inputs, scores nothing."""
+    inp = _resolve_inputs(cfg, train_table, reference_model)
+    return inp.key, inp.out
+
+
+def run_score(cfg: PipelineConfig, train_table: Path, reference_model: Path) -> ScoreResult:
+    """Score every response token of ``train_table``; write ``<run_dir>/score/<key>/shard-*.parquet``."""
+    t_start = time.perf_counter()
+    s = cfg.scoring
+
+    # 1-2. inputs and key (every bad input fails here, before any work) -------------------------------
+    inp = _resolve_inputs(cfg, train_table, reference_model)
+    key, out, ids, n_resp, lengths, ref = inp.key, inp.out, inp.ids, inp.n_resp, inp.lengths, inp.ref
+    train_table = inp.table_path
+
+    # 3. cache / resume -------------------------------------------------------------------------
+    layout_path = out / LAYOUT_FILE
+    if layout_path.is_file():
+        layout = json.loads(layout_path.read_text())
+        if layout["shard_size"] != s.shard_size:
+            log.info("score: %s was started with shard_size %d; keeping it (config says %d)",
+                     out, layout["shard_size"], s.shard_size)
+    else:
+        layout = {"shard_size": s.shard_size, "n_samples": len(ids)}
+        atomic_write_json(layout_path, {**layout, "key": key, "inputs": inp.key_parts, "table_path": str(train_table),
+                                        "reference_model": str(reference_model), "base_model": inp.base_path})
+    size = int(layout["shard_size"])
+    n_shards = math.ceil(len(ids) / size)
+    result = ScoreResult(out, key, len(ids), n_shards, int(n_resp.sum()), size, ref.mode)
+    if is_complete(out):
+        if all((out / shard_name(i)).is_file() for i in range(n_shards)):
+            log.info("score: reusing cached scores at %s", out)
+            result.cached = True
+            result.shards_reused = list(range(n_shards))
+            result.stats = read_done(out).get("stats", {})
+            return result
+        log.warning("score: %s is marked complete but shards are missing; rescoring them", out)
+        (out / "_SUCCESS.json").unlink()
+    done = _existing_shards(out, n_shards, ids, n_resp, size)
+    pending = [i for i in range(n_shards) if i not in done]
+    result.shards_reused = sorted(done)
+    if done:
+        log.info("score: resuming %s: %d of %d shards already finished", out, len(done), n_shards)
+
+    # 4. Ray Data -------------------------------------------------------------------------------
+    stats = {"padded_tokens": 0.0, "real_tokens": 0.0, "actor_busy_s": 0.0}
+    if pending:
+        from tqdm.auto import tqdm
+
+        from ..ray_utils import init_ray
+
+        ray = init_ray(cfg.resources.ray_address)
+        _check_cpu_budget(cfg, ray)
+        exit_after = parse_fault(os.environ.get(FAULT_ENV))
+        index = {sid: i for i, sid in enumerate(ids)}
+        pending_ids = None if not done else [sid for i in pending for sid in ids[i * size : (i + 1) * size]]
+        expected = {i: min((i + 1) * size, len(ids)) - i * size for i in pending}
+        buffers: dict[int, list[pa.Table]] = {i: [] for i in pending}
+        received: dict[int, set[int]] = {i: set() for i in pending}  # a set: a retried batch may repeat rows
+        actor_kwargs = {
+            "base_cfg": config_to_dict(cfg.model.model_copy(update={"name_or_path": inp.base_path})),
+            "ref": {"mode": ref.mode, "path": str(ref.path)},
+            "dtype": inp.dtype,
+            "use_gpu": s.num_gpus_per_actor > 0,
+            "threads": max(1, int(s.num_cpus_per_actor)),
+            "batch_tokens": s.batch_tokens,
+            "pad_tolerance": s.pad_tolerance,
+            "chunk_size": s.chunk_size,
+            "pad_token_id": inp.pad_id,
+        }
+        per_actor: dict[str, float] = {}  # busy seconds by actor pid: shows the pool is balanced
+        n_todo = sum(expected.values())
+        bar = tqdm(total=n_todo, unit="sample", desc=f"score {key}", mininterval=1.0, dynamic_ncols=True)
+        t0, tokens = time.perf_counter(), 0
+        try:
+            for batch in _stream_scores(cfg, train_table, pending_ids, actor_kwargs, size):
+                rows = np.fromiter((index[x] for x in batch.column("sample_id").to_pylist()), np.int64,
+                                   count=batch.num_rows)
+                stats["padded_tokens"] += float(batch.column("_padded_len").to_numpy().sum())
+                stats["real_tokens"] += float(lengths[rows].sum())
+                busy_s = batch.column("_busy_s").to_numpy()
+                stats["actor_busy_s"] += float(busy_s.sum())
+                for pid, b in zip(*_sum_by(batch.column("_actor").to_numpy(), busy_s)):
+                    per_actor[str(pid)] = per_actor.get(str(pid), 0.0) + b
+                tokens += int(lengths[rows].sum())
+                shard_of = rows // size
+                for i in np.unique(shard_of):
+                    i = int(i)
+                    if i not in buffers:
+                        continue  # already written; a retried batch delivered it again
+                    mine = np.flatnonzero(shard_of == i)
+                    buffers[i].append(batch.take(pa.array(mine)))
+                    received[i].update(rows[mine].tolist())
+                    if len(received[i]) == expected[i]:
+                        _write_shard(out, i, buffers.pop(i), index, ids, n_resp, size, train_table)
+                        del received[i]
+                        result.shards_scored.append(i)
+                        if exit_after is not None and len(result.shards_scored) >= exit_after:
+                            os._exit(FAULT_EXIT_CODE)  # simulated kill: nothing below runs
+                stats.setdefault("first_result_s", time.perf_counter() - t0)  # ~ actor startup + one batch
+                bar.update(batch.num_rows)
+                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+        finally:
+            bar.close()
+        missing = sorted(set(pending) - set(result.shards_scored))
+        if missing:
+            raise RuntimeError(f"score: Ray Data returned no scores for shard(s) {missing[:10]} of {out}")
+        el = time.perf_counter() - t0
+        stats["score_s"] = el
+        stats["actors_used"] = float(len(per_actor))
+        stats["busiest_actor_s"] = max(per_actor.values(), default=0.0)
+        log.info("score: scored %d samples (%d tokens) in %.1fs: %.1f samples/s, %.0f tokens/s",
+                 n_todo, tokens, el, n_todo / el, tokens / el)
+
+    # 5. marker ---------------------------------------------------------------------------------
+    stats["wall_s"] = time.perf_counter() - t_start
+    result.stats = stats
+    mark_complete(out, {"stage": STAGE, "key": key, "n_samples": len(ids), "n_shards": n_shards,
+                        "shard_size": size, "n_response_tokens": int(n_resp.sum()), "table_hash": inp.table_hash,
+                        "reference_mode": ref.mode, "dtype": inp.dtype, "stats": stats})
+    return result
+
+
+def _write_shard(out: Path, i: int, parts: list[pa.Table], index: dict[str, int], ids: list[str],
+                 n_resp: np.ndarray, size: int, table_path: Path) -> Path:
+    t = pa.concat_tables(parts)
+    local = np.fromiter((index[x] - i * size for x in t.column("sample_id").to_pylist()), np.int64,
+                        count=t.num_rows)
+    _, first = np.unique(local, return_index=True)  # table order, one row per sample
+    t = t.take(pa.array(first)).drop_columns(list(_STAT_COLS)).cast(SCORE_SCHEMA)
+    lo, hi = i * size, min((i + 1) * size, len(ids))
+    if t.column("sample_id").to_pylist() != ids[lo:hi] or not np.array_equal(
+        pc.list_value_length(t.column("score")).to_numpy(zero_copy_only=False), n_resp[lo:hi]
+    ):
+        raise RuntimeError(f"score: shard {i} came back with rows or token counts that differ from the table")
+    bad = find_nonfinite(t)
+    path = out / shard_name(i)
+    if bad is not None:
+        raise _nonfinite_error(table_path, path, *bad)
+    with atomic_path(path) as tmp:
+        pq.write_table(t, tmp)
+    return path
+
+
+def iter_score_shards(score_dir: Path, columns: list[str] | None = None) -> Iterator[tuple[Path, pa.Table]]:
+    """(path, table) of every shard of a complete score set, in shard (= table) order."""
+    score_dir = Path(score_dir)
+    info = read_done(score_dir)
+    for i in range(int(info["n_shards"])):
+        path = score_dir / shard_name(i)
+        yield path, pq.read_table(path, columns=columns)
