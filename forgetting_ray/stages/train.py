@@ -1,0 +1,295 @@
+"""Stage recipe: the reference SFT (stage 1) and the forgetting fine-tune (stage 4) on Ray Train.
+
+resolve inputs (table, model, LoRA targets, storage) -> key the output by everything that changes
+the numbers -> build Ray Data datasets and the TorchTrainer -> fit (resuming from Ray storage when
+this run was interrupted) -> write result.json + metrics.jsonl and mark the stage complete.
+
+The per-worker maths lives in ``forgetting_ray.train.loop``; this module is the only Ray glue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..config import FinetuneConfig, PipelineConfig, config_to_dict
+from ..store import (atomic_write_json, atomic_write_text, content_hash, file_sha256, is_complete, mark_complete,
+                     stage_dir)
+from ..train.checkpoint import fingerprint, fingerprint_parts, model_identity, read_state
+from ..train.loop import FAULT_ENV, DataPlan, parse_fault, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+Stage = Literal["reference", "train"]
+RESULT_FILE = "result.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class FinetuneInputError(ValueError):
+    """Bad input found before any worker starts (table, model, LoRA targets, storage)."""
+
+
+@dataclass
+class FinetuneResult:
+    stage: str
+    key: str
+    out_dir: Path
+    export_dir: Path | None
+    checkpoint_path: str | None  # latest Ray Train checkpoint (DeepSpeed shards + state)
+    total_steps: int
+    global_step: int
+    stop_reason: str | None  # set when the guardrail stopped the run
+    resumed_at: list[int] = field(default_factory=list)
+    guardrail_events: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # one row per optimizer step
+
+    @property
+    def final_metrics(self) -> dict[str, Any]:
+        return self.metrics[-1] if self.metrics else {}
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("metrics")
+        d["out_dir"] = str(self.out_dir)
+        d["export_dir"] = str(self.export_dir) if self.export_dir else None
+        return d
+
+
+# ------------------------------------------------------------------------------------------
+# input checks (driver side, before Ray)
+# ------------------------------------------------------------------------------------------
+def table_files(table: str | Path) -> list[Path]:
+    p = Path(table)
+    if p.is_dir():
+        files = sorted(p.glob("*.parquet"))
+        if not files:
+            raise FinetuneInputError(f"token table folder {p} holds no *.parquet files")
+        return files
+    if not p.is_file():
+        raise FinetuneInputError(f"token table {p} does not exist")
+    return [p]
+
+
+def check_table(files: list[Path], strategy: str, *, shuffle: bool) -> int:
+    """Required columns present in every file; returns the row count."""
+    import pyarrow.parquet as pq
+
+    need = ["input_ids", "labels"] + (["token_class"] if strategy in ("forgetting", "ignore") else [])
+    if shuffle:
+        need.append("sample_id")  # the seeded order is keyed by sample id
+    rows = 0
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+            rows += pq.ParquetFile(f).metadata.num_rows
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a bad input
+            raise FinetuneInputError(f"{f}: not a readable parquet file: {e}") from e
+        for col in need:
+            if col not in schema.names:
+                hint = (" (run the partition stage first: it adds token_class)" if col == "token_class" else "")
+                raise FinetuneInputError(
+                    f"{f}: column {col!r} is missing, strategy {strategy!r} needs it{hint}; "
+                    f"columns present: {', '.join(schema.names)}"
+                )
+    if rows == 0:
+        raise FinetuneInputError(f"token table {files[0].parent} has no rows")
+    return rows
+
+
+def check_storage(path: str | Path) -> Path:
+    """Create the Ray Train storage folder and prove it is writable, before any worker starts."""
+    p = Path(path).expanduser().resolve()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise FinetuneInputError(f"Ray Train storage path {p} is not writable: {e.strerror or e}") from e
+    return p
+
+
+def check_lora_targets(model_path: str, ft: FinetuneConfig, trust_remote_code: bool) -> None:
+    if not ft.lora.enabled:
+        return
+    from ..train.deepspeed_setup import LoraTargetError, meta_model, resolve_lora_targets
+
+    try:
+        resolve_lora_targets(meta_model(model_path, trust_remote_code=trust_remote_code), ft.lora.target_modules)
+    except LoraTargetError as e:
+        raise FinetuneInputError(f"model {model_path}: {e}") from e
+
+
+def _order_key(batch, *, seed: int, epoch: int):
+    """Seeded shuffle key from the sample id: the order depends on the data, never on block layout."""
+    import pyarrow as pa
+
+    ids = batch.column("sample_id").to_pylist()
+    keys = [int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{s}".encode(), digest_size=8).digest(), "big") >> 1
+            for s in ids]
+    return batch.append_column("_order", pa.array(np.asarray(keys, dtype=np.int64)))
+
+
+# ------------------------------------------------------------------------------------------
+# the stage
+# ------------------------------------------------------------------------------------------
+def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: str | Path | None = None, *,
+                 inject_fault: str | None = None) -> FinetuneResult:
+    """Fine-tune ``cfg.model`` on ``table`` with Ray Train; ``stage`` picks cfg.reference or cfg.training.
+
+    The reference stage is plain SFT; the train stage uses ``cfg.training.strategy``.  Rerunning with
+    the same inputs returns the finished result without training; an interrupted run resumes from
+    its latest checkpoint in Ray storage.  ``inject_fault`` (recovery tests; default
+    $FORGETTING_RAY_INJECT_FAULT): ``rank=R,after_step=K,marker=PATH`` makes rank R exit once after step K.
+    """
+    from ..models import load_tokenizer, resolve_model_path
+    from ..ray_utils import default_storage_path, init_ray
+    from ..train.deepspeed_setup import build_deepspeed_config
+
+    if stage not in ("reference", "train"):
+        raise ValueError(f"stage must be 'reference' or 'train', got {stage!r}")
+    ft: FinetuneConfig = cfg.reference if stage == "reference" else cfg.training
+    strategy = getattr(ft, "strategy", "sft")
+    res = cfg.resources
+
+    # --- inputs ---------------------------------------------------------------------------
+    files = table_files(table)
+    num_rows = check_table(files, strategy, shuffle=ft.shuffle)
+    plan = DataPlan(num_rows, res.num_workers, ft.micro_batch_size, ft.grad_accum, ft.epochs, ft.max_steps)
+    try:
+        plan.check(str(table))
+    except ValueError as e:
+        raise FinetuneInputError(str(e)) from None
+    if ft.deepspeed.enabled:
+        try:
+            build_deepspeed_config(ft, world_size=res.num_workers, bf16=res.use_gpu)
+        except ValueError as e:
+            raise FinetuneInputError(str(e)) from None
+    model_path = resolve_model_path(cfg.model)
+    check_lora_targets(model_path, ft, cfg.model.trust_remote_code)
+    tokenizer_path = cfg.model.tokenizer or model_path
+    tok = load_tokenizer(cfg.model.model_copy(update={"name_or_path": model_path}))
+
+    table_hash = content_hash([(f.name, file_sha256(f)) for f in files])
+    parts = fingerprint_parts(stage=stage, finetune=config_to_dict(ft), model=model_identity(model_path),
+                              table_hash=table_hash, world_size=res.num_workers)
+    run_id = fingerprint(parts)  # what checkpoints must share: names the Ray Train run
+    key = content_hash({"run": run_id, "export": ft.export, "export_dtype": ft.export_dtype})  # the output folder
+    out = Path(out_dir) if out_dir is not None else stage_dir(cfg.run_dir, stage, key)
+    if is_complete(out) and (out / RESULT_FILE).is_file():
+        log.info("%s stage %s already complete in %s", stage, key, out)
+        return load_result(out)
+    if ft.resume_from:
+        read_state(ft.resume_from, parts)  # a foreign checkpoint fails here, before any worker starts
+    storage = check_storage(res.storage_path or default_storage_path(cfg.run_dir))
+
+    # --- Ray objects ------------------------------------------------------------------------
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray(res.ray_address)
+    # The token columns go into the object store once, from the driver: no read tasks per worker
+    # (their start-up cost 10-30 s per fit on a busy 2-core box) and no shared filesystem needed
+    # on multi-node clusters.  Token ids are small next to the model (50k x 2k tokens ~ 0.9 GB).
+    columns = ["input_ids", "labels"] + (["token_class"] if strategy != "sft" else [])
+    if ft.shuffle:
+        base = ray.data.from_arrow([pq.read_table(f, columns=columns + ["sample_id"]) for f in files])
+        datasets = {
+            f"train_{e}": base.map_batches(_order_key, batch_format="pyarrow", fn_kwargs={"seed": ft.seed, "epoch": e})
+            .sort("_order")
+            for e in range(plan.num_epochs)
+        }
+    else:
+        datasets = {"train": ray.data.from_arrow([pq.read_table(f, columns=columns) for f in files])}
+    for ds in datasets.values():
+        ds.context.enable_progress_bars = False  # one bar per worker per epoch floods the driver log
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # every worker must see the rows in the same, fixed order
+
+    loop_config = {
+        "stage": stage,
+        "finetune": config_to_dict(ft),
+        "fingerprint_parts": parts,
+        "num_rows": num_rows,
+        "table": str(table),
+        "model_path": model_path,
+        "tokenizer_path": tokenizer_path,
+        "pad_token_id": tok.pad_token_id,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "use_gpu": res.use_gpu,
+        "torch_threads": max(1, int(res.cpus_per_worker)),
+        "chunk_size": cfg.scoring.chunk_size,
+        "export_dir": str((out / "export").resolve()) if ft.export else None,
+        "train_config": {"stage": stage, "strategy": strategy, "finetune": config_to_dict(ft),
+                         "model": config_to_dict(cfg.model), "table": str(table), "table_hash": table_hash,
+                         "key": key, "num_workers": res.num_workers},
+        "fault": parse_fault(inject_fault or os.environ.get(FAULT_ENV)),
+    }
+    run_name = f"{stage}-{run_id}"  # same inputs -> same run -> Ray resumes its latest checkpoint
+    if loop_config["fault"]:
+        loop_config["fault"]["run_storage"] = str(storage / run_name)
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=ft.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=ft.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
+    )
+    result = trainer.fit()
+
+    # --- outputs ----------------------------------------------------------------------------
+    rv = result.return_value or {}
+    state = rv.get("state", {})
+    finished = FinetuneResult(
+        stage=stage,
+        key=key,
+        out_dir=out,
+        export_dir=Path(rv["export_dir"]) if rv.get("export_dir") else None,
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        total_steps=int(rv.get("total_steps", plan.total_steps)),
+        global_step=int(state.get("global_step", 0)),
+        stop_reason=state.get("stop_reason"),
+        resumed_at=list(state.get("resumed_at", [])),
+        guardrail_events=list(state.get("guardrail", {}).get("events", [])),
+        metrics=list(rv.get("history", [])),
+    )
+    atomic_write_text(out / METRICS_FILE, "".join(json.dumps(m, sort_keys=True) + "\n" for m in finished.metrics))
+    atomic_write_json(out / RESULT_FILE, finished.to_json())
+    if finished.stop_reason:
+        log.warning("%s stage stopped early: %s", stage, finished.stop_reason)
+    mark_complete(out, {"stage": stage, "key": key, "stop_reason": finished.stop_reason,
+                        "exported": finished.export_dir is not None})
+    return finished
+
+
+def load_result(out_dir: str | Path) -> FinetuneResult:
+    out = Path(out_dir)
+    d = json.loads((out / RESULT_FILE).read_text())
+    metrics_path = out / METRICS_FILE
+    lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
+    metrics = [json.loads(x) for x in lines if x.strip()]
+    return FinetuneResult(
+        stage=d["stage"], key=d["key"], out_dir=Path(d["out_dir"]),
+        export_dir=Path(d["export_dir"]) if d.get("export_dir") else None,
+        checkpoint_path=d.get("checkpoint_path"), total_steps=d["total_steps"], global_step=d["global_step"],
+        stop_reason=d.get("stop_reason"), resumed_at=d.get("resumed_at", []),
+        guardrail_events=d.get("guardrail_events", []), metrics=metrics,
+    )
