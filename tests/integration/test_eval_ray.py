@@ -1,0 +1,40 @@
+"""run_eval on a Ray Data actor pool (2 actors x 0.5 CPU) gives the same answers as in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from forgetting_ray.config import PipelineConfig
+from forgetting_ray.stages.evaluate import run_eval
+
+from conftest import EVAL_DIR
+
+
+def _cfg(tmp_path, backend: str) -> PipelineConfig:
+    return PipelineConfig.model_validate({
+        "run_dir": str(tmp_path / "run"),
+        "tracking": {"enabled": False},
+        "eval": {"data_dir": str(EVAL_DIR), "tasks": ["boolq", "truthfulqa", "asdiv"], "limit": 4,
+                 "limit_mode": "random", "backend": backend, "concurrency": 2, "num_cpus_per_actor": 0.5,
+                 "batch_size": 2, "asdiv_max_new_tokens": 4},
+    })
+
+
+def test_ray_actor_pool_matches_local(ray_cluster, tiny_llama, tmp_path):
+    ray_res = run_eval(_cfg(tmp_path, "ray"), str(tiny_llama), tmp_path / "ray")
+    local = run_eval(_cfg(tmp_path, "local"), str(tiny_llama), tmp_path / "local")
+    assert set(ray_res.metrics) == {"boolq", "truthfulqa", "asdiv"}
+    for task in ray_res.metrics:
+        a = [json.loads(x) for x in (tmp_path / "ray" / "samples" / f"{task}.jsonl").read_text().splitlines()]
+        b = [json.loads(x) for x in (tmp_path / "local" / "samples" / f"{task}.jsonl").read_text().splitlines()]
+        assert len(a) == len(b) == 4
+        assert [r["doc_id"] for r in a] == [r["doc_id"] for r in b]
+        assert [r["pred"] for r in a] == [r["pred"] for r in b]
+        for ra, rb in zip(a, b):
+            for key in ("lls", "lls_mc2"):
+                if key in ra:
+                    assert ra[key] == pytest.approx(rb[key], abs=1e-4)
+    assert ray_res.metrics["boolq"]["acc"] == local.metrics["boolq"]["acc"]
+    assert ray_res.metrics["truthfulqa"]["mc2"] == pytest.approx(local.metrics["truthfulqa"]["mc2"], abs=1e-5)
