@@ -11,7 +11,8 @@ import logging
 import sys
 from typing import Callable
 
-from .config import ConfigError, PipelineConfig, config_reference_markdown, dump_config, load_config
+from .config import PipelineConfig, config_reference_markdown, dump_config, load_config
+from .errors import UserError
 
 log = logging.getLogger("forgetting_ray")
 
@@ -73,6 +74,41 @@ def _cmd_submit(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def _cmd_doctor(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from .doctor import FAIL, format_checks, run_doctor
+
+    checks = run_doctor(cfg, gpu_memory_gib=args.gpu_memory_gib)
+    print(format_checks(checks))
+    failed = [c.name for c in checks if c.status == FAIL]
+    print(f"\n{len(checks) - len(failed)} of {len(checks)} checks passed" + (f"; fix: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _base_model_of_run(run: str) -> str | None:
+    """The base model a run scored with (recorded by the score stage), for ``report`` without a config."""
+    import json
+
+    from .report.html import INFO_FILE, find_partition
+
+    part = find_partition(run)
+    info = json.loads((part / INFO_FILE).read_text())
+    layout = part.parent.parent / "score" / str(info.get("score_key")) / "layout.json"
+    return json.loads(layout.read_text()).get("base_model") if layout.is_file() else None
+
+
+def _cmd_report(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from .report.html import main_report
+
+    if args.config is None and "model.name_or_path" not in " ".join(args.overrides):
+        base = _base_model_of_run(args.run)
+        if base:
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": base})})
+    samples = [s for s in args.samples.split(",") if s] if args.samples else None
+    path = main_report(cfg, args.run, args.out, samples, n_random=args.n_random, seed=args.seed)
+    print(f"report: {path}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[PipelineConfig, argparse.Namespace], int], str]] = {
     "config": (_cmd_config, "print the resolved config (or --reference: the field reference)"),
     "run": (_run_until(None), "run every stage in order (each skipped when its output exists)"),
@@ -83,6 +119,8 @@ COMMANDS: dict[str, tuple[Callable[[PipelineConfig, argparse.Namespace], int], s
     "train": (_run_until("train"), "forgetting fine-tune (and the configured baselines) on the partitioned table"),
     "submit": (_cmd_submit, "check the cluster address and upload size, then `ray job submit` the pipeline"),
     "eval": (_cmd_eval, "evaluate a model (--model PATH, default the configured base) on the benchmark suite"),
+    "doctor": (_cmd_doctor, "pre-flight checks: storage, resources, model, masks, memory plan, upload size"),
+    "report": (_cmd_report, "self-contained HTML page of the scores and classes of a run (RUN = run or partition folder)"),
 }
 
 
@@ -92,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "report":
+            p.add_argument("run", help="run directory (newest partition of selection.rho) or a partition folder")
         p.add_argument("config", nargs="?", default=None, help="YAML config file (defaults when omitted)")
         p.add_argument("overrides", nargs="*", help="dotted overrides such as training.lr=2e-5")
         if name == "config":
@@ -107,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", help="model folder, hub id or alias to evaluate")
             p.add_argument("--out", help="output folder for results.json")
             p.add_argument("--harness", choices=["native", "lm-eval"], default=None, help="evaluation backend")
+        if name == "doctor":
+            p.add_argument("--gpu-memory-gib", type=float, default=None,
+                           help="GPU memory for the plan check (default: what the cluster's GPUs report, else 80)")
+        if name == "report":
+            p.add_argument("--out", help="HTML file (default <run>/report/<partition key>.html)")
+            p.add_argument("--samples", help="comma-separated sample_ids to show (default: random ones)")
+            p.add_argument("--n-random", type=int, default=20, help="random samples when --samples is not given")
+            p.add_argument("--seed", type=int, default=0, help="seed of the random sample choice")
+    from .plan import add_plan_arguments
+
+    add_plan_arguments(sub.add_parser("plan", help="per-GPU and per-node memory estimate of a fine-tune",
+                                      description="per-GPU and per-node memory estimate of a fine-tune (ZeRO 0-3, "
+                                      "LoRA or full, offload) for a preset YAML, built-in name or local HF folder"))
     return parser
 
 
@@ -118,14 +171,27 @@ def _split_config_arg(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    if "plan" in argv[:2]:  # not a pipeline-config command: its own flags, no overrides
+        from .plan import main_plan
+
+        return main_plan(argv[argv.index("plan") + 1:])
+    # overrides may follow options (`run demo.yaml --tiny run_dir=x`), which argparse leaves unparsed
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if "=" not in a or a.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = list(getattr(args, "overrides", None) or []) + rest
     _setup_logging(args.verbose)
     _split_config_arg(args)
     try:
         cfg = load_config(args.config, args.overrides)
         handler, _ = COMMANDS[args.command]
         return handler(cfg, args)
-    except ConfigError as e:
+    except UserError as e:  # bad input: the message says what to change; no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import UserError
+
 GIB = 2**30
 RUNTIME_ALLOWANCE_BYTES = 2 * GIB  # CUDA context + NCCL buffers + allocator fragmentation
 EAGER_SCORE_BYTES = 10  # per attention score: fp32 scores and softmax output, 16-bit copy for the value matmul
@@ -89,7 +91,7 @@ ALIASES = {
 FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     pass
 
 

@@ -9,8 +9,8 @@ not fit in memory, from three streaming passes (radix select on the float32 bit 
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable, Iterable, Iterator
 
 import numpy as np

@@ -13,8 +13,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
 
-class SubmitError(RuntimeError):
+
+class SubmitError(UserError, RuntimeError):
     pass
 
 

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from ..config import DataConfig, PipelineConfig, config_to_dict
+from ..errors import UserError
 from ..models import load_tokenizer, tokenizer_fingerprint
 from ..store import atomic_dir, atomic_write_json, content_hash, file_sha256, is_complete, mark_complete, stage_dir
 from .readers import DataError, Record, read_records, resolve_files
@@ -34,7 +35,7 @@ TRAIN_FILE, REFERENCE_FILE, MANIFEST_FILE = "train.parquet", "reference.parquet"
 MAX_DROPS_LISTED = 1000
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     pass
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
 from ..config import DataConfig
+from ..errors import UserError
 from ..store import content_hash
 
 Schema = Literal["messages", "prompt_completion"]
@@ -32,7 +33,7 @@ FLAN_COT_PROMPT = "{question}\nLet's think step by step."
 FLAN_COT_RESPONSE = "{rationale} So the answer is {answer}."
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with an input file or record; the message names the file and line or field."""
 
 

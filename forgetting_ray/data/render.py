@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Sequence
 
+from ..errors import UserError
 from .readers import Message, Record
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -21,7 +22,7 @@ TULU_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|
 _BOUNDARY_WS = (" ", "\n", "\t")
 
 
-class RenderError(ValueError):
+class RenderError(UserError, ValueError):
     """A record cannot be rendered or masked reliably; the message names the record's origin."""
 
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..errors import UserError
 from ..store import atomic_path
 
 IGNORE_INDEX = -100
@@ -33,7 +34,7 @@ TOKEN_TABLE_SCHEMA = pa.schema(
 _SAMPLE_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
-class TokenTableError(ValueError):
+class TokenTableError(UserError, ValueError):
     """A malformed token table; the message names the file (or origin) and the column."""
 
 

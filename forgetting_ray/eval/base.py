@@ -14,15 +14,17 @@ import random
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..errors import UserError
+
 Doc = dict[str, Any]
 Request = dict[str, Any]
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     """A benchmark file is missing or malformed; the message names the file and the row."""
 
 
-class UnknownTaskError(KeyError):
+class UnknownTaskError(UserError, KeyError):
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
 

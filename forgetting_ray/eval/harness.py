@@ -19,13 +19,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from . import metrics as M
 from . import runner
 
 LM_EVAL_REQUIREMENT = "lm-eval==0.4.13"
 
 
-class HarnessNotInstalled(ImportError):
+class HarnessNotInstalled(UserError, ImportError):
     pass
 
 

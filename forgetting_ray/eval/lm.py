@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..scoring import _postprocess_logits, unwrap_causal_lm
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     """A chat template was requested but the tokenizer has none."""
 
 

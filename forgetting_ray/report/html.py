@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..data.table import IGNORE_INDEX
+from ..errors import UserError
 from ..stages.score import shard_name
 from ..store import atomic_write_text, is_complete, read_done
 
@@ -48,7 +49,7 @@ POS_LEVELS = ("#e3eef6", "#d1e5f0", "#92c5de", "#4393c3", "#2166ac")
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
 
-class ReportInputError(ValueError):
+class ReportInputError(UserError, ValueError):
     """The partition, its table or its score set is missing or inconsistent; names the file."""
 
 

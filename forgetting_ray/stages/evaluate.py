@@ -208,6 +208,22 @@ def run_eval(
                       harness=harness, samples=samples)
 
 
+def load_eval_result(out_dir: str | Path) -> EvalResult:
+    """The :class:`EvalResult` of a finished evaluation folder (its ``results.json``)."""
+    out_dir = Path(out_dir)
+    path = out_dir / "results.json"
+    data = json.loads(path.read_text())
+    return EvalResult(
+        out_dir=out_dir,
+        results_path=path,
+        metrics=data["tasks"],
+        headline={name: h["value"] for name, h in data["headline"].items()},
+        average=data["average"],
+        harness=data.get("harness", "native"),
+        samples={p.stem: p for p in sorted((out_dir / "samples").glob("*.jsonl"))},
+    )
+
+
 def format_table(results: dict[str, Any] | EvalResult) -> str:
     """Printable table of ``results.json`` (or an :class:`EvalResult`)."""
     if isinstance(results, EvalResult):

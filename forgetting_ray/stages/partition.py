@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from ..config import PipelineConfig
 from ..data.table import IGNORE_INDEX, TokenTableError, read_token_table, token_table_hash
+from ..errors import UserError
 from ..selection import NEGATIVE, POSITIVE, Threshold, find_threshold
 from ..store import atomic_dir, atomic_write_json, content_hash, is_complete, mark_complete, read_done, stage_dir
 from .score import _nonfinite_error, find_nonfinite, shard_name
@@ -35,7 +36,7 @@ PARTITION_VERSION = 1
 TABLE_FILE, INFO_FILE, HISTOGRAM_FILE = "train.parquet", "partition.json", "score_histogram.png"
 
 
-class PartitionInputError(ValueError):
+class PartitionInputError(UserError, ValueError):
     """The score set is missing, incomplete, or belongs to another token table."""
 
 

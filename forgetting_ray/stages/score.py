@@ -39,8 +39,17 @@ import pyarrow.parquet as pq
 
 from ..config import ModelConfig, PipelineConfig, config_to_dict
 from ..data.table import IGNORE_INDEX, TokenTableError, read_token_table, token_table_hash
-from ..store import (atomic_path, atomic_write_json, content_hash, file_sha256, is_complete, mark_complete,
-                     read_done, stage_dir)
+from ..errors import UserError
+from ..store import (
+    atomic_path,
+    atomic_write_json,
+    content_hash,
+    file_sha256,
+    is_complete,
+    mark_complete,
+    read_done,
+    stage_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +73,11 @@ FAULT_EXIT_CODE = 17
 _STAT_COLS = ("_padded_len", "_busy_s", "_actor")  # per-row actor bookkeeping, stripped before writing
 
 
-class ScoreInputError(ValueError):
+class ScoreInputError(UserError, ValueError):
     """Bad input found before any scoring work (table, models, tokenizers)."""
 
 
-class ScoreValueError(RuntimeError):
+class ScoreValueError(UserError, RuntimeError):
     """A non-finite score; the message names the sample_id and the token position."""
 
 
@@ -287,7 +296,6 @@ class ScoreActor:
                  threads: int, batch_tokens: int, pad_tolerance: float | None, chunk_size: int | None,
                  pad_token_id: int) -> None:
         import torch
-
         from transformers.utils import logging as hf_logging
 
         from ..models import load_model

@@ -21,8 +21,16 @@ from typing import Any, Literal
 import numpy as np
 
 from ..config import FinetuneConfig, PipelineConfig, config_to_dict
-from ..store import (atomic_write_json, atomic_write_text, content_hash, file_sha256, is_complete, mark_complete,
-                     stage_dir)
+from ..errors import UserError
+from ..store import (
+    atomic_write_json,
+    atomic_write_text,
+    content_hash,
+    file_sha256,
+    is_complete,
+    mark_complete,
+    stage_dir,
+)
 from ..train.checkpoint import fingerprint, fingerprint_parts, model_identity, read_state
 from ..train.loop import FAULT_ENV, DataPlan, parse_fault, train_loop_per_worker
 
@@ -33,7 +41,7 @@ RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-class FinetuneInputError(ValueError):
+class FinetuneInputError(UserError, ValueError):
     """Bad input found before any worker starts (table, model, LoRA targets, storage)."""
 
 
@@ -141,13 +149,15 @@ def _order_key(batch, *, seed: int, epoch: int):
 # the stage
 # ------------------------------------------------------------------------------------------
 def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: str | Path | None = None, *,
-                 inject_fault: str | None = None) -> FinetuneResult:
+                 inject_fault: str | None = None, callbacks: list[Any] | None = None) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``table`` with Ray Train; ``stage`` picks cfg.reference or cfg.training.
 
     The reference stage is plain SFT; the train stage uses ``cfg.training.strategy``.  Rerunning with
     the same inputs returns the finished result without training; an interrupted run resumes from
     its latest checkpoint in Ray storage.  ``inject_fault`` (recovery tests; default
     $FORGETTING_RAY_INJECT_FAULT): ``rank=R,after_step=K,marker=PATH`` makes rank R exit once after step K.
+    ``callbacks``: Ray Train ``UserCallback``s for the fit (a Tune trial passes one that forwards each
+    report to Tune, so ASHA can stop it early).
     """
     from ..models import load_tokenizer, resolve_model_path
     from ..ray_utils import default_storage_path, init_ray
@@ -249,6 +259,7 @@ def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: 
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=ft.keep_checkpoints),
             failure_config=FailureConfig(max_failures=ft.max_failures),
+            callbacks=list(callbacks or []),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),

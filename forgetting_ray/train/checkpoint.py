@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..store import atomic_write_json, atomic_write_text, content_hash, file_sha256
 
 STATE_FILE = "forgetting_state.json"
@@ -27,7 +28,7 @@ NEUTRAL_FIELDS = frozenset({
 })
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """A checkpoint from a different run configuration or base model."""
 
 

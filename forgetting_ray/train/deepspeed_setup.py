@@ -21,12 +21,13 @@ from typing import Any
 import torch
 
 from ..config import FinetuneConfig
+from ..errors import UserError
 from ..scoring import token_nll
 
 DDP_STATE_FILE = "ddp_state.pt"
 
 
-class LoraTargetError(ValueError):
+class LoraTargetError(UserError, ValueError):
     """LoRA target modules that match no linear layer of the model."""
 
 

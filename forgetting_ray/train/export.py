@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import torch
 
+from ..errors import UserError
 from ..store import atomic_dir, atomic_write_json, file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +56,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 PROBE_BATCH, PROBE_LENGTH, PROBE_SEED = 2, 16, 1234
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The export could not be written or does not match its manifest."""
 
 

@@ -1,0 +1,203 @@
+"""`forgetting-ray doctor CONFIG`: pre-flight checks before spending GPU hours.
+
+Each check returns PASS, WARN or FAIL with what to change; the command exits non-zero on a FAIL.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import PipelineConfig
+from .ray_utils import default_storage_path
+
+PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+def _probe_storage(path: str, token: str) -> dict:
+    """Runs on one node: write a probe file and list the probes other nodes wrote."""
+    import socket
+
+    folder = Path(path) / ".doctor" / token
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f"{socket.gethostname()}-{os.getpid()}"
+        probe.write_text("ok")
+        return {"host": socket.gethostname(), "ok": True, "seen": sorted(p.name for p in folder.iterdir())}
+    except OSError as e:
+        return {"host": socket.gethostname(), "ok": False, "error": str(e)}
+
+
+def check_storage(cfg: PipelineConfig) -> Check:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    path = cfg.resources.storage_path or default_storage_path(cfg.run_dir)
+    fix = "set resources.storage_path to a folder (NFS/EFS mount) or bucket every node can write"
+    if "://" in path:
+        return Check("storage", WARN, f"{path} is a URI; checked by Ray Train at start", "")
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    token = uuid.uuid4().hex[:8]
+    probe = ray.remote(num_cpus=0)(_probe_storage)
+    results = ray.get([
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path, token)
+        for n in nodes
+    ])
+    failed = [r for r in results if not r["ok"]]
+    if failed:
+        return Check("storage", FAIL, f"{path} not writable on {failed[0]['host']}: {failed[0]['error']}", fix)
+    seen = set(ray.get(probe.remote(path, token))["seen"])
+    hosts = {r["host"] for r in results}
+    if len(hosts) > 1 and len(seen) < len(nodes):
+        return Check("storage", FAIL, f"{path} is not shared: a node sees {len(seen)} of {len(nodes)} probes", fix)
+    return Check("storage", PASS, f"{path} writable from {len(nodes)} node(s)")
+
+
+def check_resources(cfg: PipelineConfig) -> Check:
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    s, r = cfg.scoring, cfg.resources
+    score_cpu, score_gpu = s.concurrency * s.num_cpus_per_actor, s.concurrency * s.num_gpus_per_actor
+    train_cpu, train_gpu = r.num_workers * r.cpus_per_worker, (r.num_workers if r.use_gpu else 0)
+    problems = []
+    if score_cpu >= cpus:  # Ray Data read/write tasks need a CPU beside the actors (else it hangs)
+        problems.append(f"scoring actors take {score_cpu:g} of {cpus:g} CPUs, leaving none for Ray Data's read/write tasks")
+    if score_gpu > gpus:
+        problems.append(f"scoring asks {score_gpu:g} GPUs, the cluster has {gpus:g}")
+    if train_cpu > cpus:
+        problems.append(f"training asks {train_cpu:g} CPUs, the cluster has {cpus:g}")
+    if train_gpu > gpus:
+        problems.append(f"training asks {train_gpu:g} GPUs, the cluster has {gpus:g}")
+    if problems:
+        return Check("resources", FAIL, "; ".join(problems),
+                     "lower scoring.concurrency / scoring.num_cpus_per_actor / resources.num_workers, or add nodes")
+    return Check("resources", PASS, f"cluster {cpus:g} CPU / {gpus:g} GPU; scoring {score_cpu:g}/{score_gpu:g}, "
+                                   f"training {train_cpu:g}/{train_gpu:g}")
+
+
+def check_model(cfg: PipelineConfig) -> Check:
+    from transformers import AutoConfig
+
+    from .models import load_tokenizer, resolve_model_path
+
+    try:
+        path = resolve_model_path(cfg.model)
+        mcfg = AutoConfig.from_pretrained(path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+        tok = load_tokenizer(cfg.model)
+    except Exception as e:  # noqa: BLE001 - any load failure is the finding
+        return Check("model", FAIL, f"{cfg.model.name_or_path}: {type(e).__name__}: {e}",
+                     "point model.name_or_path at a local HF folder (config.json, *.safetensors, tokenizer)")
+    if len(tok) > mcfg.vocab_size:
+        return Check("model", FAIL, f"tokenizer has {len(tok)} tokens, the model's embedding {mcfg.vocab_size}",
+                     "use the model's own tokenizer (model.tokenizer)")
+    return Check("model", PASS, f"{mcfg.model_type}, vocab {mcfg.vocab_size}, template "
+                                f"{'chat' if getattr(tok, 'chat_template', None) else 'tulu'}")
+
+
+def check_masks(cfg: PipelineConfig, sample: int = 64) -> Check:
+    from .data.readers import read_records, resolve_files
+    from .data.render import Renderer
+    from .models import load_tokenizer
+
+    try:
+        files = resolve_files(cfg.data.train_files)
+        renderer = Renderer(load_tokenizer(cfg.model), cfg.data.template, cfg.data.max_length)
+        rendered = [renderer.render(rec) for rec in read_records(files, cfg.data, limit=sample)]
+    except Exception as e:  # noqa: BLE001
+        return Check("masks", FAIL, f"{type(e).__name__}: {e}", "fix the data files or data.template / data.column_map")
+    if not rendered:
+        return Check("masks", FAIL, "no records in data.train_files", "point data.train_files at the corpus")
+    empty = sum(r.n_response == 0 for r in rendered)
+    frac = sum(r.n_response for r in rendered) / max(1, sum(len(r.input_ids) for r in rendered))
+    if empty == len(rendered):
+        return Check("masks", FAIL, "no response token in any sampled record",
+                     "check data.template and the chat template's assistant turns")
+    status = WARN if empty else PASS
+    return Check("masks", status, f"{len(rendered)} records sampled, {frac:.0%} response tokens, {empty} without any",
+                 "raise data.max_length" if empty else "")
+
+
+def check_memory_plan(cfg: PipelineConfig, gpu_memory_gib: float | None = None) -> Check:
+    import ray
+
+    from .models import resolve_model_path
+    from .plan import plan
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    ft, r = cfg.training, cfg.resources
+    gpus_per_node = int(max((n["Resources"].get("GPU", 0) for n in nodes), default=0))
+    workers_per_node = min(r.num_workers, gpus_per_node) if r.use_gpu and gpus_per_node else r.num_workers
+    num_nodes = max(1, -(-r.num_workers // max(1, workers_per_node)))
+    ds = ft.deepspeed
+    try:
+        est = plan(resolve_model_path(cfg.model), num_nodes=num_nodes, gpus_per_node=max(1, workers_per_node),
+                   lora=ft.lora.enabled, zero_stage=ds.zero_stage if ds.enabled else 0,
+                   offload="all" if ds.offload_params else "optimizer" if ds.offload_optimizer else "none",
+                   micro_batch_size=ft.micro_batch_size, seq_len=cfg.data.max_length, lora_r=ft.lora.r,
+                   lora_targets=ft.lora.target_modules, gradient_checkpointing=ft.gradient_checkpointing,
+                   attention=cfg.model.attn_implementation)
+    except Exception as e:  # noqa: BLE001 - an unplannable model is a finding, not a crash
+        return Check("memory plan", WARN, f"no estimate for {cfg.model.name_or_path}: {type(e).__name__}: {e}", "")
+    # on CPU there is no CUDA context / NCCL buffer allowance
+    per_worker = (est.gpu_total_bytes - (0 if r.use_gpu else est.gpu_runtime_bytes)) / 2**30
+    node_ram = min((n["Resources"].get("memory", 0) for n in nodes), default=0) / 2**30
+    summary = (f"{per_worker:.1f} GiB per worker ({est.params / 1e6:.3g}M params, {est.trainable_params / 1e6:.3g}M "
+               f"trained, ZeRO-{est.zero_stage}, offload {est.offload}), {est.cpu_per_node_bytes / 2**30:.1f} GiB "
+               f"host RAM per node")
+    fix = ("enable gradient_checkpointing, LoRA, a higher ZeRO stage or offload, lower micro_batch_size / "
+           "data.max_length, or add GPUs (see `forgetting-ray plan`)")
+    if r.use_gpu:
+        limit = gpu_memory_gib or 80.0
+        if not est.fits(limit):
+            return Check("memory plan", FAIL, f"{summary}: over the {limit:g} GiB of a GPU", fix)
+        host_need = est.cpu_per_node_bytes / 2**30
+    else:  # on CPU the "device" memory is host memory too
+        host_need = est.cpu_per_node_bytes / 2**30 + per_worker * workers_per_node
+    if node_ram and host_need > node_ram:
+        return Check("memory plan", FAIL, f"{summary}: needs {host_need:.1f} GiB RAM per node, Ray has "
+                     f"{node_ram:.1f}", fix)
+    return Check("memory plan", PASS, summary)
+
+
+def check_upload_size(cfg: PipelineConfig) -> Check:
+    from .submit import SubmitError, check_upload
+
+    try:
+        size = check_upload(".", [".git"])
+    except SubmitError as e:
+        return Check("job working dir", FAIL, str(e), "add large paths to .rayignore")
+    return Check("job working dir", PASS, f"{size.bytes / 2**20:.1f} MiB in {size.files} files")
+
+
+CHECKS: list[Callable[..., Check]] = [
+    check_resources, check_storage, check_model, check_masks, check_memory_plan, check_upload_size,
+]
+
+
+def run_doctor(cfg: PipelineConfig, gpu_memory_gib: float | None = None) -> list[Check]:
+    from .ray_utils import init_ray
+
+    init_ray(cfg.resources.ray_address)
+    return [fn(cfg, gpu_memory_gib) if fn is check_memory_plan else fn(cfg) for fn in CHECKS]
+
+
+def format_checks(checks: list[Check]) -> str:
+    lines = []
+    for c in checks:
+        lines.append(f"[{c.status}] {c.name}: {c.detail}")
+        if c.status != PASS and c.fix:
+            lines.append(f"        -> {c.fix}")
+    return "\n".join(lines)
