@@ -74,6 +74,15 @@ def _cmd_submit(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def _cmd_tune(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from .pipeline import use_tiny_model
+    from .tune import run_tune_command
+
+    if args.tiny:
+        cfg = use_tiny_model(cfg)
+    return run_tune_command(cfg)
+
+
 def _cmd_doctor(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from .doctor import FAIL, format_checks, run_doctor
 
@@ -117,6 +126,7 @@ COMMANDS: dict[str, tuple[Callable[[PipelineConfig, argparse.Namespace], int], s
     "score": (_run_until("score"), "score every response token with base and reference models (Ray Data)"),
     "partition": (_run_until("partition"), "split the scored tokens into positive / negative by a global top-rho"),
     "train": (_run_until("train"), "forgetting fine-tune (and the configured baselines) on the partitioned table"),
+    "tune": (_cmd_tune, "Ray Tune search over rho and the lambda schedule (ASHA; trials reuse the cached scores)"),
     "submit": (_cmd_submit, "check the cluster address and upload size, then `ray job submit` the pipeline"),
     "eval": (_cmd_eval, "evaluate a model (--model PATH, default the configured base) on the benchmark suite"),
     "doctor": (_cmd_doctor, "pre-flight checks: storage, resources, model, masks, memory plan, upload size"),
@@ -136,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides such as training.lr=2e-5")
         if name == "config":
             p.add_argument("--reference", action="store_true", help="print every field with default and help")
-        if name in ("run", "prepare", "reference", "score", "partition", "train"):
+        if name in ("run", "prepare", "reference", "score", "partition", "train", "tune"):
             p.add_argument("--tiny", action="store_true", help="use a random 2-layer model (quick check of the plumbing)")
         if name == "submit":
             p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")

@@ -1,6 +1,10 @@
 """The whole pipeline, stage after stage; every stage is skipped when its content-addressed output exists.
 
-prepare -> reference -> score -> partition -> train (+ baselines) -> eval
+prepare -> reference -> score -> partition -> [tune] -> train (+ baselines) -> eval
+
+With ``tune.enabled`` a Ray Tune search over rho and the lambda schedule runs after partition; the
+best trial's model is then the forgetting model (not retrained), and the baselines train on the
+same rows at the best rho.  The parent MLflow run carries the config, the run card and the plots.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from .tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "reference", "score", "partition", "train", "eval")
+STAGES = ("prepare", "reference", "score", "partition", "tune", "train", "eval")
 
 
 @dataclass
@@ -24,6 +28,7 @@ class PipelineResult:
     outputs: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     tracker: Tracker | None = None
+    run_card: Path | None = None
 
 
 def start_tracking(cfg: PipelineConfig, run_name: str = "pipeline") -> Tracker:
@@ -67,41 +72,90 @@ def _prepare(t: Tracker, cfg: PipelineConfig):
     return prep
 
 
-def _finetune(t: Tracker, cfg: PipelineConfig, stage: str, table: Path):
+def _finetune(t: Tracker, cfg: PipelineConfig, stage: str, table: Path, card=None, name: str | None = None):
     from .stages.train import run_finetune
 
     res = run_finetune(cfg, stage, table)
+    _log_finetune(t, cfg, res, card, name or stage)
+    return res
+
+
+def _log_finetune(t: Tracker, cfg: PipelineConfig, res, card, name: str) -> None:
+    """Step metrics, plots and the export (by URI and hash) of a finished fine-tune."""
+    from .tune import finetune_plots
+
     for row in res.metrics:
         t.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row.get("step", 0)))
     t.log_params({"key": res.key, "total_steps": res.total_steps})
     if res.stop_reason:
         t.set_tags({"guardrail.stop_reason": res.stop_reason})
+    if res.metrics and t.enabled:
+        finetune_plots(t, res, cfg.training if res.stage == "train" else None)
     if res.export_dir is not None:
         from .store import tree_sha256
 
-        t.log_model_reference(stage, res.export_dir, tree_sha256(res.export_dir), upload=cfg.tracking.upload_models)
-    return res
+        sha = tree_sha256(res.export_dir)
+        t.log_model_reference(name, res.export_dir, sha, upload=cfg.tracking.upload_models)
+        if card is not None:
+            card.add_model(name, res.export_dir, sha, key=res.key, steps=res.global_step)
 
 
 def _score(t: Tracker, cfg: PipelineConfig, table: Path, reference: Path):
     from .stages.score import run_score
 
-    return run_score(cfg, table, reference)
+    res = run_score(cfg, table, reference)
+    t.log_params({"key": res.key, "cached": res.cached, "dir": str(res.dir)})
+    t.log_metrics({"n_samples": res.n_samples, "n_shards": res.n_shards, "n_response_tokens": res.n_response_tokens,
+                   "shards_scored": len(res.shards_scored), "shards_reused": len(res.shards_reused)})
+    return res
 
 
 def _partition(t: Tracker, cfg: PipelineConfig, table: Path, score_dir: Path):
     from .stages.partition import run_partition
 
-    return run_partition(cfg, table, score_dir)
+    res = run_partition(cfg, table, score_dir)
+    t.log_params({"key": res.key, "rho": cfg.selection.rho, "threshold": res.threshold})
+    t.log_metrics({"n_tokens": res.n_tokens, "n_positive": res.n_positive, "n_negative": res.n_negative})
+    t.log_artifact(res.info_path)
+    t.log_artifact(res.histogram_path, "plots")
+    if t.enabled:  # the audit page: what will be trained and what forgotten, for 20 random samples
+        from .report.html import main_report
+
+        main_report(cfg, res.dir, tracker=t)
+    return res
+
+
+def _tune(t: Tracker, cfg: PipelineConfig, table: Path, scores):
+    from .tune import run_tune
+
+    return run_tune(cfg, table, scores, t)
+
+
+def model_identity(cfg: PipelineConfig, path: str) -> dict[str, Any]:
+    """What makes a model's evaluation numbers: an export's manifest hash, else the model settings."""
+    manifest = Path(path) / "manifest.json"
+    if manifest.is_file():
+        from .store import file_sha256
+
+        return {"export_manifest": file_sha256(manifest)}
+    return {"model": config_to_dict(cfg.model.model_copy(update={"name_or_path": path}))}
 
 
 def _evaluate(t: Tracker, cfg: PipelineConfig, models: dict[str, str]):
-    from .stages.evaluate import run_eval
+    from .stages.evaluate import load_eval_result, run_eval
+    from .store import content_hash
 
     results = {}
     for name, path in models.items():
+        key = content_hash({"model": model_identity(cfg, path), "eval": config_to_dict(cfg.eval)})
+        out = Path(cfg.run_dir) / "eval" / f"{name}-{key}"
+        if (out / "results.json").is_file():
+            log.info("eval: reusing %s for %s", out, name)
+            results[name] = load_eval_result(out)
+            continue
         with t.stage(f"eval-{name}") as child:
-            results[name] = run_eval(cfg, path, Path(cfg.run_dir) / "eval" / name, tracker=child)
+            child.log_params({"model": path, "key": key})
+            results[name] = run_eval(cfg, path, out, tracker=child)
     return results
 
 
@@ -109,32 +163,87 @@ def run_pipeline(cfg: PipelineConfig, *, until: str | None = None) -> PipelineRe
     """Run the stages in order up to ``until`` (default: all), logging each as an MLflow child run."""
     if until is not None and until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; choose one of {', '.join(STAGES)}")
+    if until == "tune" and not cfg.tune.enabled:
+        raise ValueError("stage 'tune' needs tune.enabled: true")
     last = STAGES.index(until) if until else len(STAGES) - 1
+    if cfg.tune.enabled and last >= STAGES.index("tune"):
+        from .tune import resolve_objective
+
+        resolve_objective(cfg)  # a search that cannot run fails before any compute
+    if cfg.eval.enabled and last >= STAGES.index("eval"):
+        from .stages.evaluate import check_eval_files
+
+        check_eval_files(cfg)  # a missing benchmark file fails now, not after hours of training
+    from .runcard import RunCard
+
     result = PipelineResult(tracker=start_tracking(cfg))
     tracker = result.tracker
+    card = RunCard(cfg)
+    status = "FAILED"
     try:
         prep = _timed(result, "prepare", tracker, _prepare, cfg)
+        card.add_data(prep)
         if last >= STAGES.index("reference"):
-            ref = _timed(result, "reference", tracker, _finetune, cfg, "reference", prep.reference_path)
+            ref = _timed(result, "reference", tracker, _finetune, cfg, "reference", prep.reference_path, card)
         if last >= STAGES.index("score"):
             scores = _timed(result, "score", tracker, _score, cfg, prep.train_path, ref.export_dir)
+            card.add_scores(scores)
         if last >= STAGES.index("partition"):
             part = _timed(result, "partition", tracker, _partition, cfg, prep.train_path, scores.dir)
+            card.add_stage("partition", {"key": part.key, "rho": cfg.selection.rho, "threshold": part.threshold})
+            tracker.log_artifact(part.histogram_path, "plots")
+        train_cfg, train_table, tuned = cfg, None, None
+        if cfg.tune.enabled and last >= STAGES.index("tune"):
+            tuned = _timed(result, "tune", tracker, _tune, cfg, prep.train_path, scores)
+            card.add_stage("tune", {"key": tuned.key, "space_hash": tuned.space_hash, "objective": tuned.objective,
+                                    "best": tuned.best, "dir": str(tuned.dir)})
+            card.add_model("tune-best", tuned.best_export_dir, trial=tuned.best["trial_id"])
+            train_cfg, train_table = tuned.best_config, tuned.best_table
+            _log_plots(tracker, Path(tuned.best_train.out_dir) / "plots")
         if last >= STAGES.index("train"):
-            trained = _timed(result, "train", tracker, _finetune, cfg, "train", part.train_path)
-            models = {"forgetting": trained}
+            train_table = train_table or part.train_path
+            models = {}  # table order: baselines first, the configured strategy last
             for strategy in cfg.baselines:
-                variant = cfg.model_copy(update={"training": cfg.training.model_copy(update={"strategy": strategy})})
-                models[strategy] = _timed(result, f"train-{strategy}", tracker, _finetune, variant, "train", part.train_path)
+                if strategy == train_cfg.training.strategy:
+                    continue
+                variant = train_cfg.model_copy(update={"training": train_cfg.training.model_copy(update={"strategy": strategy})})
+                models[strategy] = _timed(result, f"train-{strategy}", tracker, _finetune, variant, "train",
+                                          train_table, card, f"train-{strategy}")
+            if tuned is not None:  # the best trial is the forgetting model: log it, do not retrain it
+                models[train_cfg.training.strategy] = _timed(result, "train", tracker, _adopt_best, train_cfg, tuned, card)
+            else:
+                models[cfg.training.strategy] = _timed(result, "train", tracker, _finetune, cfg, "train",
+                                                       train_table, card, "train")
+                _log_plots(tracker, Path(models[cfg.training.strategy].out_dir) / "plots")
         if last >= STAGES.index("eval") and cfg.eval.enabled:
             paths = {"base": cfg.model.name_or_path} if cfg.eval_base_model else {}
-            paths.update({name: str(r.export_dir / "merged") for name, r in models.items()})
-            _timed(result, "eval", tracker, _evaluate, cfg, paths)
-        tracker.end()
+            paths.update({name: str(r.export_dir) for name, r in models.items()})
+            _timed(result, "eval", tracker, _evaluate, train_cfg, paths)
+        status = "FINISHED"
         return result
-    except BaseException:
-        tracker.end("FAILED")
-        raise
+    finally:
+        card.add_stage("seconds", {k: round(v, 2) for k, v in result.seconds.items()})
+        card.card["status"] = status
+        result.run_card = card.write()
+        if tracker.enabled:
+            try:
+                tracker.log_artifact(result.run_card)
+            finally:
+                tracker.end(status)
+
+
+def _log_plots(tracker: Tracker, folder: Path) -> None:
+    for name in ("lambda_schedule.png", "loss_curves.png"):
+        if (folder / name).is_file():
+            tracker.log_artifact(folder / name, "plots")
+
+
+def _adopt_best(t: Tracker, cfg: PipelineConfig, tuned, card):
+    """The train stage after a search: the best trial's fine-tune, logged like a trained model."""
+    t.set_tags({"forgetting_ray.from_trial": tuned.best["trial_id"]})
+    t.log_params({f"best.{k}": v for k, v in sorted(tuned.best["config"].items())})
+    _log_finetune(t, cfg, tuned.best_train, card, "train")
+    return tuned.best_train
 
 
 def comparison_table(evals: dict[str, Any]) -> str:

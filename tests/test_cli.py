@@ -51,3 +51,10 @@ def test_every_stage_has_a_sub_command():
     names = set(build_parser()._subparsers._group_actions[0].choices)
     assert {"run", "prepare", "reference", "score", "partition", "train", "eval", "tune", "doctor", "report",
             "plan", "submit", "config"} <= names
+
+
+def test_missing_benchmark_file_fails_before_any_stage(tmp_path, capsys):
+    rc = main(["run", "examples/demo.yaml", f"run_dir={tmp_path}/run", f"eval.data_dir={tmp_path}/no-eval"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "benchmark file not found" in err and "no-eval" in err
+    assert not (tmp_path / "run" / "prepare").exists()  # nothing was computed

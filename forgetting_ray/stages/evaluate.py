@@ -141,6 +141,15 @@ def _log_mlflow(cfg: PipelineConfig, result: dict[str, Any], tracker: Any = None
         run.end()
 
 
+def check_eval_files(cfg: PipelineConfig) -> None:
+    """Every configured benchmark file exists: the pipeline calls this before any compute."""
+    from ..eval.base import require_file
+
+    for name in cfg.eval.tasks:
+        for path in runner.get_task(name).files(cfg.eval):
+            require_file(path, name)
+
+
 def run_eval(
     cfg: PipelineConfig,
     model_path: str,
