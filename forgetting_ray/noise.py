@@ -1,0 +1,382 @@
+"""Controlled label noise: corrupt a known share of a corpus, then measure how well the scores find it.
+
+The check needs no benchmark.  Corrupt the responses of a seeded fraction of the training records
+(``corrupt_records``), run the real prepare -> reference -> score -> partition stages on them, and ask
+two questions of the output (``recovery_report``):
+
+* does the score rank corrupted tokens below clean ones?  ``auroc`` = P(score of a clean token >
+  score of a corrupted token), ties counted one half: 0.5 is chance, 1.0 a perfect separation, and a
+  sign-flipped score gives ``1 - auroc``;
+* does the negative class (the bottom ``1 - rho`` of the scores) hold the corrupted tokens?
+  ``negative_set_quality`` = precision and recall of that set against the corrupted tokens, next to
+  what a random split would get (precision = the corrupted share, recall = the negative share).
+
+Corruption happens at the record level, before prepare, on whole responses: every response token of a
+corrupted sample is "bad".  A sample's id is the hash of its normalised content
+(``Record.sample_id``), so a corrupted record has a new id and the set of bad ids is known before any
+token exists.  Modes:
+
+* ``swap``: responses move between the chosen samples (a derangement): fluent text that answers
+  another question.  Only a model that reads the question can tell.
+* ``shuffle_words``: the response's words in a seeded random order.
+* ``shuffle_chars``: the letters inside each word scrambled (first and last kept): typo-like noise
+  that even a tiny model trained for a minute can spot.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .data.readers import Message, Record
+from .errors import UserError
+from .store import atomic_write_text
+
+Mode = Literal["swap", "shuffle_words", "shuffle_chars"]
+MODES: tuple[str, ...] = ("swap", "shuffle_words", "shuffle_chars")
+_MAX_TRIES = 20  # re-draws of a shuffle that happened to give the original text back
+
+
+class NoiseError(UserError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Corruption:
+    records: list[Record]  # input order; corrupted ones carry new content (and so new sample ids)
+    corrupted: list[bool]  # True where the record's response was changed
+
+    @property
+    def bad_ids(self) -> set[str]:
+        return {r.sample_id for r, bad in zip(self.records, self.corrupted) if bad}
+
+    @property
+    def n_corrupted(self) -> int:
+        return sum(self.corrupted)
+
+
+# ------------------------------------------------------------------------------------------------
+# corruption
+# ------------------------------------------------------------------------------------------------
+def _response_index(rec: Record) -> int:
+    """The last assistant turn: the one a single-turn SFT sample is trained on."""
+    for i in range(len(rec.messages) - 1, -1, -1):
+        if rec.messages[i].role == "assistant":
+            return i
+    raise NoiseError(f"{rec.origin}: record has no assistant message to corrupt")
+
+
+def _with_response(rec: Record, text: str) -> Record:
+    i = _response_index(rec)
+    msgs = list(rec.messages)
+    msgs[i] = Message("assistant", text)
+    return replace(rec, messages=tuple(msgs))
+
+
+def _shuffle_words(text: str, rng: random.Random) -> str:
+    words = text.split()
+    for _ in range(_MAX_TRIES):
+        rng.shuffle(words)
+        out = " ".join(words)
+        if out != " ".join(text.split()):
+            return out
+    return " ".join(words)
+
+
+def _scramble_word(word: str, rng: random.Random) -> str:
+    if len(word) <= 3:
+        return word
+    inner = list(word[1:-1])
+    rng.shuffle(inner)
+    return word[0] + "".join(inner) + word[-1]
+
+
+def _shuffle_chars(text: str, rng: random.Random) -> str:
+    out = text
+    for _ in range(_MAX_TRIES):
+        out = " ".join(_scramble_word(w, rng) for w in text.split())
+        if out != " ".join(text.split()):
+            return out
+    return out
+
+
+def corrupt_records(records: Sequence[Record], fraction: float, mode: str, seed: int = 0) -> Corruption:
+    """Corrupt the response of ``round(fraction * len(records))`` seeded-random records.
+
+    A record whose text comes out unchanged (a one-word response cannot be shuffled; two chosen
+    samples may share a response) is left as it was and not counted as corrupted.
+    """
+    if mode not in MODES:
+        raise NoiseError(f"unknown corruption mode {mode!r}; choose one of {', '.join(MODES)}")
+    if not 0.0 <= fraction <= 1.0:
+        raise NoiseError(f"corruption fraction must be in [0, 1], got {fraction}")
+    n = len(records)
+    k = round(fraction * n)
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(range(n), k))
+    texts = {i: records[i].messages[_response_index(records[i])].content for i in chosen}
+    new: dict[int, str] = {}
+    if mode == "swap":
+        if k == 1:
+            raise NoiseError("swap needs at least two corrupted records (raise the fraction)")
+        order = chosen[:]
+        rng.shuffle(order)
+        # Rotating a shuffled list by one is a derangement: nobody keeps their own response.
+        for src, dst in zip(order, order[1:] + order[:1]):
+            new[dst] = texts[src]
+    else:
+        fn = _shuffle_words if mode == "shuffle_words" else _shuffle_chars
+        for i in chosen:
+            new[i] = fn(texts[i], rng)
+    out, flags = list(records), [False] * n
+    for i, text in new.items():
+        if text.strip() and text.strip() != texts[i].strip():
+            out[i] = _with_response(records[i], text)
+            flags[i] = True
+    return Corruption(out, flags)
+
+
+def write_jsonl(records: Iterable[Record], path: str | Path) -> Path:
+    """Records as a ``messages`` jsonl corpus (atomic), readable by the prepare stage."""
+    lines = []
+    for r in records:
+        lines.append(json.dumps({"messages": [{"role": m.role, "content": m.content} for m in r.messages],
+                                 "source": r.source}, ensure_ascii=False) + "\n")
+    return atomic_write_text(path, "".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics
+# ------------------------------------------------------------------------------------------------
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties sharing their mean rank (what the Mann-Whitney U statistic needs)."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], xs.size]
+    mean_rank = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
+
+
+def auroc(scores: np.ndarray, bad: np.ndarray) -> float:
+    """P(score of a random clean token > score of a random bad token), ties one half.
+
+    1.0 = every corrupted token scores below every clean one; 0.5 = no information.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    b = np.asarray(bad, dtype=bool).ravel()
+    if s.shape != b.shape:
+        raise NoiseError(f"scores {s.shape} and bad {b.shape} differ in shape")
+    if not np.isfinite(s).all():
+        raise NoiseError("scores hold NaN or infinite values")
+    n_bad, n_clean = int(b.sum()), int((~b).sum())
+    if n_bad == 0 or n_clean == 0:
+        raise NoiseError(f"AUROC needs both classes: {n_bad} corrupted and {n_clean} clean tokens")
+    ranks = _average_ranks(s)
+    u_clean = ranks[~b].sum() - n_clean * (n_clean + 1) / 2.0
+    return float(u_clean / (n_clean * n_bad))
+
+
+def negative_set_quality(token_class: np.ndarray, bad: np.ndarray) -> dict[str, float]:
+    """Precision/recall of the negative class (token_class < 0) as a detector of the bad tokens,
+    with what a random split of the same sizes would get."""
+    c = np.asarray(token_class).ravel()
+    b = np.asarray(bad, dtype=bool).ravel()
+    if c.shape != b.shape:
+        raise NoiseError(f"token_class {c.shape} and bad {b.shape} differ in shape")
+    if c.size == 0:
+        raise NoiseError("no tokens")
+    neg = c < 0
+    hit = int((neg & b).sum())
+    n_neg, n_bad = int(neg.sum()), int(b.sum())
+    precision = hit / n_neg if n_neg else float("nan")
+    recall = hit / n_bad if n_bad else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "random_precision": n_bad / c.size,  # a random negative set is corrupted at the base rate
+        "random_recall": n_neg / c.size,  # ... and catches the negative share of the bad tokens
+        "n_tokens": float(c.size),
+        "n_negative": float(n_neg),
+        "n_bad": float(n_bad),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# reading the stage outputs
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TokenView:
+    """Response tokens of a partitioned table, flat and aligned: score, class, bad, owning sample."""
+
+    score: np.ndarray
+    token_class: np.ndarray
+    bad: np.ndarray
+    sample: np.ndarray  # row index in the table of each token
+    sample_ids: list[str]
+
+
+def _iter_partition_rows(partition_table: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(partition_table)
+    for batch in pf.iter_batches(columns=["sample_id", "labels", "token_class"], batch_size=1024):
+        d = batch.to_pydict()
+        for sid, labels, cls in zip(d["sample_id"], d["labels"], d["token_class"]):
+            yield sid, np.asarray(labels), np.asarray(cls, dtype=np.int8)
+
+
+def load_token_view(partition_table: str | Path, score_dir: str | Path, bad_ids: set[str]) -> TokenView:
+    """Join the partition stage's table (``token_class``) with the score shards (``score``) by
+    sample id; both list response tokens in position order, so they align token for token."""
+    from .data.table import IGNORE_INDEX
+    from .stages.score import iter_score_shards
+
+    score_of: dict[str, np.ndarray] = {}
+    for _, shard in iter_score_shards(Path(score_dir), columns=["sample_id", "score"]):
+        for sid, sc in zip(shard.column("sample_id").to_pylist(), shard.column("score").to_pylist()):
+            score_of[sid] = np.asarray(sc, dtype=np.float32)
+    scores, classes, bad, owner, ids = [], [], [], [], []
+    for row, (sid, labels, cls) in enumerate(_iter_partition_rows(Path(partition_table))):
+        resp = labels != IGNORE_INDEX
+        if sid not in score_of:
+            raise NoiseError(f"{partition_table}: sample {sid} has no scores in {score_dir}")
+        sc = score_of[sid]
+        if sc.size != int(resp.sum()):
+            raise NoiseError(f"sample {sid}: {sc.size} scores for {int(resp.sum())} response tokens")
+        scores.append(sc)
+        classes.append(cls[resp])
+        bad.append(np.full(sc.size, sid in bad_ids))
+        owner.append(np.full(sc.size, row))
+        ids.append(sid)
+    if not ids:
+        raise NoiseError(f"{partition_table} has no rows")
+    return TokenView(np.concatenate(scores), np.concatenate(classes), np.concatenate(bad),
+                     np.concatenate(owner), ids)
+
+
+def sample_mean_scores(view: TokenView) -> tuple[np.ndarray, np.ndarray]:
+    """(mean score per sample, sample is bad): the sample-level view of the same scores."""
+    n = len(view.sample_ids)
+    sums = np.bincount(view.sample, weights=view.score.astype(np.float64), minlength=n)
+    counts = np.bincount(view.sample, minlength=n)
+    bad = np.zeros(n, dtype=bool)
+    bad[view.sample[view.bad]] = True
+    return sums / np.maximum(counts, 1), bad
+
+
+def recovery_report(view: TokenView) -> dict[str, float]:
+    """Token AUROC, sample AUROC (mean score per sample) and the negative set's precision/recall."""
+    mean, bad_sample = sample_mean_scores(view)
+    out = {
+        "token_auroc": auroc(view.score, view.bad),
+        "sample_auroc": auroc(mean, bad_sample),
+        "bad_token_share": float(view.bad.mean()),
+        "mean_score_clean": float(view.score[~view.bad].mean()),
+        "mean_score_bad": float(view.score[view.bad].mean()),
+        "n_samples": float(len(view.sample_ids)),
+        "n_bad_samples": float(bad_sample.sum()),
+    }
+    out.update({f"neg_{k}": v for k, v in negative_set_quality(view.token_class, view.bad).items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the experiment: corrupt -> prepare -> reference -> score -> partition -> report
+# ------------------------------------------------------------------------------------------------
+def split_reference(records: Sequence[Record], n_reference: int, n_train: int | None, seed: int
+                    ) -> tuple[list[Record], list[Record]]:
+    """A seeded (reference, training) split of distinct records, each kept in input order.
+
+    The reference set stays clean: it plays the trusted subset the reference model learns from.
+    """
+    from .data.prepare import split_order
+
+    unique = list({r.sample_id: r for r in records}.values())
+    order = split_order((r.sample_id for r in unique), seed)
+    n_train = len(unique) - n_reference if n_train is None else n_train
+    if n_reference < 1 or n_train < 2 or n_reference + n_train > len(unique):
+        raise NoiseError(f"cannot take {n_reference} reference + {n_train} training records from "
+                         f"{len(unique)} distinct ones")
+    ref_ids, train_ids = set(order[:n_reference]), set(order[n_reference:n_reference + n_train])
+    return [r for r in unique if r.sample_id in ref_ids], [r for r in unique if r.sample_id in train_ids]
+
+
+@dataclass
+class NoiseRun:
+    mode: str
+    fraction: float
+    report: dict[str, float]
+    keys: dict[str, str]  # prepare / reference / score / partition keys
+    view: TokenView
+    seconds: dict[str, float]
+
+
+def run_noise_recovery(cfg, reference: Sequence[Record], train: Sequence[Record], *, mode: str, fraction: float,
+                       seed: int = 0) -> NoiseRun:
+    """Corrupt ``fraction`` of ``train``, then the real prepare, reference, score and partition stages.
+
+    ``cfg`` is a PipelineConfig; its ``data`` files are replaced by the two corpora written under
+    ``<run_dir>/noise_inputs/``.  Every stage keeps its cache: a second mode with the same reference
+    set reuses the reference model.
+    """
+    import time
+
+    from .data.prepare import run_prepare
+    from .stages.partition import run_partition
+    from .stages.score import run_score
+    from .stages.train import run_finetune
+
+    corrupted = corrupt_records(train, fraction, mode, seed)
+    if corrupted.n_corrupted == 0:
+        raise NoiseError(f"{mode} at fraction {fraction} corrupted no record")
+    inputs = Path(cfg.run_dir) / "noise_inputs"
+    ref_path = write_jsonl(reference, inputs / "reference_clean.jsonl")
+    train_path = write_jsonl(corrupted.records, inputs / f"train_{mode}_{fraction:g}_seed{seed}.jsonl")
+    data = cfg.data.model_copy(update={"train_files": [str(train_path)], "reference_files": [str(ref_path)],
+                                       "max_samples": None, "format": "jsonl"})
+    cfg = cfg.model_copy(update={"data": data})
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    prep = run_prepare(cfg)
+    seconds["prepare"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ref = run_finetune(cfg, "reference", prep.reference_path)
+    seconds["reference"] = time.perf_counter() - t
+    t = time.perf_counter()
+    scores = run_score(cfg, prep.train_path, ref.export_dir)
+    seconds["score"] = time.perf_counter() - t
+    t = time.perf_counter()
+    part = run_partition(cfg, prep.train_path, scores.dir)
+    seconds["partition"] = time.perf_counter() - t
+    view = load_token_view(part.train_path, scores.dir, corrupted.bad_ids)
+    if not view.bad.any():
+        raise NoiseError("no corrupted sample reached the token table (all dropped or truncated away?)")
+    keys = {"prepare": prep.key, "reference": ref.key, "score": scores.key, "partition": part.key}
+    return NoiseRun(mode, fraction, recovery_report(view), keys, view, seconds)
+
+
+def format_runs(runs: Sequence[NoiseRun], rho: float) -> str:
+    """A plain-text table: one row per run."""
+    head = (f"{'mode':<14} {'frac':>5} {'bad tok':>8} {'AUROC tok':>9} {'AUROC smp':>9} {'sign-flip':>9} "
+            f"{'neg prec':>8} {'(random)':>8} {'neg rec':>8} {'(random)':>8} {'score clean':>11} {'score bad':>9}")
+    lines = [f"rho = {rho}: negatives = bottom {1 - rho:.0%} of scores; random = a random split of the same sizes",
+             head, "-" * len(head)]
+    for r in runs:
+        m = r.report
+        lines.append(
+            f"{r.mode:<14} {r.fraction:>5.2f} {m['bad_token_share']:>8.3f} {m['token_auroc']:>9.3f} "
+            f"{m['sample_auroc']:>9.3f} {1 - m['token_auroc']:>9.3f} {m['neg_precision']:>8.3f} "
+            f"{m['neg_random_precision']:>8.3f} {m['neg_recall']:>8.3f} {m['neg_random_recall']:>8.3f} "
+            f"{m['mean_score_clean']:>11.3f} {m['mean_score_bad']:>9.3f}")
+    return "\n".join(lines)

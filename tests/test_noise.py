@@ -1,0 +1,155 @@
+"""Corruption and recovery maths of forgetting_ray.noise, on hand-made inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from forgetting_ray.config import DataConfig
+from forgetting_ray.data.readers import Message, Record, read_records
+from forgetting_ray.noise import (
+    NoiseError,
+    TokenView,
+    auroc,
+    corrupt_records,
+    negative_set_quality,
+    recovery_report,
+    sample_mean_scores,
+    write_jsonl,
+)
+
+
+def rec(i: int, response: str | None = None) -> Record:
+    return Record("messages", (Message("user", f"question {i}?"),
+                               Message("assistant", response or f"because reason number {i} holds. So the answer is {i}.")),
+                  "src", f"f:{i}")
+
+
+RECORDS = [rec(i) for i in range(20)]
+
+
+# ------------------------------------------------------------------------------------------------
+# auroc
+# ------------------------------------------------------------------------------------------------
+def test_auroc_perfect_chance_and_sign_flip():
+    s = np.array([5.0, 4.0, 3.0, 0.0, -1.0])
+    bad = np.array([False, False, False, True, True])
+    assert auroc(s, bad) == 1.0
+    assert auroc(-s, bad) == 0.0
+    assert auroc(np.zeros(5), bad) == 0.5  # all ties: no information
+
+
+def test_auroc_matches_pair_count_with_ties():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 5, size=60).astype(float)  # many ties
+    bad = rng.random(60) < 0.3
+    clean, b = s[~bad], s[bad]
+    pairs = (clean[:, None] > b[None, :]).sum() + 0.5 * (clean[:, None] == b[None, :]).sum()
+    assert auroc(s, bad) == pytest.approx(pairs / (clean.size * b.size))
+    assert auroc(s, bad) + auroc(-s, bad) == pytest.approx(1.0)
+
+
+def test_auroc_rejects_one_class_and_bad_values():
+    with pytest.raises(NoiseError, match="both classes"):
+        auroc(np.ones(3), np.zeros(3, bool))
+    with pytest.raises(NoiseError, match="NaN"):
+        auroc(np.array([1.0, np.nan]), np.array([True, False]))
+    with pytest.raises(NoiseError, match="shape"):
+        auroc(np.ones(3), np.ones(2, bool))
+
+
+# ------------------------------------------------------------------------------------------------
+# negative set
+# ------------------------------------------------------------------------------------------------
+def test_negative_set_precision_recall():
+    cls = np.array([1, 1, 1, -1, -1, 1, -1, 1])
+    bad = np.array([0, 0, 0, 1, 1, 1, 0, 0], bool)
+    q = negative_set_quality(cls, bad)
+    assert q["precision"] == pytest.approx(2 / 3)  # 2 of the 3 negatives are bad
+    assert q["recall"] == pytest.approx(2 / 3)  # 2 of the 3 bad tokens are negative
+    assert q["f1"] == pytest.approx(2 / 3)
+    assert q["random_precision"] == pytest.approx(3 / 8) and q["random_recall"] == pytest.approx(3 / 8)
+    assert q["n_negative"] == 3 and q["n_bad"] == 3 and q["n_tokens"] == 8
+
+
+# ------------------------------------------------------------------------------------------------
+# corruption
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["swap", "shuffle_words", "shuffle_chars"])
+def test_corrupt_records_changes_exactly_the_chosen_responses(mode):
+    c = corrupt_records(RECORDS, 0.25, mode, seed=3)
+    assert c.n_corrupted == 5 and len(c.records) == 20
+    for old, new, bad in zip(RECORDS, c.records, c.corrupted):
+        assert new.messages[0] == old.messages[0]  # prompts untouched
+        assert (new.messages[1].content != old.messages[1].content) == bad
+        assert (new.sample_id != old.sample_id) == bad
+    assert c.bad_ids == {r.sample_id for r, b in zip(c.records, c.corrupted) if b}
+    again = corrupt_records(RECORDS, 0.25, mode, seed=3)
+    assert again.records == c.records  # seeded
+    assert corrupt_records(RECORDS, 0.25, mode, seed=4).corrupted != c.corrupted
+
+
+def test_swap_is_a_derangement_of_the_chosen_responses():
+    c = corrupt_records(RECORDS, 0.5, "swap", seed=0)
+    chosen = [i for i, b in enumerate(c.corrupted) if b]
+    before = sorted(RECORDS[i].messages[1].content for i in chosen)
+    after = sorted(c.records[i].messages[1].content for i in chosen)
+    assert before == after and len(chosen) == 10  # the same responses, each at another question
+
+
+def test_shuffles_keep_the_words_or_letters():
+    c = corrupt_records(RECORDS, 0.2, "shuffle_words", seed=1)
+    for old, new, bad in zip(RECORDS, c.records, c.corrupted):
+        if bad:
+            assert sorted(new.messages[1].content.split()) == sorted(old.messages[1].content.split())
+    c = corrupt_records(RECORDS, 0.2, "shuffle_chars", seed=1)
+    for old, new, bad in zip(RECORDS, c.records, c.corrupted):
+        if bad:
+            for a, b in zip(old.messages[1].content.split(), new.messages[1].content.split()):
+                assert sorted(a) == sorted(b) and a[0] == b[0] and a[-1] == b[-1]
+
+
+def test_unchangeable_records_are_not_counted():
+    same = [rec(i, "same answer here.") for i in range(4)]  # swapping identical responses changes nothing
+    c = corrupt_records(same, 1.0, "swap", seed=0)
+    assert c.n_corrupted == 0 and c.bad_ids == set()
+
+
+def test_corrupt_rejects_bad_arguments():
+    with pytest.raises(NoiseError, match="mode"):
+        corrupt_records(RECORDS, 0.1, "reverse")
+    with pytest.raises(NoiseError, match="fraction"):
+        corrupt_records(RECORDS, 1.5, "swap")
+    with pytest.raises(NoiseError, match="two"):
+        corrupt_records(RECORDS, 0.05, "swap")  # one record cannot swap with itself
+
+
+def test_written_corpus_reads_back_with_the_same_sample_ids(tmp_path):
+    c = corrupt_records(RECORDS, 0.3, "shuffle_words", seed=0)
+    path = write_jsonl(c.records, tmp_path / "noisy.jsonl")
+    back = list(read_records([path], DataConfig()))
+    assert [r.sample_id for r in back] == [r.sample_id for r in c.records]
+    assert c.bad_ids <= {r.sample_id for r in back}
+
+
+# ------------------------------------------------------------------------------------------------
+# report over a token view
+# ------------------------------------------------------------------------------------------------
+def test_recovery_report_on_a_hand_made_view():
+    # sample 0 clean (3 tokens), sample 1 bad (2 tokens), sample 2 clean (2 tokens)
+    view = TokenView(
+        score=np.array([2.0, 1.0, 0.5, -1.0, 0.7, 3.0, 0.0], np.float32),
+        token_class=np.array([1, 1, -1, -1, 1, 1, -1], np.int8),
+        bad=np.array([0, 0, 0, 1, 1, 0, 0], bool),
+        sample=np.array([0, 0, 0, 1, 1, 2, 2]),
+        sample_ids=["a", "b", "c"],
+    )
+    mean, bad = sample_mean_scores(view)
+    np.testing.assert_allclose(mean, [3.5 / 3, -0.15, 1.5], rtol=1e-6)
+    assert bad.tolist() == [False, True, False]
+    r = recovery_report(view)
+    # clean scores {2, 1, .5, 3, 0} vs bad {-1, .7}: 5 + 3 = 8 of 10 pairs ordered right
+    assert r["token_auroc"] == pytest.approx(0.8)
+    assert r["sample_auroc"] == 1.0
+    assert r["neg_precision"] == pytest.approx(1 / 3) and r["neg_recall"] == pytest.approx(1 / 2)
+    assert r["bad_token_share"] == pytest.approx(2 / 7)

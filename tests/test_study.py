@@ -1,0 +1,179 @@
+"""Study report maths (forgetting_ray.report.study) on hand-made per-example samples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from forgetting_ray.report.study import (
+    StudyError,
+    StudyReport,
+    TaskSamples,
+    compare_models,
+    comparison_table,
+    group_mean,
+    paired_bootstrap,
+    paired_differences,
+    read_eval_samples,
+    read_task_samples,
+    reading,
+    score_table,
+)
+
+
+def ts(task: str, metric: str, values: list[float], langs: list[str] | None = None) -> TaskSamples:
+    keys = [f"{(langs or [''] * len(values))[i]}:{i}" if langs else str(i) for i in range(len(values))]
+    return TaskSamples(task, metric, dict(zip(keys, map(float, values))),
+                       dict(zip(keys, langs or [""] * len(values))))
+
+
+def write_samples(folder, task, records):
+    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    (folder / "samples" / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+# ------------------------------------------------------------------------------------------------
+# reading samples
+# ------------------------------------------------------------------------------------------------
+def test_read_samples_uses_the_headline_field_and_language_keys(tmp_path):
+    write_samples(tmp_path, "boolq", [{"doc_id": 0, "acc": 1.0, "lls": [0, 1]}, {"doc_id": 5, "acc": 0.0}])
+    write_samples(tmp_path, "truthfulqa", [{"doc_id": 0, "mc1": 1.0, "mc2": 0.25}])
+    write_samples(tmp_path, "tydiqa", [{"doc_id": 0, "lang": "english", "f1": 0.5},
+                                       {"doc_id": 0, "lang": "finnish", "f1": 1.0}])
+    s = read_eval_samples(tmp_path, ["boolq", "truthfulqa", "tydiqa"])
+    assert s["boolq"].values == {"0": 1.0, "5": 0.0} and s["boolq"].score() == 0.5
+    assert s["truthfulqa"].metric == "mc2" and s["truthfulqa"].values == {"0": 0.25}
+    assert set(s["tydiqa"].values) == {"english:0", "finnish:0"}  # same doc_id, two languages
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"doc_id": 1}', "headline field 'acc'"),
+    ('{"doc_id": 1, "acc": "yes"}', "finite number"),
+    ("{not json", "malformed JSON"),
+])
+def test_read_samples_errors_name_file_and_line(tmp_path, line, match):
+    p = tmp_path / "boolq.jsonl"
+    p.write_text('{"doc_id": 0, "acc": 1.0}\n' + line + "\n")
+    with pytest.raises(StudyError, match=match) as e:
+        read_task_samples(p, "boolq")
+    assert f"{p}:2" in str(e.value)
+
+
+def test_read_samples_rejects_duplicates_and_missing_files(tmp_path):
+    p = tmp_path / "boolq.jsonl"
+    p.write_text('{"doc_id": 0, "acc": 1.0}\n{"doc_id": 0, "acc": 0.0}\n')
+    with pytest.raises(StudyError, match="twice"):
+        read_task_samples(p, "boolq")
+    with pytest.raises(StudyError, match="not found"):
+        read_task_samples(tmp_path / "nope.jsonl", "boolq")
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics
+# ------------------------------------------------------------------------------------------------
+def test_group_mean_is_the_macro_average():
+    v, g = np.array([1.0, 1.0, 1.0, 0.0]), np.array(["en", "en", "en", "fi"])
+    assert group_mean(v, g) == 0.5  # (1 + 0) / 2, not 3/4
+    assert group_mean(v, np.array([""] * 4)) == 0.75
+
+
+def test_paired_differences_require_the_same_examples():
+    a, b = ts("boolq", "acc", [1, 0, 1]), ts("boolq", "acc", [0, 0, 1])
+    d, _ = paired_differences(a, b)
+    assert d.tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(StudyError, match="different examples"):
+        paired_differences(a, ts("boolq", "acc", [1, 0]))
+
+
+def test_bootstrap_of_identical_models_is_exactly_zero():
+    a = ts("boolq", "acc", [1, 0, 1, 1, 0])
+    c = compare_models({"x": {"boolq": a}, "y": {"boolq": a}}, "x", "y", n_boot=200)
+    i = c.mean
+    assert (i.estimate, i.low, i.high) == (0.0, 0.0, 0.0) and i.within_noise and i.p_two_sided == 1.0
+
+
+def test_bootstrap_detects_a_large_consistent_gain_and_not_a_coin_flip():
+    rng = np.random.default_rng(0)
+    base = rng.random(400) < 0.5
+    better = base | (rng.random(400) < 0.3)  # never worse, often better
+    noisy = rng.random(400) < 0.5  # unrelated coin flips, same rate
+    s = {"base": {"boolq": ts("boolq", "acc", base)}, "better": {"boolq": ts("boolq", "acc", better)},
+         "noisy": {"boolq": ts("boolq", "acc", noisy)}}
+    up = compare_models(s, "better", "base", n_boot=2000, seed=1)
+    assert up.mean.low > 0 and not up.mean.within_noise and up.mean.p_two_sided < 0.01
+    assert up.mean.estimate == pytest.approx(better.mean() - base.mean())
+    flat = compare_models(s, "noisy", "base", n_boot=2000, seed=1)
+    assert flat.mean.low < flat.mean.estimate < flat.mean.high
+    # the interval of a mean of 400 paired +-1/0 differences: half-width about 1.96 * sd / sqrt(n)
+    d = noisy.astype(float) - base.astype(float)
+    half = 1.96 * d.std() / np.sqrt(d.size)
+    assert (flat.mean.high - flat.mean.low) / 2 == pytest.approx(half, rel=0.15)
+
+
+def test_bootstrap_mean_over_tasks_and_language_strata():
+    # task A: +1 on every example; task B (two languages): en +0, fi -1 -> macro -0.5; mean of tasks = 0.25
+    diffs = {"A": (np.ones(10), np.array([""] * 10)),
+             "B": (np.array([0.0] * 8 + [-1.0] * 2), np.array(["en"] * 8 + ["fi"] * 2))}
+    c = paired_bootstrap(diffs, n_boot=500, seed=0, a="f", b="s")
+    assert c.per_task["A"].estimate == 1.0 and c.per_task["B"].estimate == -0.5
+    assert c.mean.estimate == pytest.approx(0.25)
+    # stratified resampling keeps each stratum's size, so constant strata give a degenerate interval
+    assert (c.mean.low, c.mean.high) == (pytest.approx(0.25), pytest.approx(0.25))
+    assert c.mean.n == 20 and c.per_task["B"].n == 10
+
+
+def test_bootstrap_is_seeded():
+    d = {"A": (np.random.default_rng(3).normal(size=50), np.array([""] * 50))}
+    one, two = paired_bootstrap(d, n_boot=300, seed=7), paired_bootstrap(d, n_boot=300, seed=7)
+    assert one.mean == two.mean
+    assert paired_bootstrap(d, n_boot=300, seed=8).mean.low != one.mean.low
+
+
+def test_bootstrap_rejects_bad_input():
+    with pytest.raises(StudyError, match="no tasks"):
+        paired_bootstrap({})
+    with pytest.raises(StudyError, match="confidence"):
+        paired_bootstrap({"A": (np.ones(3), np.array([""] * 3))}, confidence=1.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Markdown
+# ------------------------------------------------------------------------------------------------
+def samples_of_three_models():
+    return {
+        "base": {"boolq": ts("boolq", "acc", [1, 0, 0, 0]), "asdiv": ts("asdiv", "acc", [0, 0])},
+        "sft": {"boolq": ts("boolq", "acc", [1, 1, 0, 0]), "asdiv": ts("asdiv", "acc", [1, 0])},
+        "forgetting": {"boolq": ts("boolq", "acc", [1, 1, 1, 0]), "asdiv": ts("asdiv", "acc", [1, 0])},
+    }
+
+
+def test_score_table_values_and_mean():
+    text = score_table(samples_of_three_models())
+    lines = text.splitlines()
+    assert lines[0] == "| model | asdiv (acc) | boolq (acc) | mean |"
+    assert "| base | 0.00 | 25.00 | 12.50 |" in lines
+    assert "| forgetting | 50.00 | 75.00 | 62.50 |" in lines
+    assert lines[-1] == "| *examples* | 2 | 4 | |"
+
+
+def test_reading_calls_noise_noise_and_a_clear_gain_a_gain():
+    s = samples_of_three_models()
+    tiny = compare_models(s, "forgetting", "sft", n_boot=500)
+    assert "within noise" in reading(tiny) and "+12.50" in reading(tiny)
+    big = {m: {"boolq": ts("boolq", "acc", v)} for m, v in (("f", [1] * 50), ("s", [0] * 50))}
+    clear = compare_models(big, "f", "s", n_boot=500)
+    text = reading(clear)
+    assert "f is better than s" in text and "excludes 0" in text and "within noise" not in text
+
+
+def test_report_markdown_has_every_section():
+    s = samples_of_three_models()
+    comps = [compare_models(s, "forgetting", "sft", n_boot=200), compare_models(s, "sft", "base", n_boot=200)]
+    md = StudyReport("Study", ["model: x"], s, comps, {"prepare key": "abc123"}, training="| t |",
+                     notes=["small run"]).markdown()
+    for part in ("# Study", "## Setup", "- model: x", "## Results", "## Paired differences", "forgetting − sft",
+                 "sft − base", "## Training", "## Reading", "- small run", "| prepare key | `abc123` |"):
+        assert part in md, part
+    assert comparison_table(comps).count("\n") == 3  # header, rule, two rows
