@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test test-fast demo demo-tiny bench clean
+.PHONY: install test test-fast demo demo-tiny bench readme clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,11 @@ demo-tiny: $(STAMP)
 
 bench: $(STAMP)
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
+
+readme: $(STAMP)  # regenerate the README's config reference from forgetting_ray/config.py
+	$(BIN)/python -c "import re, pathlib; from forgetting_ray.config import config_reference_markdown as ref; \
+	p = pathlib.Path('README.md'); s = p.read_text(); a, b = '<!-- config-reference:start -->', '<!-- config-reference:end -->'; \
+	p.write_text(s[:s.index(a) + len(a)] + '\n' + ref() + s[s.index(b):])"
 
 clean:
 	rm -rf runs .cache .pytest_cache
