@@ -75,6 +75,11 @@ def check_resources(cfg: PipelineConfig) -> Check:
     problems = []
     if score_cpu >= cpus:  # Ray Data read/write tasks need a CPU beside the actors (else it hangs)
         problems.append(f"scoring actors take {score_cpu:g} of {cpus:g} CPUs, leaving none for Ray Data's read/write tasks")
+    ev = cfg.eval
+    eval_cpu = ev.concurrency * ev.num_cpus_per_actor if ev.enabled and ev.backend == "ray" and not ev.num_gpus_per_actor else 0
+    if eval_cpu > cpus - 1:
+        problems.append(f"evaluation actors take {eval_cpu:g} of {cpus:g} CPUs, leaving less than 1 for Ray Data's "
+                        "repartition tasks")
     if score_gpu > gpus:
         problems.append(f"scoring asks {score_gpu:g} GPUs, the cluster has {gpus:g}")
     if train_cpu > cpus:
@@ -83,7 +88,7 @@ def check_resources(cfg: PipelineConfig) -> Check:
         problems.append(f"training asks {train_gpu:g} GPUs, the cluster has {gpus:g}")
     if problems:
         return Check("resources", FAIL, "; ".join(problems),
-                     "lower scoring.concurrency / scoring.num_cpus_per_actor / resources.num_workers, or add nodes")
+                     "lower scoring/eval concurrency or num_cpus_per_actor, resources.num_workers, or add nodes")
     return Check("resources", PASS, f"cluster {cpus:g} CPU / {gpus:g} GPU; scoring {score_cpu:g}/{score_gpu:g}, "
                                    f"training {train_cpu:g}/{train_gpu:g}")
 

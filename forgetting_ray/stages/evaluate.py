@@ -17,10 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import EvalConfig, ModelConfig, PipelineConfig, config_to_dict
+from ..errors import UserError
 from ..eval import runner
 from ..store import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
+
+
+class EvalConfigError(UserError, ValueError):
+    """Evaluation settings that cannot run on this cluster."""
 
 
 @dataclass
@@ -82,6 +87,22 @@ class EvalPredictor:
         return {"idx": batch["idx"], "answer": [json.dumps(a) for a in answers]}
 
 
+def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
+    """The actor pool must leave a whole CPU for the repartition tasks, or Ray Data waits forever."""
+    e = cfg.eval
+    if e.num_gpus_per_actor > 0:
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    need = e.concurrency * e.num_cpus_per_actor
+    if need > total - 1:
+        msg = (f"eval.concurrency={e.concurrency} x eval.num_cpus_per_actor={e.num_cpus_per_actor} = {need:g} CPUs "
+               f"leaves less than 1 of the cluster's {total:g} CPUs for Ray Data's repartition tasks, and the "
+               "evaluation would hang: lower eval.num_cpus_per_actor (e.g. 0.5) or eval.concurrency")
+        if cfg.resources.ray_address is None:
+            raise EvalConfigError(msg)
+        log.warning(msg + " (continuing: an autoscaler may add nodes)")
+
+
 def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[dict[str, Any]]) -> list[Any]:
     import ray
 
@@ -89,6 +110,7 @@ def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[d
 
     init_ray(cfg.resources.ray_address)
     e = cfg.eval
+    _check_cpu_budget(cfg, ray)
     ds = ray.data.from_items([{"idx": i, "request": json.dumps(r)} for i, r in enumerate(requests)])
     # Small inputs arrive as one block and would feed a single actor (STACK_NOTES Exp 3): split them.
     per_call = e.batch_size * 4
@@ -102,7 +124,8 @@ def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[d
         },
         batch_size=per_call,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=e.concurrency),
+        # one batch in flight per actor: otherwise the first actor up queues most of the work
+        compute=ray.data.ActorPoolStrategy(size=e.concurrency, max_tasks_in_flight_per_actor=1),
         num_cpus=e.num_cpus_per_actor,
         num_gpus=e.num_gpus_per_actor or None,
     ).take_all()

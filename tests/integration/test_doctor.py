@@ -53,6 +53,7 @@ def test_each_problem_is_reported_with_a_fix(ray_cluster, tiny_llama, tmp_path, 
     cfg = _write_config(
         tmp_path, tmp_path / "no-such-model",
         scoring__concurrency=8,  # 8 x 0.5 CPU on a 2-CPU cluster
+        eval__concurrency=2,  # 2 x 1 CPU: nothing left for Ray Data's repartition tasks
         resources__storage_path=str(blocker / "storage"),
     )
     rc = main(["doctor", cfg])
@@ -62,7 +63,8 @@ def test_each_problem_is_reported_with_a_fix(ray_cluster, tiny_llama, tmp_path, 
     assert lines["storage"].startswith("[FAIL]") and "not writable" in lines["storage"]
     assert lines["model"].startswith("[FAIL]") and "no-such-model" in lines["model"]
     out = lines["_out"]
-    assert "-> lower scoring.concurrency" in out
+    assert "evaluation actors take 2 of 2 CPUs" in lines["resources"]
+    assert "-> lower scoring/eval concurrency" in out
     assert "-> set resources.storage_path" in out
     assert "-> point model.name_or_path" in out
     assert "fix: resources, storage, model" in out

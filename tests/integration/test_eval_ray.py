@@ -38,3 +38,13 @@ def test_ray_actor_pool_matches_local(ray_cluster, tiny_llama, tmp_path):
                     assert ra[key] == pytest.approx(rb[key], abs=1e-4)
     assert ray_res.metrics["boolq"]["acc"] == local.metrics["boolq"]["acc"]
     assert ray_res.metrics["truthfulqa"]["mc2"] == pytest.approx(local.metrics["truthfulqa"]["mc2"], abs=1e-5)
+
+
+def test_actor_pool_that_would_starve_ray_data_is_refused(ray_cluster, tiny_llama, tmp_path):
+    from forgetting_ray.stages.evaluate import EvalConfigError
+
+    cfg = _cfg(tmp_path, "ray")
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"concurrency": 2, "num_cpus_per_actor": 1.0})})
+    with pytest.raises(EvalConfigError, match="eval.num_cpus_per_actor"):
+        run_eval(cfg, str(tiny_llama), tmp_path / "starved")
+    assert not (tmp_path / "starved" / "results.json").exists()
