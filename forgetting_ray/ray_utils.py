@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -53,3 +54,26 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
 
 def default_storage_path(run_dir: str | Path) -> str:
     return str((Path(run_dir) / "ray_storage").resolve())
+
+
+def check_actor_pool_cpus(ray, section: str, pool: Any, *, reserve: float, ray_address: str | None,
+                          error: type[Exception]) -> None:
+    """Refuse an actor pool (``pool``: a config section with concurrency / num_cpus_per_actor /
+    num_gpus_per_actor) that leaves Ray Data's own read, repartition and write tasks fewer than
+    ``reserve`` CPUs: the stage would wait forever without an error (STACK_NOTES Exp 3).
+
+    On a cluster joined by address an autoscaler may still add nodes, so there it only warns.
+    """
+    if pool.num_gpus_per_actor > 0:
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    need = pool.concurrency * pool.num_cpus_per_actor
+    if need <= total - reserve:
+        return
+    problem = (f"{section}.concurrency={pool.concurrency} x {section}.num_cpus_per_actor={pool.num_cpus_per_actor} "
+               f"= {need:g} CPUs leaves less than {reserve:g} of the cluster's {total:g} CPUs for Ray Data's own "
+               f"tasks, and the stage would hang: lower {section}.num_cpus_per_actor (e.g. 0.5) or "
+               f"{section}.concurrency")
+    if ray_address is None:
+        raise error(problem)
+    logging.getLogger(__name__).warning("%s (continuing: an autoscaler may add nodes)", problem)

@@ -88,19 +88,10 @@ class EvalPredictor:
 
 
 def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
-    """The actor pool must leave a whole CPU for the repartition tasks, or Ray Data waits forever."""
-    e = cfg.eval
-    if e.num_gpus_per_actor > 0:
-        return
-    total = ray.cluster_resources().get("CPU", 0.0)
-    need = e.concurrency * e.num_cpus_per_actor
-    if need > total - 1:
-        msg = (f"eval.concurrency={e.concurrency} x eval.num_cpus_per_actor={e.num_cpus_per_actor} = {need:g} CPUs "
-               f"leaves less than 1 of the cluster's {total:g} CPUs for Ray Data's repartition tasks, and the "
-               "evaluation would hang: lower eval.num_cpus_per_actor (e.g. 0.5) or eval.concurrency")
-        if cfg.resources.ray_address is None:
-            raise EvalConfigError(msg)
-        log.warning(msg + " (continuing: an autoscaler may add nodes)")
+    from ..ray_utils import check_actor_pool_cpus
+
+    check_actor_pool_cpus(ray, "eval", cfg.eval, reserve=1.0, ray_address=cfg.resources.ray_address,
+                          error=EvalConfigError)  # repartition tasks take a whole CPU
 
 
 def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[dict[str, Any]]) -> list[Any]:

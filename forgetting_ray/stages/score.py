@@ -487,18 +487,10 @@ def _existing_shards(out: Path, n_shards: int, ids: list[str], n_resp: np.ndarra
 
 
 def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
-    s = cfg.scoring
-    if s.num_gpus_per_actor > 0:
-        return
-    total = ray.cluster_resources().get("CPU", 0.0)
-    need = s.concurrency * s.num_cpus_per_actor
-    if need > total - 0.25:
-        msg = (f"scoring.concurrency={s.concurrency} x num_cpus_per_actor={s.num_cpus_per_actor} = {need} CPUs "
-               f"leaves less than 0.25 of the cluster's {total} CPUs for reading: Ray Data would hang "
-               "(STACK_NOTES Exp 3); lower num_cpus_per_actor (e.g. 0.5) or concurrency")
-        if cfg.resources.ray_address is None:
-            raise ScoreInputError(msg)
-        log.warning(msg + " (continuing: an autoscaler may add nodes)")
+    from ..ray_utils import check_actor_pool_cpus
+
+    check_actor_pool_cpus(ray, "scoring", cfg.scoring, reserve=0.25, ray_address=cfg.resources.ray_address,
+                          error=ScoreInputError)
 
 
 def _stream_scores(cfg: PipelineConfig, table_path: Path, pending_ids: list[str] | None, actor_kwargs: dict,

@@ -92,9 +92,9 @@ def _submit(address: str, run_dir: Path) -> str:
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-6000:]
     job_id = re.search(r"Job '(raysubmit_\w+)'", log)[1]
-    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id], env=_env(),
-                            capture_output=True, text=True, timeout=60)
-    assert "SUCCEEDED" in status.stdout + status.stderr, status.stdout + status.stderr
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    assert JobSubmissionClient(address).get_job_status(job_id) == JobStatus.SUCCEEDED
     return log
 
 
@@ -129,7 +129,8 @@ def test_tiny_pipeline_job_succeeds_and_resumes(head, tmp_path):
     page = tmp_path / "audit.html"
     assert main(["report", str(run_dir), "--out", str(page), "--n-random", "3"]) == 0
     html = page.read_text()
-    assert "FORGETTING partition audit" in html and "<script src=" not in html and "http" not in html.split("<main>")[0]
+    assert "FORGETTING partition audit" in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(\s*["']?(https?:)?//|@import""", html)  # no network asset
 
     # a second submission finds every stage's output and recomputes nothing
     again = _submit(head, run_dir)
