@@ -595,17 +595,24 @@ def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> Tun
 
 
 def _close_stopped_runs(tracker: Any, trials: list[dict[str, Any]]) -> None:
-    """Trials the scheduler stopped were killed mid-fit: mark their MLflow runs KILLED, not RUNNING."""
+    """Trials the scheduler stopped were killed mid-fit: mark their MLflow runs KILLED, not RUNNING.
+
+    A kill that lands inside the trial's own tracking context can leave the run FAILED first (a race
+    with the trial's teardown); the scheduler's decision is what happened, so that becomes KILLED too.
+    """
     if not getattr(tracker, "enabled", False):
         return
-    stopped = {t["trial_id"] for t in trials if t["status"] != "finished"}
+    stopped = {t["trial_id"] for t in trials if t["status"] == "stopped"}
+    errored = {t["trial_id"] for t in trials if t["status"] == "error"}
     runs = tracker.client.search_runs([tracker.experiment_id],
                                       filter_string=f"tags.mlflow.parentRunId = '{tracker.run_id}'")
     for run in runs:
         tid = run.data.tags.get("forgetting_ray.trial_id")
-        if run.info.status == "RUNNING" and tid in stopped:
+        if run.info.status in ("RUNNING", "FAILED") and tid in stopped:
             tracker.client.set_terminated(run.info.run_id, status="KILLED")
             tracker.client.set_tag(run.info.run_id, "forgetting_ray.stopped_by", "scheduler")
+        elif run.info.status == "RUNNING" and tid in errored:
+            tracker.client.set_terminated(run.info.run_id, status="FAILED")
 
 
 def format_tune_summary(result: TuneResult) -> str:
