@@ -361,8 +361,8 @@ class TuneConfig(Section):
     searcher: Literal["random", "optuna"] = Field("random", description="Search algorithm.")
     objective: Literal["auto", "eval_mean", "val_nll"] = Field(
         "auto",
-        description="Trial objective: mean eval score on a seeded dev subset (eval_limit per task; higher is "
-        "better), or the NLL of every response token of a held-out validation split (val_fraction; lower is "
+        description="Trial objective: mean headline score of eval.tasks on a seeded dev subset (eval_limit per "
+        "task; higher is better), or the NLL of every response token of a held-out validation split (val_fraction; lower is "
         "better). 'auto' = eval_mean when eval.enabled, else val_nll.",
     )
     max_concurrent_trials: int | None = Field(

@@ -278,6 +278,28 @@ def _pg_recorder_class():
     return PlacementGroupRecorder
 
 
+def _optuna_on_final_objective(mode: str, seed: int, max_concurrent: int):
+    """Optuna that learns from each trial's final objective only.
+
+    A trial's intermediate reports carry ASHA's online NLL, not the objective (an eval score or a
+    validation NLL exists only once the model is trained), so Tune's controller must not demand the
+    objective in every report and Optuna (no pruner here) gets no intermediate values.  A trial ASHA
+    stops ends without an objective, which Optuna records as pruned.
+    """
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FinalObjectiveOnly(ConcurrencyLimiter):
+        def __init__(self):
+            super().__init__(OptunaSearch(metric=OBJECTIVE_METRIC, mode=mode, seed=seed), max_concurrent)
+            self._metric = None  # the key Tune's controller checks every report for
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            pass
+
+    return FinalObjectiveOnly()
+
+
 def _reaper_class():
     import threading
 
@@ -434,8 +456,9 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
                 "limit": float(ctx["eval_limit"]), "limit_mode": "random"})})
             ev = run_eval(ecfg, str(res.export_dir), folder / "eval" / trial_id, tracker=t)
             final.update({f"eval.{k}": v for k, v in ev.headline.items()})
-            final["eval_mean"] = ev.average
-            final[OBJECTIVE_METRIC] = ev.average
+            # the mean over the tasks this search evaluates (ev.average is None unless all five ran)
+            final["eval_mean"] = float(np.mean([ev.headline[task] for task in cfg.eval.tasks]))
+            final[OBJECTIVE_METRIC] = final["eval_mean"]
         online = [online_nll(m) for m in res.metrics[-2:]]
         online = [x for x in online if x is not None]
         if online:
@@ -530,10 +553,7 @@ def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> Tun
         scheduler = FIFOScheduler()
     concurrent = tc.max_concurrent_trials or default_max_concurrent(cfg, ray.cluster_resources())
     if tc.searcher == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = ConcurrencyLimiter(OptunaSearch(metric=OBJECTIVE_METRIC, mode=mode, seed=tc.seed), concurrent)
+        search_alg = _optuna_on_final_objective(mode, tc.seed, concurrent)
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 

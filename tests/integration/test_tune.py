@@ -160,3 +160,30 @@ def test_restart_with_another_space_fails_before_training(searched, tiny_llama):
     msg = str(e.value)
     assert tuned.space_hash in msg and "tune.rho" in msg and str(tuned.dir) in msg
     assert sorted((tuned.dir / "trials").iterdir()) == trial_dirs  # nothing new trained
+
+
+def test_optuna_search_on_the_eval_mean_objective(searched, tiny_llama):
+    """The other objective and searcher: Optuna proposes, each trial evaluates its export on a seeded
+    dev subset through the Ray eval pool, and the best trial is the one with the highest mean."""
+    from tests.conftest import EVAL_DIR
+
+    cfg, first = searched
+    run = make_cfg(Path(cfg.run_dir), tiny_llama, [
+        "tune.searcher=optuna", "tune.scheduler=fifo", "tune.objective=eval_mean", "tune.num_samples=2",
+        "tune.eval_limit=3", "eval.enabled=true", f"eval.data_dir={EVAL_DIR}", "eval.tasks=[boolq, asdiv]",
+        "eval.num_cpus_per_actor=0.5"])
+    result = run_pipeline(run, until="tune")
+    tuned = result.outputs["tune"]
+    print(format_tune_summary(tuned))
+    assert tuned.dir != first.outputs["tune"].dir  # another objective is another search, the scores are shared
+    assert result.outputs["score"].key == first.outputs["score"].key and result.outputs["score"].cached
+    assert tuned.objective == "eval_mean" and tuned.mode == "max"
+    assert [t["status"] for t in tuned.trials] == ["finished", "finished"]
+    for t in tuned.trials:
+        res = json.loads((tuned.dir / "eval" / t["trial_id"] / "results.json").read_text())
+        headline = [res["headline"][k]["value"] for k in ("boolq", "asdiv")]
+        assert t["objective"] == pytest.approx(sum(headline) / 2)
+    assert tuned.best["objective"] == max(t["objective"] for t in tuned.trials)
+    # Optuna, not the random generator, drove the search: its sampler state is what Tune checkpointed
+    experiment = tuned.dir / "ray" / "search"
+    assert list(experiment.glob("searcher-state-*.pkl")) and not list(experiment.glob("basic-variant-state-*"))
