@@ -109,35 +109,41 @@ def file_format(path: Path, configured: str = "auto") -> str:
 # ------------------------------------------------------------------------------------------------
 # raw readers: yield (origin, dict)
 # ------------------------------------------------------------------------------------------------
-def _decode_line(path: Path, lineno: int, offset: int, raw: bytes) -> str:
+def _decode_line(path: Path, lineno: int, offset: int, raw: bytes, error: type[Exception]) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(
+        raise error(
             f"{path}:{lineno}: not valid UTF-8 (byte offset {offset + e.start} in the file: {e.reason})"
         ) from None
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+def _iter_lines(path: Path, error: type[Exception] = DataError) -> Iterator[tuple[int, str]]:
     """(1-based line number, decoded text without the newline); decoding errors name the byte offset."""
     offset = 0
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             body = raw[3:] if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else raw
             start = offset + (len(raw) - len(body))
-            yield lineno, _decode_line(path, lineno, start, body).rstrip("\r\n")
+            yield lineno, _decode_line(path, lineno, start, body, error).rstrip("\r\n")
             offset += len(raw)
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    for lineno, line in _iter_lines(path):
+def iter_jsonl(path: Path, error: type[Exception] = DataError) -> Iterator[tuple[int, Any]]:
+    """(1-based line number, parsed object) per non-blank line; bad UTF-8 or JSON raises ``error``
+    naming the file and line (callers outside the corpus readers pass their own error class)."""
+    for lineno, line in _iter_lines(path, error):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        yield f"{path}:{lineno}", obj
+            raise error(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        yield lineno, obj
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    return ((f"{path}:{lineno}", obj) for lineno, obj in iter_jsonl(path))
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:

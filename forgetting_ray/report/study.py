@@ -14,7 +14,6 @@ A difference whose interval contains 0 is reported as within noise.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.readers import iter_jsonl
 from ..errors import UserError
 from ..eval.runner import HEADLINE
 
@@ -57,17 +57,9 @@ def read_task_samples(path: str | Path, task: str, metric: str | None = None) ->
         raise StudyError(f"{path}: unknown task {task!r}; known: {sorted(HEADLINE)}")
     values: dict[str, float] = {}
     groups: dict[str, str] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise StudyError(f"per-example samples not found: {path} (did the evaluation finish?)") from None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StudyError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    if not path.is_file():
+        raise StudyError(f"per-example samples not found: {path} (did the evaluation finish?)")
+    for lineno, rec in iter_jsonl(path, StudyError):
         if "doc_id" not in rec or metric not in rec:
             raise StudyError(f"{path}:{lineno}: record lacks 'doc_id' or the headline field {metric!r}")
         value = rec[metric]
