@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-boot", type=int, default=10_000, help="bootstrap replicates")
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--json", default=None, help="also write the scores, intervals and hashes to this JSON file")
+    ap.add_argument("--discussion", default=None,
+                    help="a hand-written Markdown file appended as the report's Discussion (for a committed run)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.limit=50")
     args = ap.parse_args(argv)
     for k, v in (("HF_HUB_OFFLINE", "1"), ("DS_ACCELERATOR", "cpu"), ("TOKENIZERS_PARALLELISM", "false"),
@@ -124,17 +126,21 @@ def main(argv: list[str] | None = None) -> int:
         hashes[f"eval {name} results.json sha256"] = file_sha256(r.results_path)
 
     notes = [
-        ("Scale: a small model, a few hundred training samples and a few dozen LoRA steps on CPU; the "
-         "paper's setting is 1B-8B models on 50k samples. A difference that is within noise here says the study "
-         "cannot tell the methods apart at this size, not that they are equal."),
+        (f"Scale: `{model_name}`, {counts['train']['n_samples']} training samples and {ft.global_step} "
+         f"{'LoRA' if tr.lora.enabled else 'full-weight'} steps on CPU; the paper's setting is 1B-8B models on "
+         "50k samples. A difference that is within noise here says the study cannot tell the methods apart at "
+         "this size, not that they are equal."),
         ("The intervals are over the evaluation examples only (which benchmark questions were drawn); they do not "
          "cover training randomness (seed, data order), which a single run cannot measure."),
     ]
     report = StudyReport("FORGETTING vs standard SFT on SmolLM2-135M" if not args.tiny else
                          "Study smoke run (--tiny: random model, numbers are meaningless)",
                          setup, samples, comparisons, hashes, training=_training_table(out), notes=notes)
-    path = atomic_write_text(args.out, report.markdown())
-    print(report.markdown())
+    text = report.markdown()
+    if args.discussion:
+        text = text.rstrip("\n") + "\n\n## Discussion\n\n" + Path(args.discussion).read_text(encoding="utf-8").strip() + "\n"
+    path = atomic_write_text(args.out, text)
+    print(text)
     print(f"wrote {path}")
     if args.json:
         atomic_write_text(args.json, json.dumps({
