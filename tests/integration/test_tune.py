@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import EVAL_DIR
 from forgetting_ray.config import load_config
 from forgetting_ray.pipeline import run_pipeline
 from forgetting_ray.tune import SearchSpaceMismatch, format_tune_summary
@@ -165,8 +166,6 @@ def test_restart_with_another_space_fails_before_training(searched, tiny_llama):
 def test_optuna_search_on_the_eval_mean_objective(searched, tiny_llama):
     """The other objective and searcher: Optuna proposes, each trial evaluates its export on a seeded
     dev subset through the Ray eval pool, and the best trial is the one with the highest mean."""
-    from tests.conftest import EVAL_DIR
-
     cfg, first = searched
     run = make_cfg(Path(cfg.run_dir), tiny_llama, [
         "tune.searcher=optuna", "tune.scheduler=fifo", "tune.objective=eval_mean", "tune.num_samples=2",
