@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import PipelineConfig
-from .ray_utils import default_storage_path
+from .ray_utils import EVAL_CPU_RESERVE, SCORING_CPU_RESERVE, default_storage_path, starves_ray_data
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
@@ -73,13 +73,14 @@ def check_resources(cfg: PipelineConfig) -> Check:
     score_cpu, score_gpu = s.concurrency * s.num_cpus_per_actor, s.concurrency * s.num_gpus_per_actor
     train_cpu, train_gpu = r.num_workers * r.cpus_per_worker, (r.num_workers if r.use_gpu else 0)
     problems = []
-    if score_cpu >= cpus:  # Ray Data read/write tasks need a CPU beside the actors (else it hangs)
-        problems.append(f"scoring actors take {score_cpu:g} of {cpus:g} CPUs, leaving none for Ray Data's read/write tasks")
+    # the same rule the scoring and eval stages enforce before they start their pools
+    if starves_ray_data(s, cpus, SCORING_CPU_RESERVE):
+        problems.append(f"scoring actors take {score_cpu:g} of {cpus:g} CPUs, leaving less than "
+                        f"{SCORING_CPU_RESERVE:g} for Ray Data's read/write tasks")
     ev = cfg.eval
-    eval_cpu = ev.concurrency * ev.num_cpus_per_actor if ev.enabled and ev.backend == "ray" and not ev.num_gpus_per_actor else 0
-    if eval_cpu > cpus - 1:
-        problems.append(f"evaluation actors take {eval_cpu:g} of {cpus:g} CPUs, leaving less than 1 for Ray Data's "
-                        "repartition tasks")
+    if ev.enabled and ev.backend == "ray" and starves_ray_data(ev, cpus, EVAL_CPU_RESERVE):
+        problems.append(f"evaluation actors take {ev.concurrency * ev.num_cpus_per_actor:g} of {cpus:g} CPUs, "
+                        f"leaving less than {EVAL_CPU_RESERVE:g} for Ray Data's repartition tasks")
     if score_gpu > gpus:
         problems.append(f"scoring asks {score_gpu:g} GPUs, the cluster has {gpus:g}")
     if train_cpu > cpus:

@@ -56,6 +56,17 @@ def default_storage_path(run_dir: str | Path) -> str:
     return str((Path(run_dir) / "ray_storage").resolve())
 
 
+# CPUs an actor pool must leave to Ray Data's own tasks: reads/writes fit in a fraction of a CPU, but the eval
+# stage's repartition tasks each need a whole one (STACK_NOTES Exp 3).
+SCORING_CPU_RESERVE = 0.25
+EVAL_CPU_RESERVE = 1.0
+
+
+def starves_ray_data(pool: Any, total_cpus: float, reserve: float) -> bool:
+    """True when a CPU actor pool leaves Ray Data fewer than ``reserve`` of ``total_cpus``."""
+    return not pool.num_gpus_per_actor and pool.concurrency * pool.num_cpus_per_actor > total_cpus - reserve
+
+
 def check_actor_pool_cpus(ray, section: str, pool: Any, *, reserve: float, ray_address: str | None,
                           error: type[Exception]) -> None:
     """Refuse an actor pool (``pool``: a config section with concurrency / num_cpus_per_actor /
@@ -64,12 +75,10 @@ def check_actor_pool_cpus(ray, section: str, pool: Any, *, reserve: float, ray_a
 
     On a cluster joined by address an autoscaler may still add nodes, so there it only warns.
     """
-    if pool.num_gpus_per_actor > 0:
-        return
     total = ray.cluster_resources().get("CPU", 0.0)
-    need = pool.concurrency * pool.num_cpus_per_actor
-    if need <= total - reserve:
+    if not starves_ray_data(pool, total, reserve):
         return
+    need = pool.concurrency * pool.num_cpus_per_actor
     problem = (f"{section}.concurrency={pool.concurrency} x {section}.num_cpus_per_actor={pool.num_cpus_per_actor} "
                f"= {need:g} CPUs leaves less than {reserve:g} of the cluster's {total:g} CPUs for Ray Data's own "
                f"tasks, and the stage would hang: lower {section}.num_cpus_per_actor (e.g. 0.5) or "

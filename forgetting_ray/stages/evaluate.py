@@ -88,9 +88,9 @@ class EvalPredictor:
 
 
 def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
-    from ..ray_utils import check_actor_pool_cpus
+    from ..ray_utils import EVAL_CPU_RESERVE, check_actor_pool_cpus
 
-    check_actor_pool_cpus(ray, "eval", cfg.eval, reserve=1.0, ray_address=cfg.resources.ray_address,
+    check_actor_pool_cpus(ray, "eval", cfg.eval, reserve=EVAL_CPU_RESERVE, ray_address=cfg.resources.ray_address,
                           error=EvalConfigError)  # repartition tasks take a whole CPU
 
 

@@ -487,9 +487,9 @@ def _existing_shards(out: Path, n_shards: int, ids: list[str], n_resp: np.ndarra
 
 
 def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
-    from ..ray_utils import check_actor_pool_cpus
+    from ..ray_utils import SCORING_CPU_RESERVE, check_actor_pool_cpus
 
-    check_actor_pool_cpus(ray, "scoring", cfg.scoring, reserve=0.25, ray_address=cfg.resources.ray_address,
+    check_actor_pool_cpus(ray, "scoring", cfg.scoring, reserve=SCORING_CPU_RESERVE, ray_address=cfg.resources.ray_address,
                           error=ScoreInputError)
 
 
