@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "eval"))
+    ap.add_argument("--data-dir", default=None, help="benchmark folder; default: the files shipped in the package")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -59,9 +59,9 @@ def main() -> None:
     files = resolve_files(args.files)
     model = args.model
     if model == "tiny":
-        from forgetting_ray.tiny import build_demo_model
+        from forgetting_ray.tiny import build_demo_model, corpus_lines
 
-        model = str(build_demo_model(Path(args.run_dir) / "tiny_model", files))
+        model = str(build_demo_model(Path(args.run_dir) / "tiny_model", corpus_lines(files)))
     ft = {"max_steps": args.ref_steps, "micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum,
           "lr": args.lr, "warmup_ratio": 0.05, "deepspeed": {"enabled": False}, "export_dtype": "float32",
           "lora": {"enabled": not args.full, "r": 16, "alpha": 16}, "report_every": 100}

@@ -33,7 +33,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-FLAN_DIR = REPO.parent / "shared" / "data" / "train" / "flan_v2_cot"
+FLAN_DIR = REPO / "examples" / "data" / "flan_v2_cot_full"
 WORK = REPO / ".cache" / "bench_scoring"
 
 

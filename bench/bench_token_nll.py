@@ -1,4 +1,4 @@
-"""Benchmark: chunked ``token_nll`` vs the naive full-logits per-token NLL (METHOD.md §11 item 14).
+"""Benchmark: chunked ``token_nll`` vs the naive full-logits per-token NLL (docs/method.md §11 item 14).
 
 Each (case, variant) runs in a fresh subprocess so allocator state and lazily-initialised library
 buffers of one variant cannot hide or inflate the other's memory.  Peak extra memory is the growth of

@@ -5,7 +5,7 @@
    CPUs are shared).  Target <= 1.05x: the forgetting term only adds a masked sum.
 2. Per-step mask cost for corpora of 1k and 100k samples: what the loop does to get a step's
    classes (take the rank's rows of a global micro-batch, collate input_ids/labels/token_class,
-   build the masks).  Target: flat in corpus size.  For contrast, the paper's approach (METHOD
+   build the masks).  Target: flat in corpus size.  For contrast, the paper's approach (docs/method.md
    §11.13) finds each batch's tokens in corpus-wide positive/negative index lists; even done in
    vectorised numpy (the paper uses a Python loop) it grows with the corpus.
 

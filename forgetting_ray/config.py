@@ -2,7 +2,7 @@
 
 This module is the single source of truth for the YAML files, the dotted CLI overrides
 (``training.lr=2e-5``) and the README's config reference.  Defaults follow the paper
-(METHOD.md §3, §5-§7).  It imports nothing else from the package.
+(docs/method.md §3, §5-§7).  It imports nothing else from the package.
 """
 
 from __future__ import annotations
@@ -10,12 +10,16 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+
+
+# lambda(k) schedules of the forgetting weight; forgetting_ray.losses implements each name.
+LambdaSchedule = Literal["linear", "linear_offset", "constant", "cosine"]
 
 
 class ConfigError(UserError, ValueError):
@@ -61,15 +65,60 @@ class ModelConfig(Section):
 # --------------------------------------------------------------------------------------------
 # data / prepare
 # --------------------------------------------------------------------------------------------
-class DataConfig(Section):
-    train_files: list[str] = Field(
-        default_factory=list,
-        description="Training corpus files (jsonl, json, parquet or FLAN CoT tsv); globs allowed.",
+HF_DATASETS_SCHEME = "hf://datasets/"
+
+
+class DatasetSpec(Section):
+    """A dataset read through Hugging Face ``datasets``: a Hub id, or a local dataset folder."""
+
+    path: str = Field(
+        ...,
+        description="Hub dataset id ('owner/name'), or a local folder: the output of save_to_disk, or data "
+        "files with a dataset card (README.md with a YAML header), laid out like a Hub dataset repository.",
     )
-    reference_files: list[str] = Field(
+    name: str | None = Field(None, description="Dataset configuration (subset) name.")
+    split: str = Field("train", description="Split to read.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="Files inside the dataset repository, as datasets.load_dataset takes them."
+    )
+    streaming: bool = Field(
+        False, description="Stream the rows (datasets' IterableDataset) instead of converting the whole dataset first."
+    )
+
+
+def parse_dataset_uri(uri: str) -> DatasetSpec:
+    """``hf://datasets/owner/name[@revision][/path/in/repo]`` -> :class:`DatasetSpec` (a path = data_files)."""
+    rest = uri[len(HF_DATASETS_SCHEME):].strip("/")
+    parts = rest.split("/")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise ValueError(f"{uri!r}: expected hf://datasets/<owner>/<name>[@revision][/file-in-repo]")
+    repo, revision = parts[1].split("@", 1) if "@" in parts[1] else (parts[1], None)
+    files = "/".join(parts[2:]) or None
+    return DatasetSpec(path=f"{parts[0]}/{repo}", revision=revision or None, data_files=files)
+
+
+CorpusInput = str | DatasetSpec
+
+
+def _check_corpus_inputs(entries: list[CorpusInput]) -> list[CorpusInput]:
+    for entry in entries:
+        if isinstance(entry, str) and entry.startswith(HF_DATASETS_SCHEME):
+            parse_dataset_uri(entry)  # fail at load time, with the field named, not in the middle of a run
+    return entries
+
+
+class DataConfig(Section):
+    train_files: list[CorpusInput] = Field(
         default_factory=list,
-        description="Optional separate corpus for the reference model. When empty, the reference "
-        "subset is split off the training files (reference_fraction or reference_count).",
+        description="Training corpus: files (jsonl, json, parquet or FLAN CoT tsv; globs allowed), local dataset "
+        "folders, 'hf://datasets/<owner>/<name>[@revision][/file]' strings, or mappings {path, name, split, "
+        "revision, data_files, streaming} read with datasets.load_dataset (normal HF cache).",
+    )
+    reference_files: list[CorpusInput] = Field(
+        default_factory=list,
+        description="Optional separate corpus for the reference model (same forms as train_files). When empty, "
+        "the reference subset is split off the training files (reference_fraction or reference_count).",
     )
     format: Literal["auto", "jsonl", "json", "parquet", "flan_cot_tsv"] = Field(
         "auto", description="File format; 'auto' picks it from the file suffix."
@@ -87,7 +136,7 @@ class DataConfig(Section):
     )
     template: Literal["auto", "chat_template", "tulu"] = Field(
         "auto",
-        description="Rendering: the tokenizer's chat template, the Tulu template of METHOD.md §2.2, "
+        description="Rendering: the tokenizer's chat template, the Tulu template of docs/method.md §2.2, "
         "or 'auto' (chat template when the tokenizer has one, else Tulu).",
     )
     max_length: int = Field(2048, gt=1, description="Truncate rendered samples to this many tokens.")
@@ -106,6 +155,11 @@ class DataConfig(Section):
     )
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("train_files", "reference_files")
+    @classmethod
+    def _corpus_inputs(cls, v: list[CorpusInput]) -> list[CorpusInput]:
+        return _check_corpus_inputs(v)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +241,7 @@ class TrainingConfig(FinetuneConfig):
         description="'forgetting' = mean NLL(pos) - lambda*mean NLL(neg); 'ignore' = positives only "
         "(token dropping); 'sft' = all response tokens (standard SFT baseline).",
     )
-    lambda_schedule: Literal["linear", "linear_offset", "constant", "cosine"] = Field(
+    lambda_schedule: LambdaSchedule = Field(
         "linear",
         description="lambda over the global optimizer step k: linear=(t_max-t_min)k/T (paper code), "
         "linear_offset=t_min+(t_max-t_min)k/T, constant=t_max, cosine=0->t_max.",
@@ -265,8 +319,10 @@ class EvalConfig(Section):
         default_factory=lambda: ["truthfulqa", "boolq", "logiqa", "tydiqa", "asdiv"],
         description="Benchmarks to run.",
     )
-    data_dir: str = Field(
-        "../shared/data/eval", description="Folder holding the benchmark files (one sub-folder per task)."
+    data_dir: str | None = Field(
+        None,
+        description="Folder holding the benchmark files (one sub-folder per task); None = the files shipped "
+        "inside the package (forgetting_ray/eval/data, each with its licence).",
     )
     limit: float | None = Field(
         None,
@@ -298,10 +354,15 @@ class EvalConfig(Section):
     chat_template: bool = Field(
         False, description="Wrap each prompt in the tokenizer's chat template as one user turn (error if it has none)."
     )
-    task_files: dict[str, str] = Field(
+    task_files: dict[str, str | DatasetSpec] = Field(
         default_factory=dict,
-        description="Override benchmark files, relative to data_dir unless absolute. Keys: boolq, truthfulqa, "
-        "logiqa, asdiv, tydiqa (English dev), tydiqa_train, tydiqa_other_langs (folder).",
+        description="Override a benchmark's data: a file (relative to data_dir unless absolute), or a dataset read "
+        "with datasets.load_dataset (normal HF cache): 'hf://datasets/<owner>/<name>[@revision][/file]', a local "
+        "dataset folder, or a mapping {path, name, split, revision, data_files, streaming}. A dataset has the "
+        "benchmark's Hub schema (google/boolq or super_glue boolq, truthful_qa multiple_choice, lucasmccabe/logiqa "
+        "or EleutherAI/logiqa, EleutherAI/asdiv, tydiqa secondary_task) and, unless named, the split it is scored "
+        "on. Keys: boolq, truthfulqa, logiqa, asdiv, tydiqa (dev; one dataset holds every language), tydiqa_train, "
+        "tydiqa_other_langs (a folder of files only).",
     )
     tydiqa_decoding: Literal["greedy", "sample"] = Field(
         "greedy", description="TyDiQA decoding: greedy, or temperature-1 sampling (the paper's; seeded here)."
@@ -315,14 +376,35 @@ class EvalConfig(Section):
     )
     asdiv_max_new_tokens: int = Field(32, gt=0, description="ASDiv generation length limit (stops at a newline).")
 
+    # The split a dataset entry of task_files is read from when it names none.
+    DATASET_SPLITS: ClassVar[dict[str, str]] = {
+        "boolq": "validation", "truthfulqa": "validation", "logiqa": "test", "asdiv": "validation",
+        "tydiqa": "validation", "tydiqa_train": "train",
+    }
+
     @field_validator("task_files")
     @classmethod
-    def _known_task_files(cls, v: dict[str, str]) -> dict[str, str]:
-        known = {"boolq", "truthfulqa", "logiqa", "asdiv", "tydiqa", "tydiqa_train", "tydiqa_other_langs"}
+    def _known_task_files(cls, v: dict[str, str | DatasetSpec]) -> dict[str, str | DatasetSpec]:
+        known = set(cls.DATASET_SPLITS) | {"tydiqa_other_langs"}
         unknown = sorted(set(v) - known)
         if unknown:
             raise ValueError(f"unknown task_files key(s) {unknown}; known: {sorted(known)}")
-        return v
+        for key, entry in v.items():
+            hub = isinstance(entry, str) and entry.startswith(HF_DATASETS_SCHEME)
+            if key == "tydiqa_other_langs" and (hub or isinstance(entry, DatasetSpec)):
+                raise ValueError("tydiqa_other_langs is a folder of <language>_tydiqa_dev.json files; a dataset "
+                                 "holding every language goes under 'tydiqa'")
+            if hub:
+                parse_dataset_uri(entry)  # a malformed hf:// string fails at load time, with the field named
+        return {k: cls.task_dataset(k, e) if isinstance(e, DatasetSpec) else e for k, e in v.items()}
+
+    @classmethod
+    def task_dataset(cls, key: str, spec: DatasetSpec) -> DatasetSpec:
+        """``spec`` with the benchmark's own split unless it names one (loose data_files land in "train")."""
+        if "split" in spec.model_fields_set or key not in cls.DATASET_SPLITS:
+            return spec
+        split = "train" if isinstance(spec.data_files, (str, list)) else cls.DATASET_SPLITS[key]
+        return spec.model_copy(update={"split": split})
 
     @field_validator("limit")
     @classmethod
@@ -353,7 +435,7 @@ class TuneConfig(Section):
     t_max: SearchRange = Field(
         default_factory=lambda: SearchRange(low=0.05, high=0.5), description="Search range for t_max."
     )
-    lambda_schedules: list[Literal["linear", "linear_offset", "constant", "cosine"]] = Field(
+    lambda_schedules: list[LambdaSchedule] = Field(
         default_factory=lambda: ["linear", "constant", "cosine"], min_length=1, description="Schedules to try."
     )
     lr: SearchRange | None = Field(None, description="Optional learning-rate range.")

@@ -114,12 +114,12 @@ def check_model(cfg: PipelineConfig) -> Check:
 
 
 def check_masks(cfg: PipelineConfig, sample: int = 64) -> Check:
-    from .data.readers import read_records, resolve_files
+    from .data.readers import read_records, resolve_inputs
     from .data.render import Renderer
     from .models import load_tokenizer
 
     try:
-        files = resolve_files(cfg.data.train_files)
+        files = resolve_inputs(cfg.data.train_files)
         renderer = Renderer(load_tokenizer(cfg.model), cfg.data.template, cfg.data.max_length)
         rendered = [renderer.render(rec) for rec in read_records(files, cfg.data, limit=sample)]
     except Exception as e:  # noqa: BLE001

@@ -1,4 +1,4 @@
-"""The FORGETTING objective and its lambda schedules (METHOD.md §6, §12).
+"""The FORGETTING objective and its lambda schedules (docs/method.md §6, §12).
 
     L = sum_pos NLL / max(n_pos, eps)  -  lambda(k) * sum_neg NLL / max(n_neg, eps)
 
@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
 
-SCHEDULES = ("linear", "linear_offset", "constant", "cosine")
+from .config import LambdaSchedule
+from .constants import IGNORE_INDEX
+
+SCHEDULES = get_args(LambdaSchedule)
 STRATEGIES = ("forgetting", "ignore", "sft")
 NORMALIZATIONS = ("micro_batch", "global")
 EPS = 1e-10
@@ -55,7 +58,7 @@ class LossOutput:
 
 def classes_from_labels(labels: torch.Tensor) -> torch.Tensor:
     """Every response token positive: the class column of plain SFT (reference model, baseline)."""
-    return (labels != -100).to(torch.int8)
+    return (labels != IGNORE_INDEX).to(torch.int8)
 
 
 def forgetting_loss(

@@ -43,11 +43,17 @@ def start_tracking(cfg: PipelineConfig, run_name: str = "pipeline") -> Tracker:
 
 def use_tiny_model(cfg: PipelineConfig) -> PipelineConfig:
     """The ``--tiny`` variant: a random 2-layer Llama whose tokenizer is trained on the corpus."""
-    from .data.readers import resolve_files
-    from .tiny import build_demo_model
+    from .data.readers import read_records, resolve_inputs
+    from .data.sources import FileSource
+    from .tiny import build_demo_model, corpus_lines
 
-    files = resolve_files(cfg.data.train_files + cfg.data.reference_files)
-    model_dir = build_demo_model(Path(cfg.run_dir) / "tiny_model", files)
+    texts: list[str] = []
+    for source in resolve_inputs(cfg.data.train_files + cfg.data.reference_files):
+        if isinstance(source, FileSource):
+            texts += corpus_lines([source.path])
+        else:  # a dataset: the text of its records
+            texts += [m.content for r in read_records([source], cfg.data, limit=5000) for m in r.messages]
+    model_dir = build_demo_model(Path(cfg.run_dir) / "tiny_model", texts)
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": str(model_dir.resolve())})})
 
 
@@ -142,12 +148,11 @@ def model_identity(cfg: PipelineConfig, path: str) -> dict[str, Any]:
 
 
 def _evaluate(t: Tracker, cfg: PipelineConfig, models: dict[str, str]):
-    from .stages.evaluate import load_eval_result, run_eval
-    from .store import content_hash
+    from .stages.evaluate import eval_key, load_eval_result, run_eval
 
     results = {}
     for name, path in models.items():
-        key = content_hash({"model": model_identity(cfg, path), "eval": config_to_dict(cfg.eval)})
+        key = eval_key(cfg, model_identity(cfg, path))
         out = Path(cfg.run_dir) / "eval" / f"{name}-{key}"
         if (out / "results.json").is_file():
             log.info("eval: reusing %s for %s", out, name)

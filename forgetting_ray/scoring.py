@@ -3,7 +3,7 @@
 ``token_nll`` runs the model's backbone once, keeps only the hidden states at positions whose next
 token carries a label, and pushes those through the output head ``chunk_size`` rows at a time.
 Peak extra memory is ``chunk_size x vocab`` floats instead of ``batch x length x vocab``
-(METHOD.md §11 item 14), and prompt/padding positions cost nothing at the head.
+(docs/method.md §11 item 14), and prompt/padding positions cost nothing at the head.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .constants import IGNORE_INDEX
+
 CHUNK_BYTES = 256 * 2**20  # scratch for one chunk: fp32 logits plus cross_entropy's log-softmax copy
 
 

@@ -1,4 +1,4 @@
-"""Exact, deterministic global top-rho partition of response-token scores (METHOD.md §5).
+"""Exact, deterministic global top-rho partition of response-token scores (docs/method.md §5).
 
 Exactly ``k = floor(N * rho)`` tokens with the highest scores are positive (+1), all others
 negative (-1); among equal scores the lower global index wins.  ``partition`` works on one

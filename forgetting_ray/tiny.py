@@ -93,9 +93,9 @@ def build_model(arch: str, tokenizer_dir: str | Path, out_dir: str | Path, *, se
     return out_dir
 
 
-def build_demo_model(out_dir: str | Path, corpus_files: Iterable[str | Path], *, arch: str = "llama",
-                     vocab_size: int = 512, max_lines: int = 5000) -> Path:
-    """A tiny random model whose tokenizer is trained on the raw lines of the corpus (``--tiny``).
+def build_demo_model(out_dir: str | Path, corpus_texts: Iterable[str], *, arch: str = "llama",
+                     vocab_size: int = 512) -> Path:
+    """A tiny random model whose tokenizer is trained on ``corpus_texts`` (``--tiny``).
 
     Reused when ``out_dir`` already holds one, so reruns of the tiny pipeline hit every stage cache.
     """
@@ -104,11 +104,16 @@ def build_demo_model(out_dir: str | Path, corpus_files: Iterable[str | Path], *,
     out_dir = Path(out_dir)
     if (out_dir / "model.safetensors").is_file():
         return out_dir
-    lines: list[str] = []
-    for f in corpus_files:
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            lines.extend(line.replace("\\n", "\n") for _, line in zip(range(max_lines), fh))
     with store.atomic_dir(out_dir, overwrite=True) as tmp:
-        build_tokenizer(lines, tmp / "tokenizer", vocab_size=vocab_size, chat_template=True)
+        build_tokenizer(list(corpus_texts), tmp / "tokenizer", vocab_size=vocab_size, chat_template=True)
         build_model(arch, tmp / "tokenizer", tmp, seed=0)
     return out_dir
+
+
+def corpus_lines(files: Iterable[str | Path], max_lines: int = 5000) -> list[str]:
+    """The first ``max_lines`` raw lines of each file (FLAN's literal \\n unescaped): tokenizer training text."""
+    lines: list[str] = []
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            lines.extend(line.replace("\\n", "\n") for _, line in zip(range(max_lines), fh))
+    return lines

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .config import PipelineConfig, TuneConfig, config_to_dict
+from .constants import IGNORE_INDEX
 from .errors import UserError
 from .store import atomic_path, atomic_write_json, content_hash
 
@@ -201,7 +202,7 @@ def validation_nll(model_dir: str, val_table: str, *, model_cfg: dict[str, Any],
             b = collate({"input_ids": [ids[i] for i in rows], "labels": [labels[i] for i in rows]}, pad)
             b = {k: v.to(device) for k, v in b.items()}
             nll = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunk_size=chunk_size)
-            mask = b["labels"] != -100
+            mask = b["labels"] != IGNORE_INDEX
             mask[:, 0] = False  # position 0 is never predicted
             total += float(nll[mask].double().sum())
             count += int(mask.sum())
@@ -496,6 +497,7 @@ def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> Tun
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .ray_utils import init_ray
+    from .stages.evaluate import eval_data_fingerprint
     from .stages.partition import run_partition
     from .stages.train import load_result
     from .tracking import Tracker
@@ -509,7 +511,8 @@ def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> Tun
               "training": {k: v for k, v in config_to_dict(cfg.training).items()
                            if k not in ("strategy", "lambda_schedule", "t_max", "t_min", "lr", "report_every")},
               "val": [tc.val_fraction, tc.seed], "objective": objective,
-              "eval": config_to_dict(cfg.eval) if objective == "eval_mean" else None}
+              "eval": config_to_dict(cfg.eval) if objective == "eval_mean" else None,
+              "eval_data": eval_data_fingerprint(cfg.eval) if objective == "eval_mean" else None}
     key = content_hash(shared)
     folder = (Path(cfg.run_dir) / STAGE / key).resolve()
     folder.mkdir(parents=True, exist_ok=True)

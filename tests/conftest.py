@@ -14,11 +14,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SHARED_DATA = SHARED / "data"
-FLAN_DIR = SHARED_DATA / "train" / "flan_v2_cot"
-DOLLY_FILE = SHARED_DATA / "train" / "dolly_subset" / "dolly.jsonl"
-EVAL_DIR = SHARED_DATA / "eval"
+# Everything the tests read ships inside the repository (each folder with its licence and provenance).
+FLAN_DIR = REPO / "examples" / "data" / "flan_v2_cot_full"
+DOLLY_FILE = REPO / "examples" / "data" / "dolly" / "dolly.jsonl"
+EVAL_DIR = REPO / "forgetting_ray" / "eval" / "data"
 
 
 def flan_texts(limit: int = 3000) -> list[str]:

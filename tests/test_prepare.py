@@ -111,7 +111,7 @@ def test_sets_are_disjoint_and_keep_file_order(flan_run):
     train_ids, ref_ids = m["sets"]["train"]["sample_ids"], m["sets"]["reference"]["sample_ids"]
     assert not set(train_ids) & set(ref_ids) and len(set(train_ids)) == len(train_ids)
     rows = [int(o.rsplit(":", 1)[1]) for o in _origins(res, train_ids)]
-    assert rows == sorted(rows)  # training order = file order (METHOD.md §11 item 8)
+    assert rows == sorted(rows)  # training order = file order (docs/method.md §11 item 8)
 
 
 def _origins(res, ids):

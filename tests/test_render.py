@@ -110,7 +110,7 @@ def test_chat_template_that_raises_names_the_record(tiny_tokenizer_dir):
 
 
 # ------------------------------------------------------------------------------------------------
-# Tulu template (METHOD.md §2.2)
+# Tulu template (docs/method.md §2.2)
 # ------------------------------------------------------------------------------------------------
 def test_tulu_messages_exact_text_and_mask(plain_tok):
     r = Renderer(plain_tok, "auto", 512).render(rec(MULTI))

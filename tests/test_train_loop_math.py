@@ -196,7 +196,7 @@ def test_micro_batches_skip_equals_tail_and_ranks_interleave(tiny_tokenizer_dir)
 
 
 # ------------------------------------------------------------------------------------------
-# loss pieces: normalisation, empty micro-batches, the last position (METHOD §11.1)
+# loss pieces: normalisation, empty micro-batches, the last position (docs/method.md §11.1)
 # ------------------------------------------------------------------------------------------
 def test_global_normalization_multiplier_gives_sum_over_global_count():
     """2 ranks x 3 micro-batches; engines average over ranks: the step gradient must equal d/dw of
@@ -263,7 +263,7 @@ def test_microbatch_without_labels_keeps_graph_and_trains_nothing(tiny_lm):
 
 
 def test_last_position_of_longest_row_is_trained(tiny_lm):
-    """METHOD §11.1: the paper's masks drop position L-1; here it carries its loss and gradient."""
+    """docs/method.md §11.1: the paper's masks drop position L-1; here it carries its loss and gradient."""
     from forgetting_ray.data.collate import collate
     from forgetting_ray.scoring import token_nll
 
@@ -418,7 +418,7 @@ def table16(tiny_tokenizer_dir):
 
 
 def test_loop_lambda_follows_global_step_across_epochs(tiny_llama, table16, tmp_path, monkeypatch):
-    """METHOD §11.4: lambda and lr come from the global optimizer step, not the in-epoch counter."""
+    """docs/method.md §11.4: lambda and lr come from the global optimizer step, not the in-epoch counter."""
     rt = LocalTrain(table16, tmp_path, monkeypatch)
     cfg = loop_config(tiny_llama, table16, epochs=2, lambda_schedule="linear", t_max=0.4, t_min=0.0)
     out = train_loop_per_worker(cfg)

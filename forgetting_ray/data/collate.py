@@ -2,7 +2,7 @@
 
 ``token_class`` is padded with 0 together with ``labels`` (padded with -100), so the positive and
 negative masks of a batch come from the batch alone: O(batch) per step, never a scan of the corpus
-(METHOD.md §11 item 13).
+(docs/method.md §11 item 13).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from ..constants import IGNORE_INDEX
+
 
 
 def _pad(rows: Sequence[Any], width: int, value: int, dtype: torch.dtype) -> torch.Tensor:

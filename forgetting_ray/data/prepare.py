@@ -21,8 +21,9 @@ import pyarrow as pa
 from ..config import DataConfig, PipelineConfig, config_to_dict
 from ..errors import UserError
 from ..models import load_tokenizer, tokenizer_fingerprint
-from ..store import atomic_dir, atomic_write_json, content_hash, file_sha256, is_complete, mark_complete, stage_dir
-from .readers import DataError, Record, read_records, resolve_files
+from ..store import atomic_dir, atomic_write_json, content_hash, is_complete, mark_complete, stage_dir
+from .readers import DataError, Record, read_records, resolve_inputs
+from .sources import Source
 from .render import Renderer
 from .table import rows_to_table, token_table_hash, write_token_table
 
@@ -105,7 +106,7 @@ def prepare_key(
 # ------------------------------------------------------------------------------------------------
 # reading, rendering, splitting
 # ------------------------------------------------------------------------------------------------
-def _load_corpus(name: str, files: list[Path], data: DataConfig) -> _Corpus:
+def _load_corpus(name: str, files: list[Source], data: DataConfig) -> _Corpus:
     corpus = _Corpus(name)
     seen: set[str] = set()
     for rec in read_records(files, data, limit=data.max_samples):
@@ -201,7 +202,7 @@ class _Sets:
     across: int = 0  # training samples removed because the reference files hold them too
 
 
-def _sets_from_reference_files(train: _Corpus, ref_files: list[Path], data: DataConfig, renderer: Renderer,
+def _sets_from_reference_files(train: _Corpus, ref_files: list[Source], data: DataConfig, renderer: Renderer,
                                drops: list[dict[str, str]]) -> _Sets:
     ref = _load_corpus("reference", ref_files, data)
     ref_ids = {sid for sid, _ in ref.records}
@@ -211,7 +212,7 @@ def _sets_from_reference_files(train: _Corpus, ref_files: list[Path], data: Data
     ref_rows, train_rows = _render(ref, renderer, drops), _render(train, renderer, drops)
     _nonempty(ref_rows, ref, "reference corpus")
     _nonempty(train_rows, train, "training corpus")
-    return _Sets(train_rows, ref_rows, [train, ref], {"mode": "files", "files": [str(p) for p in ref_files]}, across)
+    return _Sets(train_rows, ref_rows, [train, ref], {"mode": "files", "files": [s.label for s in ref_files]}, across)
 
 
 def _sets_from_split(train: _Corpus, data: DataConfig, renderer: Renderer, drops: list[dict[str, str]]) -> _Sets:
@@ -225,7 +226,7 @@ def _sets_from_split(train: _Corpus, data: DataConfig, renderer: Renderer, drops
         "reference_count": n_ref,
         "reference_fraction": data.reference_fraction,
     }
-    # Both sets keep file order: training order is the file order in the paper (METHOD.md §11 item 8).
+    # Both sets keep file order: training order is the file order in the paper (docs/method.md §11 item 8).
     return _Sets([r for r in rows if r.sample_id not in chosen], [r for r in rows if r.sample_id in chosen],
                  [train], split)
 
@@ -265,11 +266,11 @@ def run_prepare(cfg: PipelineConfig) -> PrepareResult:
     data = cfg.data
     if not data.train_files:
         raise DataError("data.train_files is empty: nothing to prepare")
-    train_files = resolve_files(data.train_files)
-    ref_files = resolve_files(data.reference_files) if data.reference_files else []
+    train_files = resolve_inputs(data.train_files)
+    ref_files = resolve_inputs(data.reference_files) if data.reference_files else []
     tok = load_tokenizer(cfg.model)
     fingerprint = tokenizer_fingerprint(tok)
-    hashes = {"train": [file_sha256(p) for p in train_files], "reference": [file_sha256(p) for p in ref_files]}
+    hashes = {"train": [s.fingerprint() for s in train_files], "reference": [s.fingerprint() for s in ref_files]}
     key = prepare_key(hashes, data, fingerprint, data.max_length)
     out = stage_dir(cfg.run_dir, STAGE, key)
     if is_complete(out):
@@ -288,7 +289,7 @@ def run_prepare(cfg: PipelineConfig) -> PrepareResult:
               "reference": rows_to_table(r.__dict__ for r in sets.reference)}
     summaries = {"train": _set_summary(tables["train"], sets.train),
                  "reference": _set_summary(tables["reference"], sets.reference)}
-    inputs = {name: [{"path": str(p), "sha256": h} for p, h in zip(files, hashes[name])]
+    inputs = {name: [{"path": s.label, "sha256": h} for s, h in zip(files, hashes[name])]
               for name, files in (("train", train_files), ("reference", ref_files))}
     manifest = _manifest(cfg, key, fingerprint, renderer.template, inputs, sets, summaries, drops)
     with atomic_dir(out, overwrite=True) as tmp:  # all or nothing: a crash leaves no folder behind

@@ -2,22 +2,22 @@
 
 Every record keeps where it came from (``file:line`` or ``file row N``) so that any later error can
 point at the offending input, and its identity is a hash of its normalised content rather than its
-row number (METHOD.md §11 item 3), so reordering or filtering files never changes a sample's id.
+row number (docs/method.md §11 item 3), so reordering or filtering files never changes a sample's id.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
-from ..config import DataConfig
-from ..errors import UserError
+from ..config import DataConfig, DatasetSpec
 from ..store import content_hash
+from .sources import DataError, DatasetSource, FileSource, Source, dataset_rows, resolve_sources
 
 Schema = Literal["messages", "prompt_completion"]
+CorpusEntry = str | Path | DatasetSpec | dict[str, Any]
 ROLES = ("system", "user", "assistant")
 SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
@@ -31,10 +31,6 @@ SUFFIX_FORMATS = {
 EOS_MARKERS = ("###eos_token###",)
 FLAN_COT_PROMPT = "{question}\nLet's think step by step."
 FLAN_COT_RESPONSE = "{rationale} So the answer is {answer}."
-
-
-class DataError(UserError, ValueError):
-    """A problem with an input file or record; the message names the file and line or field."""
 
 
 @dataclass(frozen=True)
@@ -73,28 +69,20 @@ class Record:
 
 
 # ------------------------------------------------------------------------------------------------
-# file lists
+# inputs
 # ------------------------------------------------------------------------------------------------
+def resolve_inputs(entries: Iterable[CorpusEntry]) -> list[Source]:
+    """Config entries (files, globs, folders, dataset folders, ``hf://datasets/...``, mappings) -> sources."""
+    return resolve_sources(entries, SUFFIX_FORMATS)
+
+
 def resolve_files(patterns: Iterable[str]) -> list[Path]:
-    """Expand globs and folders (sorted, so the order is stable); missing inputs are errors."""
-    out: list[Path] = []
-    for pattern in patterns:
-        expanded = Path(pattern).expanduser()
-        if glob.has_magic(str(expanded)):
-            matches = sorted(Path(p) for p in glob.glob(str(expanded), recursive=True))
-            files = [p for p in matches if p.is_file()]
-            if not files:
-                raise DataError(f"no file matches {pattern!r}")
-        elif expanded.is_dir():
-            files = sorted(p for p in expanded.iterdir() if p.is_file() and p.suffix in SUFFIX_FORMATS)
-            if not files:
-                raise DataError(f"folder {pattern!r} holds no {'/'.join(SUFFIX_FORMATS)} file")
-        elif expanded.is_file():
-            files = [expanded]
-        else:
-            raise DataError(f"input file not found: {pattern!r}")
-        out.extend(p.resolve() for p in files)
-    return list(dict.fromkeys(out))  # a file named twice (e.g. by two globs) is read once
+    """Local files only (globs and folders expanded, sorted); a dataset entry is an error here."""
+    sources = resolve_inputs(patterns)
+    datasets = [s.label for s in sources if not isinstance(s, FileSource)]
+    if datasets:
+        raise DataError(f"expected local files, got dataset(s) {datasets}")
+    return [s.path for s in sources]  # type: ignore[union-attr]
 
 
 def file_format(path: Path, configured: str = "auto") -> str:
@@ -303,14 +291,31 @@ def normalize_record(rec: Any, cfg: DataConfig, *, default_source: str, origin: 
     return Record(schema=schema, messages=messages, source=source.strip(), origin=origin)
 
 
-def read_records(files: Iterable[Path], cfg: DataConfig, limit: int | None = None) -> Iterator[Record]:
-    """Normalised records of ``files`` in file order; stops after ``limit`` records."""
+def _source_rows(source: Source | Path, cfg: DataConfig) -> tuple[Iterator[tuple[str, Any]], str, str]:
+    if isinstance(source, DatasetSource):
+        return dataset_rows(source), source.default_source, source.label
+    path = source.path if isinstance(source, FileSource) else Path(source)
+    return iter_raw(path, cfg), path.stem, str(path)
+
+
+def read_records(sources: Iterable[Source | Path], cfg: DataConfig, limit: int | None = None) -> Iterator[Record]:
+    """Normalised records of ``sources`` (sources or file paths) in order; stops after ``limit`` records.
+
+    A source that yields no record at all (an empty file, only blank lines, an empty split) is an error
+    naming it: it is nearly always a wrong path or an unfinished export, not an intended no-op.
+    """
     if limit is not None and limit <= 0:
         return
     n = 0
-    for path in files:
-        for origin, raw in iter_raw(Path(path), cfg):
-            yield normalize_record(raw, cfg, default_source=Path(path).stem, origin=origin)
+    for source in sources:
+        rows, default_source, label = _source_rows(source, cfg)
+        before = n
+        for origin, raw in rows:
+            yield normalize_record(raw, cfg, default_source=default_source, origin=origin)
             n += 1
             if limit is not None and n >= limit:
                 return
+        if n == before:
+            what = "the split holds no rows" if isinstance(source, DatasetSource) else \
+                "the file is empty or holds only blank lines"
+            raise DataError(f"{label}: no records ({what})")

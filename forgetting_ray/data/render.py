@@ -1,7 +1,7 @@
 """Render one record to text, tokenize it once, and mark the trainable (assistant) positions.
 
 Assistant spans are found by tokenizing rendered prefixes of the conversation, as the reference code
-does (METHOD.md §2.2).  That only works when the tokens of a prefix are a prefix of the tokens of the
+does (docs/method.md §2.2).  That only works when the tokens of a prefix are a prefix of the tokens of the
 whole, so this is checked for every boundary: a silent mismatch would shift every mask after it.
 """
 
@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Sequence
 
+from ..constants import IGNORE_INDEX
 from ..errors import UserError
 from .readers import Message, Record
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
 Template = Literal["chat_template", "tulu"]
 TULU_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
 _BOUNDARY_WS = (" ", "\n", "\t")
@@ -156,7 +156,7 @@ class Renderer:
         return end
 
     # ------------------------------------------------------------------------------------------
-    # Tulu (METHOD.md §2.2)
+    # Tulu (docs/method.md §2.2)
     # ------------------------------------------------------------------------------------------
     def _tulu_part(self, m: Message) -> str:
         tail = self.tok.eos_token + "\n" if m.role == "assistant" else "\n"

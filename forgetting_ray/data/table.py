@@ -1,4 +1,4 @@
-"""The canonical token table: one tokenization that every later stage reads (METHOD.md §11 item 2, §12).
+"""The canonical token table: one tokenization that every later stage reads (docs/method.md §11 item 2, §12).
 
 Parquet schema (exact; other stages rely on it):
 ``sample_id`` string · ``source`` string · ``input_ids`` list<int32> · ``labels`` list<int32>
@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..constants import IGNORE_INDEX
 from ..errors import UserError
 from ..store import atomic_path
 
-IGNORE_INDEX = -100
 TOKEN_TABLE_SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),

@@ -1,4 +1,4 @@
-"""Evaluation suite: TruthfulQA MC, BoolQ, LogiQA, TyDiQA GoldP, ASDiv on local files.
+"""Evaluation suite: TruthfulQA MC, BoolQ, LogiQA, TyDiQA GoldP, ASDiv on local files or HF datasets.
 
 One module per benchmark (load / requests / score / aggregate), shared metrics, the scoring
 engine (prefix-reusing log-likelihoods, greedy generation) and the runner.  The Ray glue and

@@ -4,9 +4,12 @@ Headline (the issue's protocol): greedy generation after lm-eval's prompt, cut a
 newline, exact match against the answer with its unit stripped (``metrics.asdiv_match``; a reply
 with no number where a number is expected is *unparsable*, counted wrong and counted).
 
-Difference from the paper (METHOD.md §8): lm-eval's ``asdiv`` is a *loglikelihood* task whose acc is
+Difference from the paper (docs/method.md §8): lm-eval's ``asdiv`` is a *loglikelihood* task whose acc is
 ``is_greedy`` - whether the target " 9" is the model's greedy continuation token by token.  That
 variant is available as ``eval.asdiv_mode: loglikelihood`` (metric ``is_greedy``) or ``both``.
+
+A dataset in the ``EleutherAI/asdiv`` schema (body, question, solution_type, answer, formula) gives the
+same docs, except ``id`` (None: that schema has no problem ID, unless the dataset has an ``id`` column).
 """
 
 from __future__ import annotations
@@ -16,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics
-from .base import Doc, EvalDataError, gen_request, mc_request, require_file, resolve_file
+from .base import Doc, EvalDataError, HubRow, Input, gen_request, load_input, mc_request, resolve_input
 
 name = "asdiv"
 headline = "acc"
 TARGET_DELIMITER = " "
 
 
-def files(cfg: Any) -> list[Path]:
-    return [resolve_file(cfg, "asdiv", "asdiv/ASDiv.xml")]
+def files(cfg: Any) -> list[Input]:
+    return [resolve_input(cfg, "asdiv", "asdiv/ASDiv.xml")]
 
 
 def prompt(doc: Doc) -> str:
@@ -33,7 +36,14 @@ def prompt(doc: Doc) -> str:
 
 
 def load(cfg: Any, tokenizer: Any = None) -> list[Doc]:
-    path = require_file(files(cfg)[0], name)
+    return load_input(files(cfg)[0], name, _read_xml, _hub_doc)
+
+
+def _hub_doc(r: HubRow) -> Doc:
+    return {"id": r.row.get("id"), "body": r.text("body"), "question": r.text("question"), "answer": r.text("answer")}
+
+
+def _read_xml(path: Path) -> list[Doc]:
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:

@@ -12,12 +12,18 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Union
 
 from ..errors import UserError
 
+if TYPE_CHECKING:
+    from ..data.sources import DatasetSource
+
 Doc = dict[str, Any]
 Request = dict[str, Any]
+# What a task reads: a local benchmark file, or a dataset read with Hugging Face `datasets` (whose module,
+# and the data package with it, is imported only when a dataset is named).
+Input = Union[Path, "DatasetSource"]
 
 
 class EvalDataError(UserError, ValueError):
@@ -33,7 +39,7 @@ class Task(Protocol):
     name: str
     headline: str  # the metric that enters the five-task average
 
-    def files(self, cfg: Any) -> list[Path]: ...
+    def files(self, cfg: Any) -> list[Input]: ...
 
     def load(self, cfg: Any, tokenizer: Any = None) -> list[Doc]: ...
 
@@ -59,11 +65,19 @@ def gen_request(prompt: str, *, stop: list[str], max_new_tokens: int, do_sample:
     }
 
 
+# The benchmark files shipped with the package (package data, each folder with its licence and provenance).
+SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def data_dir(cfg: Any) -> Path:
+    return Path(cfg.data_dir).expanduser() if cfg.data_dir else SHIPPED_DATA_DIR
+
+
 def resolve_file(cfg: Any, key: str, default: str) -> Path:
     """``cfg.task_files[key]`` or ``default``, relative to ``cfg.data_dir`` unless absolute."""
     rel = cfg.task_files.get(key, default)
     p = Path(rel).expanduser()
-    return p if p.is_absolute() else Path(cfg.data_dir).expanduser() / p
+    return p if p.is_absolute() else data_dir(cfg) / p
 
 
 def require_file(path: Path, task: str) -> Path:
@@ -73,6 +87,87 @@ def require_file(path: Path, task: str) -> Path:
             "nothing is downloaded)"
         )
     return path
+
+
+# ---- benchmarks read through Hugging Face datasets ---------------------------------------------
+def resolve_input(cfg: Any, key: str, default: str, hub_configs: dict[str, str] | None = None) -> Input:
+    """What ``cfg.task_files[key]`` (or ``default``) names: a dataset (an ``hf://datasets/...`` string, a
+    mapping, a dataset folder) as a :class:`DatasetSource`, else a file relative to ``data_dir``.
+
+    A dataset is read from the benchmark's own split unless it names one (EvalConfig.DATASET_SPLITS);
+    ``hub_configs`` maps a Hub repository name to the configuration holding the benchmark
+    (``truthful_qa`` -> ``multiple_choice``), used when the entry names no configuration.
+    """
+    from ..config import HF_DATASETS_SCHEME, EvalConfig
+    from ..data.sources import DatasetSource, as_spec, is_local_dataset
+
+    entry = cfg.task_files.get(key, default)
+    if isinstance(entry, str) and not entry.startswith(HF_DATASETS_SCHEME):
+        path = resolve_file(cfg, key, default)
+        if not is_local_dataset(path):
+            return path
+        entry = str(path.resolve())
+    spec = EvalConfig.task_dataset(key, as_spec(entry))
+    config = (hub_configs or {}).get(spec.path.rstrip("/").rsplit("/", 1)[-1])
+    if config and spec.name is None and spec.data_files is None and not is_local_dataset(spec.path):
+        spec = spec.model_copy(update={"name": config})
+    return DatasetSource(spec)
+
+
+def check_input(inp: Input, task: str) -> None:
+    """Pre-flight: a file exists, a dataset opens (else a SourceError naming it and saying how to fix it)."""
+    if isinstance(inp, Path):
+        require_file(inp, task)
+    else:
+        inp.rows()
+
+
+def input_fingerprint(inp: Input) -> str:
+    """The content of a benchmark input: a file's sha256, or the sha256 of a dataset's rows."""
+    from ..store import file_sha256
+
+    return file_sha256(inp) if isinstance(inp, Path) else inp.fingerprint()
+
+
+class HubRow:
+    """One dataset row read field by field; a bad field is an EvalDataError naming the dataset, row and field."""
+
+    def __init__(self, label: str, index: int, row: dict[str, Any]) -> None:
+        self.label, self.index, self.row = label, index, row
+
+    def has(self, field: str) -> bool:
+        return field in self.row
+
+    def error(self, field: str, problem: str) -> EvalDataError:
+        return EvalDataError(f"{self.label} row {self.index}: field {field!r} {problem}")
+
+    def get(self, field: str, kind: type | tuple[type, ...], what: str, ok: Callable[[Any], Any] | None = None) -> Any:
+        """The field's value: an instance of ``kind`` for which ``ok`` (if given) holds, as ``what`` says."""
+        if field not in self.row:
+            raise self.error(field, f"is missing (columns: {sorted(self.row)})")
+        value = self.row[field]
+        if not isinstance(value, kind) or (ok is not None and not ok(value)):
+            raise self.error(field, f"must be {what}, got {repr(value)[:80]}")
+        return value
+
+    def text(self, field: str, *, empty: bool = False) -> str:
+        return self.get(field, str, "a string" if empty else "a non-empty string", lambda v: empty or v.strip())
+
+
+def hub_rows(source: DatasetSource) -> list[HubRow]:
+    rows = source.rows()
+    if not rows:
+        raise EvalDataError(f"{source.label}: no rows")
+    return [HubRow(source.label, i, row) for i, row in enumerate(rows)]
+
+
+def load_input(inp: Input, task: str, read_file: Callable[[Path], list[Doc]],
+               to_doc: Callable[[HubRow], Doc]) -> list[Doc]:
+    """A task's docs: ``read_file`` parses its local file; from a dataset, ``to_doc`` maps each row,
+    numbered from 0 in row order as the file readers number theirs."""
+    if isinstance(inp, Path):
+        return read_file(require_file(inp, task))
+    return [{"doc_id": r.index, **to_doc(r)} for r in hub_rows(inp)]
 
 
 def select_indices(n: int, limit: float | None, mode: str = "first", seed: int = 42) -> list[int]:

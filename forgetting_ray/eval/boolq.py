@@ -1,4 +1,8 @@
-"""BoolQ (SuperGLUE dev), 0-shot, as lm-eval's ``boolq`` task (super_glue/boolq/default.yaml)."""
+"""BoolQ (SuperGLUE dev), 0-shot, as lm-eval's ``boolq`` task (super_glue/boolq/default.yaml).
+
+Read from the shipped CSV, or from a dataset in the ``google/boolq`` schema (question, answer: bool,
+passage) or the SuperGLUE one (``aps/super_glue`` config ``boolq``: question, passage, idx, label 0/1).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics
-from .base import Doc, EvalDataError, mc_request, require_file, resolve_file
+from .base import Doc, EvalDataError, HubRow, Input, load_input, mc_request, resolve_input
 
 name = "boolq"
 headline = "acc"
 CHOICES = ["no", "yes"]
 TARGET_DELIMITER = " "
+HUB_CONFIGS = {"super_glue": "boolq"}
 
 
-def files(cfg: Any) -> list[Path]:
-    return [resolve_file(cfg, "boolq", "boolq/boolq_validation.csv")]
+def files(cfg: Any) -> list[Input]:
+    return [resolve_input(cfg, "boolq", "boolq/boolq_validation.csv", HUB_CONFIGS)]
 
 
 def prompt(doc: Doc) -> str:
@@ -24,7 +29,18 @@ def prompt(doc: Doc) -> str:
 
 
 def load(cfg: Any, tokenizer: Any = None) -> list[Doc]:
-    path = require_file(files(cfg)[0], name)
+    return load_input(files(cfg)[0], name, _read_csv, _hub_doc)
+
+
+def _hub_doc(r: HubRow) -> Doc:
+    if r.has("label"):  # SuperGLUE
+        label = r.get("label", int, "0 or 1", lambda v: v in (0, 1))
+    else:  # google/boolq
+        label = int(r.get("answer", bool, "true or false"))
+    return {"passage": r.text("passage"), "question": r.text("question", empty=True), "label": label}
+
+
+def _read_csv(path: Path) -> list[Doc]:
     docs: list[Doc] = []
     with open(path, encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)

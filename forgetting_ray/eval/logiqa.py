@@ -3,6 +3,11 @@
 The file is parsed exactly as the EleutherAI/logiqa loader did: records separated by blank lines,
 each ``label, context, question, 4 options``; the "A." prefixes are cut and every text goes through
 ``text.replace(".", ". ").strip()`` (that loader's normalisation, kept so prompts match lm-eval).
+
+A dataset is read as is, in the ``lucasmccabe/logiqa`` schema (context, query, options, correct_option
+0-3) or the ``EleutherAI/logiqa`` one (label a-d, context, question, options).  lucasmccabe/logiqa's
+loader normalised the same text its own way (spacing after full stops, a final "."), so its prompts
+differ from lm-eval's in punctuation; EleutherAI/logiqa's are lm-eval's.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics
-from .base import Doc, EvalDataError, mc_request, require_file, resolve_file
+from .base import Doc, EvalDataError, HubRow, Input, load_input, mc_request, resolve_input
 
 name = "logiqa"
 headline = "acc"
@@ -19,8 +24,8 @@ LETTERS = ["a", "b", "c", "d"]
 TARGET_DELIMITER = " "
 
 
-def files(cfg: Any) -> list[Path]:
-    return [resolve_file(cfg, "logiqa", "logiqa/Test.txt")]
+def files(cfg: Any) -> list[Input]:
+    return [resolve_input(cfg, "logiqa", "logiqa/Test.txt")]
 
 
 def _normalize(text: str) -> str:
@@ -37,7 +42,21 @@ def prompt(doc: Doc) -> str:
 
 
 def load(cfg: Any, tokenizer: Any = None) -> list[Doc]:
-    path = require_file(files(cfg)[0], name)
+    return load_input(files(cfg)[0], name, _read_text, _hub_doc)
+
+
+def _hub_doc(r: HubRow) -> Doc:
+    if r.has("correct_option"):  # lucasmccabe/logiqa
+        index = r.get("correct_option", (int, str), "0, 1, 2 or 3", lambda v: str(v) in ("0", "1", "2", "3"))
+        label, question = LETTERS[int(index)], r.text("query")
+    else:  # EleutherAI/logiqa
+        label, question = r.get("label", str, "one of a/b/c/d", lambda v: v in LETTERS), r.text("question")
+    options = r.get("options", list, "a list of 4 strings",
+                    lambda v: len(v) == 4 and all(isinstance(o, str) for o in v))
+    return {"label": label, "context": r.text("context"), "question": question, "options": list(options)}
+
+
+def _read_text(path: Path) -> list[Doc]:
     text = path.read_text(encoding="utf-8")
     docs: list[Doc] = []
     # Track line numbers so a bad record is reported where it sits in the file.

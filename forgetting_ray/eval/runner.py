@@ -16,7 +16,7 @@ from . import asdiv, boolq, logiqa, truthfulqa, tydiqa
 from .base import Doc, UnknownTaskError, select_indices
 
 TASKS: dict[str, ModuleType] = {m.name: m for m in (truthfulqa, boolq, logiqa, tydiqa, asdiv)}
-# The five scores the paper averages (METHOD.md §8).
+# The five scores the paper averages (docs/method.md §8).
 HEADLINE: dict[str, str] = {name: m.headline for name, m in TASKS.items()}
 
 

@@ -2,7 +2,8 @@
 
 The local ``mc_task.json`` is the v0 release, in the same order as HF ``truthful_qa/multiple_choice``;
 its ``{answer: label}`` dicts keep the choice order (the correct MC1 answer first, as lm-eval's
-``doc_to_target: 0`` assumes).
+``doc_to_target: 0`` assumes).  A dataset in that Hub schema (question, ``mc1_targets``/``mc2_targets``
+as ``{choices: [...], labels: [...]}``) gives the same docs.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics
-from .base import Doc, EvalDataError, mc_request, require_file, resolve_file
+from .base import Doc, EvalDataError, HubRow, Input, load_input, mc_request, resolve_input
 
 name = "truthfulqa"
 headline = "mc2"
 TARGET_DELIMITER = " "
+HUB_CONFIGS = {"truthful_qa": "multiple_choice"}
+TARGETS = ("mc1_targets", "mc2_targets")
 
 # Copied character for character from lm-eval 0.4's truthfulqa_mc1.yaml (checked by a test).
 QA_PREAMBLE = (
@@ -35,25 +38,44 @@ QA_PREAMBLE = (
 )
 
 
-def files(cfg: Any) -> list[Path]:
-    return [resolve_file(cfg, "truthfulqa", "truthfulqa/mc_task.json")]
+def files(cfg: Any) -> list[Input]:
+    return [resolve_input(cfg, "truthfulqa", "truthfulqa/mc_task.json", HUB_CONFIGS)]
 
 
 def prompt(doc: Doc) -> str:
     return QA_PREAMBLE + "\n\nQ: " + doc["question"] + "\nA:"
 
 
-def _targets(path: Path, i: int, row: Any, key: str) -> tuple[list[str], list[int]]:
-    t = row.get(key) if isinstance(row, dict) else None
-    if not isinstance(t, dict) or not t:
-        raise EvalDataError(f"{path}: row {i}: field {key!r} must be a non-empty {{answer: 0|1}} object")
-    if any(v not in (0, 1) for v in t.values()) or 1 not in t.values():
-        raise EvalDataError(f"{path}: row {i}: {key} labels must be 0/1 with at least one 1")
-    return list(t.keys()), list(t.values())
-
-
 def load(cfg: Any, tokenizer: Any = None) -> list[Doc]:
-    path = require_file(files(cfg)[0], name)
+    return load_input(files(cfg)[0], name, _read_json, _hub_doc)
+
+
+def _doc(where: str, question: str, targets: dict[str, tuple[list[Any], list[Any]]]) -> Doc:
+    """Check the answers and labels of both targets; ``where`` names the file or dataset and the row."""
+    for key, (choices, labels) in targets.items():
+        if any(v not in (0, 1) for v in labels) or 1 not in labels:
+            raise EvalDataError(f"{where}: field {key!r}: labels must be 0/1 with at least one 1")
+        if not all(isinstance(c, str) for c in choices) or len(choices) != len(labels):
+            raise EvalDataError(f"{where}: field {key!r}: needs one answer string per label")
+    mc1_choices, mc1_labels = targets["mc1_targets"]
+    if mc1_labels.count(1) != 1 or mc1_labels[0] != 1:
+        raise EvalDataError(f"{where}: field 'mc1_targets' must have exactly one true answer, listed first")
+    mc2_choices, mc2_labels = targets["mc2_targets"]
+    return {"question": question, "mc1_choices": list(mc1_choices), "mc2_choices": list(mc2_choices),
+            "mc2_labels": list(mc2_labels)}
+
+
+def _hub_doc(r: HubRow) -> Doc:
+    targets = {key: r.get(key, dict, "a {choices: [...], labels: [...]} object", _lists) for key in TARGETS}
+    return _doc(f"{r.label} row {r.index}", r.text("question", empty=True),
+                {key: (t["choices"], t["labels"]) for key, t in targets.items()})
+
+
+def _lists(t: dict[str, Any]) -> bool:
+    return isinstance(t.get("choices"), list) and isinstance(t.get("labels"), list)
+
+
+def _read_json(path: Path) -> list[Doc]:
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -64,12 +86,11 @@ def load(cfg: Any, tokenizer: Any = None) -> list[Doc]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str):
             raise EvalDataError(f"{path}: row {i}: missing string field 'question'")
-        mc1_choices, mc1_labels = _targets(path, i, row, "mc1_targets")
-        if mc1_labels.count(1) != 1 or mc1_labels[0] != 1:
-            raise EvalDataError(f"{path}: row {i}: mc1_targets must have exactly one true answer, listed first")
-        mc2_choices, mc2_labels = _targets(path, i, row, "mc2_targets")
-        docs.append({"doc_id": i, "question": row["question"], "mc1_choices": mc1_choices,
-                     "mc2_choices": mc2_choices, "mc2_labels": mc2_labels})
+        for key in TARGETS:
+            if not isinstance(row.get(key), dict) or not row[key]:
+                raise EvalDataError(f"{path}: row {i}: field {key!r} must be a non-empty {{answer: 0|1}} object")
+        doc = _doc(f"{path}: row {i}", row["question"], {k: (list(row[k]), list(row[k].values())) for k in TARGETS})
+        docs.append({"doc_id": i, **doc})
     return docs
 
 

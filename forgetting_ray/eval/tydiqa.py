@@ -1,4 +1,4 @@
-"""TyDi QA GoldP, 1-shot with the gold passage, as open-instruct's ``eval/tydiqa/run_eval.py`` (METHOD §8).
+"""TyDi QA GoldP, 1-shot with the gold passage, as open-instruct's ``eval/tydiqa/run_eval.py`` (docs/method.md §8).
 
 Prompt: instruction + "\\n\\n" + one demonstration "Passage: {ctx}\\nQuestion: {q}\\nAnswer: {gold}" +
 "\\n\\n" + "Passage: {ctx}\\nQuestion: {q}\\nAnswer:", with each language's translated strings; passages
@@ -16,10 +16,23 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import metrics
-from .base import Doc, EvalDataError, gen_request, require_file, resolve_file, select_indices
+from .base import (
+    Doc,
+    EvalDataError,
+    Input,
+    gen_request,
+    hub_rows,
+    require_file,
+    resolve_file,
+    resolve_input,
+    select_indices,
+)
+
+if TYPE_CHECKING:
+    from ..data.sources import DatasetSource
 
 name = "tydiqa"
 headline = "f1"
@@ -39,20 +52,30 @@ TEMPLATES: dict[str, tuple[str, str, str, str]] = {
 LANGUAGES = list(TEMPLATES)
 
 
+DEV, TRAIN = "tydiqa/english_tydiqa_dev.json", "tydiqa/english_tydiqa_train.json"
+OTHER_LANGS = "tydiqa/other_langs_dev"
+HUB_CONFIGS = {"tydiqa": "secondary_task"}
+Examples = dict[str, list[Doc]]  # language -> SQuAD examples {id, lang, context, question, answers}
+
+
+def _input(cfg: Any, key: str) -> Input:
+    return resolve_input(cfg, key, DEV if key == "tydiqa" else TRAIN, HUB_CONFIGS)
+
+
 def _lang_file(cfg: Any, lang: str) -> Path:
     if lang == "english":
-        return resolve_file(cfg, "tydiqa", "tydiqa/english_tydiqa_dev.json")
-    folder = resolve_file(cfg, "tydiqa_other_langs", "tydiqa/other_langs_dev")
-    return folder / f"{lang}_tydiqa_dev.json"
+        return resolve_file(cfg, "tydiqa", DEV)
+    return resolve_file(cfg, "tydiqa_other_langs", OTHER_LANGS) / f"{lang}_tydiqa_dev.json"
 
 
 def languages(cfg: Any) -> list[str]:
     return LANGUAGES if cfg.tydiqa_languages == "all" else ["english"]
 
 
-def files(cfg: Any) -> list[Path]:
-    out = [_lang_file(cfg, lang) for lang in languages(cfg)]
-    return out + [resolve_file(cfg, "tydiqa_train", "tydiqa/english_tydiqa_train.json")]
+def files(cfg: Any) -> list[Input]:
+    dev = _input(cfg, "tydiqa")
+    devs = [_lang_file(cfg, lang) for lang in languages(cfg)] if isinstance(dev, Path) else [dev]
+    return devs + [_input(cfg, "tydiqa_train")]
 
 
 def read_squad(path: Path, lang: str) -> list[Doc]:
@@ -81,6 +104,44 @@ def read_squad(path: Path, lang: str) -> list[Doc]:
     return out
 
 
+def read_dataset(source: DatasetSource) -> Examples:
+    """GoldP rows (id, context, question, answers {text: [...]}) by language, the prefix of their id."""
+    out: Examples = {}
+    for r in hub_rows(source):
+        qid = r.get("id", str, f"'<language>-...', a language of {LANGUAGES}", lambda v: _lang(v) in TEMPLATES)
+        answers = r.get("answers", dict, "a {text: [...]} object with at least one answer", _has_texts)
+        out.setdefault(_lang(qid), []).append({
+            "id": qid, "lang": _lang(qid), "context": r.text("context", empty=True),
+            "question": r.text("question", empty=True), "answers": list(answers["text"])})
+    return out
+
+
+def _lang(qid: str) -> str:
+    return qid.split("-", 1)[0]
+
+
+def _has_texts(answers: dict[str, Any]) -> bool:
+    texts = answers.get("text")
+    return isinstance(texts, list) and bool(texts) and all(isinstance(t, str) for t in texts)
+
+
+def dev_examples(cfg: Any) -> Examples:
+    """Each evaluated language's dev examples: one file per language, or one dataset holding them all."""
+    dev = _input(cfg, "tydiqa")
+    if isinstance(dev, Path):
+        return {lang: read_squad(_lang_file(cfg, lang), lang) for lang in languages(cfg)}
+    by_lang = read_dataset(dev)
+    for lang in languages(cfg):
+        if not by_lang.get(lang):
+            raise EvalDataError(f"{dev.label}: no {lang} questions (ids start with their language: '{lang}-...')")
+    return by_lang
+
+
+def train_examples(cfg: Any) -> Examples:
+    train = _input(cfg, "tydiqa_train")
+    return {"english": read_squad(train, "english")} if isinstance(train, Path) else read_dataset(train)
+
+
 def truncate_context(text: str, tokenizer: Any, max_tokens: int) -> str:
     """open-instruct's cut: encode, keep the first ``max_tokens`` ids, decode."""
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -103,15 +164,14 @@ def load(cfg: Any, tokenizer: Any = None) -> list[Doc]:
     if tokenizer is None:
         raise ValueError("tydiqa needs the tokenizer to cut passages to tydiqa_max_context_tokens")
     rng = random.Random(cfg.seed)
-    train = read_squad(resolve_file(cfg, "tydiqa_train", "tydiqa/english_tydiqa_train.json"), "english")
+    train, devs = train_examples(cfg), dev_examples(cfg)
     docs: list[Doc] = []
     for lang in languages(cfg):
-        dev = read_squad(_lang_file(cfg, lang), lang)
-        if lang == "english":
-            demo = rng.choice(train)
-        else:  # no train file for this language: a dev example serves, and is not tested
-            k = rng.randrange(len(dev))
-            demo = dev.pop(k)
+        dev = list(devs[lang])
+        if train.get(lang):
+            demo = rng.choice(train[lang])
+        else:  # no train example in this language: a dev example serves, and is not tested
+            demo = dev.pop(rng.randrange(len(dev)))
         cut = lambda d: {**d, "context": truncate_context(d["context"], tokenizer, cfg.tydiqa_max_context_tokens)}  # noqa: E731
         demo = cut(demo)
         for i in select_indices(len(dev), cfg.limit, cfg.limit_mode, cfg.seed):

@@ -156,12 +156,26 @@ def _log_mlflow(cfg: PipelineConfig, result: dict[str, Any], tracker: Any = None
 
 
 def check_eval_files(cfg: PipelineConfig) -> None:
-    """Every configured benchmark file exists: the pipeline calls this before any compute."""
-    from ..eval.base import require_file
+    """Every configured benchmark file exists and every dataset opens: the pipeline calls this before any compute."""
+    from ..eval.base import check_input
 
     for name in cfg.eval.tasks:
-        for path in runner.get_task(name).files(cfg.eval):
-            require_file(path, name)
+        for inp in runner.get_task(name).files(cfg.eval):
+            check_input(inp, name)
+
+
+def eval_data_fingerprint(ecfg: EvalConfig) -> dict[str, list[str]]:
+    """task -> the content of what it reads: each file's sha256, each dataset's rows' sha256."""
+    from ..eval.base import input_fingerprint
+
+    return {name: [input_fingerprint(inp) for inp in runner.get_task(name).files(ecfg)] for name in ecfg.tasks}
+
+
+def eval_key(cfg: PipelineConfig, model: dict[str, Any]) -> str:
+    """Key of an evaluation's folder: the model's identity, the eval settings and the benchmark data's content."""
+    from ..store import content_hash
+
+    return content_hash({"model": model, "eval": config_to_dict(cfg.eval), "data": eval_data_fingerprint(cfg.eval)})
 
 
 def run_eval(

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..constants import IGNORE_INDEX
 from ..data.collate import collate
 from ..losses import classes_from_labels, forgetting_loss, lambda_schedule
 from .checkpoint import TrainState, checkpoint_tag, read_state, write_state
@@ -122,7 +123,7 @@ def prepare_micro_batch(batch: dict[str, torch.Tensor], strategy: str) -> dict[s
     else:
         cls = batch["token_class"]
     out = dict(batch, token_class=cls)
-    if not bool((labels != -100).any()):
+    if not bool((labels != IGNORE_INDEX).any()):
         labels = labels.clone()
         labels[0, 1] = batch["input_ids"][0, 1]  # class stays 0: weighted by zero
         out["labels"] = labels
@@ -156,7 +157,7 @@ class GuardrailDecision:
 class Guardrail:
     """Watches the step's negative and positive NLL; backs lambda off or stops the run.
 
-    ``neg_nll_max``: the forgetting term is unbounded gradient ascent (METHOD §11.6), so a
+    ``neg_nll_max``: the forgetting term is unbounded gradient ascent (docs/method.md §11.6), so a
     negative-token NLL past this value means it is running away.  ``pos_factor``: the positive NLL
     above ``pos_factor`` x its first value means training diverges.  A non-finite loss always stops.
     """

@@ -23,8 +23,6 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import EVAL_DIR
-
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -83,8 +81,8 @@ def head():
 
 
 def _submit(address: str, run_dir: Path) -> str:
-    # the job runs in a copy of the working dir: shared data is addressed absolutely, as on a cluster
-    overrides = [f"run_dir={run_dir}", f"eval.data_dir={EVAL_DIR}", "eval.limit=6", "reference.max_steps=4", "training.max_steps=4"]
+    # the job runs in a copy of the working dir, which carries the corpus and the benchmark files
+    overrides = [f"run_dir={run_dir}", "eval.limit=6", "reference.max_steps=4", "training.max_steps=4"]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
            "--runtime-env-json", json.dumps({"excludes": [".git", ".venv", "runs", ".cache"]}),
            "--", "python", "jobs/pipeline.py", "--config", "examples/demo.yaml", "--tiny", *overrides]
