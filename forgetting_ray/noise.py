@@ -240,7 +240,7 @@ def load_token_view(partition_table: str | Path, score_dir: str | Path, bad_ids:
     """Join the partition stage's table (``token_class``) with the score shards (``score``) by
     sample id; both list response tokens in position order, so they align token for token."""
     from .data.table import IGNORE_INDEX
-    from .stages.score import iter_score_shards
+    from .data.score_set import iter_score_shards
 
     score_of: dict[str, np.ndarray] = {}
     for _, shard in iter_score_shards(Path(score_dir), columns=["sample_id", "score"]):

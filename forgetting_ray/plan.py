@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .aliases import ALIASES as MODEL_ALIASES
 from .errors import UserError
 
 GIB = 2**30
@@ -40,7 +41,7 @@ RUNTIME_ALLOWANCE_BYTES = 2 * GIB  # CUDA context + NCCL buffers + allocator fra
 EAGER_SCORE_BYTES = 10  # per attention score: fp32 scores and softmax output, 16-bit copy for the value matmul
 
 # Architecture configs of the preset models (from each model's config.json on the hub), so that
-# planning and bench/gpu_check.py run offline.  Keys are hub ids; ALIASES maps short names to them.
+# planning and bench/gpu_check.py run offline.  Keys are hub ids; SHORT_NAMES maps short names to them.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "meta-llama/Llama-3.2-1B": dict(
         model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -78,14 +79,15 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
     ),
 }
-ALIASES = {
+# Short names `plan` accepts: the presets in jobs/configs, plus the loadable aliases (forgetting_ray.aliases).
+SHORT_NAMES = {
     "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
     "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
     "llama-2-13b": "meta-llama/Llama-2-13b-hf",
     "qwen2.5-3b": "Qwen/Qwen2.5-3B",
     "gpt-neo-2.7b": "EleutherAI/gpt-neo-2.7B",
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    **{name: alias.hub_id for name, alias in MODEL_ALIASES.items() if alias.hub_id},
 }
 # Attention kernels that never materialise the [s, s] score matrix; others are treated as eager.
 FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -104,8 +106,8 @@ def lookup_architecture(name: str) -> tuple[str, dict[str, Any]] | None:
     if key in ARCHITECTURES:
         return key, ARCHITECTURES[key]
     low = key.lower()
-    if low in ALIASES:
-        return ALIASES[low], ARCHITECTURES[ALIASES[low]]
+    if low in SHORT_NAMES:
+        return SHORT_NAMES[low], ARCHITECTURES[SHORT_NAMES[low]]
     for hub_id, cfg in ARCHITECTURES.items():
         if hub_id.lower() == low or hub_id.split("/")[-1].lower() == low.rstrip("/").split("/")[-1]:
             return hub_id, cfg
@@ -134,7 +136,7 @@ def hf_config(model: Any):
     folder = Path(name).expanduser()
     if (folder / "config.json").is_file():
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    known = ", ".join(sorted(ALIASES)) + "; " + ", ".join(ARCHITECTURES)
+    known = ", ".join(sorted(SHORT_NAMES)) + "; " + ", ".join(ARCHITECTURES)
     raise PlanError(
         f"unknown model {name!r}: not a built-in architecture ({known}) and not a local folder with config.json"
     )

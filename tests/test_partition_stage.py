@@ -16,7 +16,7 @@ from forgetting_ray.config import PipelineConfig
 from forgetting_ray.data.table import read_token_table, token_table_hash, write_token_table
 from forgetting_ray.selection import partition
 from forgetting_ray.stages.partition import PartitionInputError, run_partition
-from forgetting_ray.stages.score import SCORE_SCHEMA, ScoreValueError, shard_name
+from forgetting_ray.data.score_set import SCORE_SCHEMA, ScoreValueError, shard_name
 from forgetting_ray.store import mark_complete
 
 SOURCES = ("aqua", "creak", "qasc")

@@ -23,7 +23,7 @@ from forgetting_ray.models import load_tokenizer
 from forgetting_ray.report.html import (ReportInputError, build_report, decode_pieces, find_partition, load_partition,
                                         log_report, main_report, select_rows)
 from forgetting_ray.stages.partition import run_partition
-from forgetting_ray.stages.score import SCORE_SCHEMA, shard_name
+from forgetting_ray.data.score_set import SCORE_SCHEMA, shard_name
 from forgetting_ray.store import mark_complete
 
 SCORE_KEY = "0123456789abcdef"

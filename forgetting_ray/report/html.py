@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from ..data.table import IGNORE_INDEX
 from ..errors import UserError
-from ..stages.score import shard_name
+from ..data.score_set import shard_name
 from ..store import atomic_write_text, is_complete, read_done
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -1,4 +1,4 @@
-"""PARTITION stage: exact global top-rho split of the response-token scores (METHOD.md §5).
+"""PARTITION stage: exact global top-rho split of the response-token scores (docs/method.md §5).
 
 Recipe (``run_partition``): check the score set is complete and belongs to this token table ->
 key the output by (score key, rho) -> pass 0 over the shards validates them (finite, aligned with
@@ -27,7 +27,7 @@ from ..data.table import IGNORE_INDEX, TokenTableError, read_token_table, token_
 from ..errors import UserError
 from ..selection import NEGATIVE, POSITIVE, Threshold, find_threshold
 from ..store import atomic_dir, atomic_write_json, content_hash, is_complete, mark_complete, read_done, stage_dir
-from .score import _nonfinite_error, find_nonfinite, shard_name
+from ..data.score_set import find_nonfinite, nonfinite_error, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _validate_shards(score_dir: Path, n_shards: int, size: int, ids: list[str], 
             )
         bad = find_nonfinite(t)
         if bad is not None:
-            raise _nonfinite_error(table_path, path, *bad)
+            raise nonfinite_error(table_path, path, *bad)
         flat = pc.list_flatten(t.column("score")).to_numpy(zero_copy_only=False)
         if flat.size:
             lo_all, hi_all = min(lo_all, float(flat.min())), max(hi_all, float(flat.max()))

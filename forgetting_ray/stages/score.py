@@ -25,9 +25,7 @@ import json
 import logging
 import math
 import os
-import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -38,6 +36,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import ModelConfig, PipelineConfig, config_to_dict
+from ..data.score_set import (
+    LAYOUT_FILE,
+    SCORE_SCHEMA,
+    existing_shards,
+    find_nonfinite,
+    nonfinite_error,
+    shard_name,
+)
 from ..data.table import IGNORE_INDEX, TokenTableError, read_token_table, token_table_hash
 from ..errors import UserError
 from ..store import (
@@ -56,16 +62,6 @@ log = logging.getLogger(__name__)
 STAGE = "score"
 # Bump when the numbers or the shard layout change, so old score sets are not reused.
 SCORE_VERSION = 1
-LAYOUT_FILE = "layout.json"  # shard_size and row count, fixed when the folder is created
-SCORE_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("nll_base", pa.list_(pa.float32())),
-        ("nll_ref", pa.list_(pa.float32())),
-        ("score", pa.list_(pa.float32())),
-    ]
-)
-SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
 # Test hook: "exit_after_shards=N" makes the driver die hard (os._exit) right after writing its N-th
 # shard, exactly like a killed job: no cleanup, no marker.
 FAULT_ENV = "FORGETTING_RAY_SCORE_FAULT"
@@ -75,10 +71,6 @@ _STAT_COLS = ("_padded_len", "_busy_s", "_actor")  # per-row actor bookkeeping, 
 
 class ScoreInputError(UserError, ValueError):
     """Bad input found before any scoring work (table, models, tokenizers)."""
-
-
-class ScoreValueError(UserError, RuntimeError):
-    """A non-finite score; the message names the sample_id and the token position."""
 
 
 @dataclass(frozen=True)
@@ -112,10 +104,6 @@ class ScoreResult:
 # ------------------------------------------------------------------------------------------------
 # pure helpers (no Ray)
 # ------------------------------------------------------------------------------------------------
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}.parquet"
-
-
 def plan_batches(lengths: np.ndarray, batch_tokens: int, *, sort: bool = True,
                  pad_tolerance: float | None = None) -> list[np.ndarray]:
     """Cut rows into batches whose ``rows x padded length`` stays within ``batch_tokens``.
@@ -376,46 +364,6 @@ class ScoreActor:
 # ------------------------------------------------------------------------------------------------
 # shards on disk
 # ------------------------------------------------------------------------------------------------
-def _check_shard(path: Path, expected_ids: list[str], expected_counts: np.ndarray) -> str | None:
-    """None when ``path`` is a complete shard for these rows, else what is wrong with it."""
-    try:
-        t = pq.read_table(path)
-    except Exception as e:  # truncated or garbage files raise several pyarrow error types
-        return f"unreadable ({type(e).__name__}: {e})"
-    if t.schema != SCORE_SCHEMA:
-        return f"schema {t.schema} differs from {SCORE_SCHEMA}"
-    if t.column("sample_id").to_pylist() != expected_ids:
-        return "its sample_ids differ from the table rows of this shard"
-    for col in ("nll_base", "nll_ref", "score"):
-        if not np.array_equal(pc.list_value_length(t.column(col)).to_numpy(zero_copy_only=False), expected_counts):
-            return f"column {col!r} does not hold one value per response token"
-    return None
-
-
-def _nonfinite_error(table_path: Path, shard: Path | str, sid: str, resp_idx: int, value: float) -> ScoreValueError:
-    row = pq.read_table(table_path, columns=["labels"], filters=[("sample_id", "=", sid)])
-    labels = np.asarray(row.column("labels")[0].as_py()) if row.num_rows else np.zeros(0)
-    positions = np.flatnonzero(labels != IGNORE_INDEX)
-    pos = int(positions[resp_idx]) if resp_idx < positions.size else -1
-    return ScoreValueError(
-        f"non-finite score {value} for sample_id {sid} at token position {pos} (response token #{resp_idx}) "
-        f"in {shard}; base or reference produced NaN/inf -- check the models and the dtype"
-    )
-
-
-def find_nonfinite(scores: pa.Table) -> tuple[str, int, float] | None:
-    """(sample_id, index among the row's response tokens, value) of the first NaN/inf score."""
-    col = scores.column("score")
-    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
-    bad = np.flatnonzero(~np.isfinite(flat))
-    if bad.size == 0:
-        return None
-    parents = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
-    row = int(parents[bad[0]])
-    first_of_row = int(np.flatnonzero(parents == row)[0])
-    return scores.column("sample_id")[row].as_py(), int(bad[0]) - first_of_row, float(flat[bad[0]])
-
-
 # ------------------------------------------------------------------------------------------------
 # stage
 # ------------------------------------------------------------------------------------------------
@@ -460,30 +408,6 @@ def _check_tokenizers(cfg: PipelineConfig, table: pa.Table, table_path: Path, re
             "it was made with another tokenizer"
         )
     return fp, tok.pad_token_id
-
-
-def _existing_shards(out: Path, n_shards: int, ids: list[str], n_resp: np.ndarray, size: int) -> set[int]:
-    """Indices of valid finished shards; corrupt ones are removed (with a warning) to be rescored."""
-    done: set[int] = set()
-    for stale in out.glob(".shard-*.tmp-*"):  # temp files of a killed writer
-        stale.unlink(missing_ok=True)
-    for f in sorted(out.glob("shard-*.parquet")):
-        m = SHARD_RE.match(f.name)
-        i = int(m.group(1)) if m else -1
-        if not 0 <= i < n_shards:
-            warnings.warn(f"score: {f} is not a shard of this layout; removing it", stacklevel=2)
-            f.unlink()
-            continue
-        lo, hi = i * size, min((i + 1) * size, len(ids))
-        problem = _check_shard(f, ids[lo:hi], n_resp[lo:hi])
-        if problem:
-            msg = f"score: shard {f} is corrupt or incomplete ({problem}); it will be rescored"
-            log.warning(msg)
-            warnings.warn(msg, stacklevel=2)
-            f.unlink()
-            continue
-        done.add(i)
-    return done
 
 
 def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
@@ -616,7 +540,7 @@ def run_score(cfg: PipelineConfig, train_table: Path, reference_model: Path) -> 
             return result
         log.warning("score: %s is marked complete but shards are missing; rescoring them", out)
         (out / "_SUCCESS.json").unlink()
-    done = _existing_shards(out, n_shards, ids, n_resp, size)
+    done = existing_shards(out, n_shards, ids, n_resp, size)
     pending = [i for i in range(n_shards) if i not in done]
     result.shards_reused = sorted(done)
     if done:
@@ -716,16 +640,7 @@ def _write_shard(out: Path, i: int, parts: list[pa.Table], index: dict[str, int]
     bad = find_nonfinite(t)
     path = out / shard_name(i)
     if bad is not None:
-        raise _nonfinite_error(table_path, path, *bad)
+        raise nonfinite_error(table_path, path, *bad)
     with atomic_path(path) as tmp:
         pq.write_table(t, tmp)
     return path
-
-
-def iter_score_shards(score_dir: Path, columns: list[str] | None = None) -> Iterator[tuple[Path, pa.Table]]:
-    """(path, table) of every shard of a complete score set, in shard (= table) order."""
-    score_dir = Path(score_dir)
-    info = read_done(score_dir)
-    for i in range(int(info["n_shards"])):
-        path = score_dir / shard_name(i)
-        yield path, pq.read_table(path, columns=columns)

@@ -25,9 +25,9 @@ from forgetting_ray.models import load_model, load_tokenizer, tokenizer_fingerpr
 from forgetting_ray.scoring import token_nll
 from forgetting_ray.stages import score as score_stage
 from forgetting_ray.stages.partition import PartitionInputError, run_partition
-from forgetting_ray.stages.score import (FAULT_ENV, FAULT_EXIT_CODE, SCORE_SCHEMA, ScoreInputError,
-                                         ScoreValueError, padding_waste, plan_batches, run_score, score_location,
-                                         shard_name)
+from forgetting_ray.data.score_set import SCORE_SCHEMA, ScoreValueError, shard_name
+from forgetting_ray.stages.score import (FAULT_ENV, FAULT_EXIT_CODE, ScoreInputError, padding_waste, plan_batches,
+                                         run_score, score_location)
 
 from conftest import flan_texts
 
