@@ -99,7 +99,7 @@ def main() -> None:
 
     from forgetting_ray import aliases
     from forgetting_ray.config import PipelineConfig
-    from forgetting_ray.data.prepare import run_prepare
+    from forgetting_ray.stages.prepare import run_prepare
     from forgetting_ray.models import load_tokenizer, resolve_model_path
     from forgetting_ray.ray_utils import init_ray
     from forgetting_ray.stages.score import padding_waste, run_score, simulate_pipeline_batches

@@ -75,12 +75,16 @@ def _cmd_submit(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    from .pipeline import use_tiny_model
-    from .tune import run_tune_command
+    """``forgetting-ray tune CONFIG``: prepare -> reference -> score -> partition -> tune; prints the summary."""
+    from .pipeline import run_pipeline, use_tiny_model
+    from .stages.tune import STAGE, format_tune_summary
 
     if args.tiny:
         cfg = use_tiny_model(cfg)
-    return run_tune_command(cfg)
+    cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"enabled": True})})
+    result = run_pipeline(cfg, until=STAGE)
+    print(format_tune_summary(result.outputs[STAGE]))
+    return 0
 
 
 def _cmd_doctor(cfg: PipelineConfig, args: argparse.Namespace) -> int:

@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import Callable
 
 from .config import PipelineConfig
-from .ray_utils import EVAL_CPU_RESERVE, SCORING_CPU_RESERVE, default_storage_path, starves_ray_data
+from .data.readers import read_records, resolve_inputs
+from .data.render import Renderer
+from .models import load_tokenizer, resolve_model_path
+from .plan import plan
+from .ray_utils import EVAL_CPU_RESERVE, SCORING_CPU_RESERVE, default_storage_path, init_ray, starves_ray_data
+from .submit import SubmitError, check_upload
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
@@ -97,7 +102,6 @@ def check_resources(cfg: PipelineConfig) -> Check:
 def check_model(cfg: PipelineConfig) -> Check:
     from transformers import AutoConfig
 
-    from .models import load_tokenizer, resolve_model_path
 
     try:
         path = resolve_model_path(cfg.model)
@@ -114,10 +118,6 @@ def check_model(cfg: PipelineConfig) -> Check:
 
 
 def check_masks(cfg: PipelineConfig, sample: int = 64) -> Check:
-    from .data.readers import read_records, resolve_inputs
-    from .data.render import Renderer
-    from .models import load_tokenizer
-
     try:
         files = resolve_inputs(cfg.data.train_files)
         renderer = Renderer(load_tokenizer(cfg.model), cfg.data.template, cfg.data.max_length)
@@ -139,8 +139,6 @@ def check_masks(cfg: PipelineConfig, sample: int = 64) -> Check:
 def check_memory_plan(cfg: PipelineConfig, gpu_memory_gib: float | None = None) -> Check:
     import ray
 
-    from .models import resolve_model_path
-    from .plan import plan
 
     nodes = [n for n in ray.nodes() if n["Alive"]]
     ft, r = cfg.training, cfg.resources
@@ -179,8 +177,6 @@ def check_memory_plan(cfg: PipelineConfig, gpu_memory_gib: float | None = None) 
 
 
 def check_upload_size(cfg: PipelineConfig) -> Check:
-    from .submit import SubmitError, check_upload
-
     try:
         size = check_upload(".", [".git"])
     except SubmitError as e:
@@ -194,8 +190,6 @@ CHECKS: list[Callable[..., Check]] = [
 
 
 def run_doctor(cfg: PipelineConfig, gpu_memory_gib: float | None = None) -> list[Check]:
-    from .ray_utils import init_ray
-
     init_ray(cfg.resources.ray_address)
     return [fn(cfg, gpu_memory_gib) if fn is check_memory_plan else fn(cfg) for fn in CHECKS]
 

@@ -35,7 +35,13 @@ from typing import Literal
 import numpy as np
 
 from .data.readers import Message, Record
+from .data.score_set import iter_score_shards
+from .data.table import IGNORE_INDEX
 from .errors import UserError
+from .stages.partition import run_partition
+from .stages.prepare import run_prepare, split_order
+from .stages.score import run_score
+from .stages.train import run_finetune
 from .store import atomic_write_text
 
 Mode = Literal["swap", "shuffle_words", "shuffle_chars"]
@@ -239,9 +245,6 @@ def _iter_partition_rows(partition_table: Path) -> Iterator[tuple[str, np.ndarra
 def load_token_view(partition_table: str | Path, score_dir: str | Path, bad_ids: set[str]) -> TokenView:
     """Join the partition stage's table (``token_class``) with the score shards (``score``) by
     sample id; both list response tokens in position order, so they align token for token."""
-    from .data.table import IGNORE_INDEX
-    from .data.score_set import iter_score_shards
-
     score_of: dict[str, np.ndarray] = {}
     for _, shard in iter_score_shards(Path(score_dir), columns=["sample_id", "score"]):
         for sid, sc in zip(shard.column("sample_id").to_pylist(), shard.column("score").to_pylist()):
@@ -300,8 +303,6 @@ def split_reference(records: Sequence[Record], n_reference: int, n_train: int | 
 
     The reference set stays clean: it plays the trusted subset the reference model learns from.
     """
-    from .data.prepare import split_order
-
     unique = list({r.sample_id: r for r in records}.values())
     order = split_order((r.sample_id for r in unique), seed)
     n_train = len(unique) - n_reference if n_train is None else n_train
@@ -332,10 +333,6 @@ def run_noise_recovery(cfg, reference: Sequence[Record], train: Sequence[Record]
     """
     import time
 
-    from .data.prepare import run_prepare
-    from .stages.partition import run_partition
-    from .stages.score import run_score
-    from .stages.train import run_finetune
 
     corrupted = corrupt_records(train, fraction, mode, seed)
     if corrupted.n_corrupted == 0:

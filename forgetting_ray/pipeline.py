@@ -16,6 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig, config_to_dict, dump_config, flatten
+from .data.readers import read_records, resolve_inputs
+from .data.sources import FileSource
+from .report.html import main_report
+from .report.plots import log_finetune_plots
+from .runcard import RunCard
+from .search import resolve_objective
+from .stages.evaluate import check_eval_files, eval_key, load_eval_result, run_eval
+from .stages.partition import run_partition
+from .stages.prepare import run_prepare
+from .stages.score import run_score
+from .stages.train import run_finetune
+from .stages.tune import run_tune
+from .store import file_sha256, tree_sha256
+from .tiny import build_demo_model, corpus_lines
 from .tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -43,10 +57,6 @@ def start_tracking(cfg: PipelineConfig, run_name: str = "pipeline") -> Tracker:
 
 def use_tiny_model(cfg: PipelineConfig) -> PipelineConfig:
     """The ``--tiny`` variant: a random 2-layer Llama whose tokenizer is trained on the corpus."""
-    from .data.readers import read_records, resolve_inputs
-    from .data.sources import FileSource
-    from .tiny import build_demo_model, corpus_lines
-
     texts: list[str] = []
     for source in resolve_inputs(cfg.data.train_files + cfg.data.reference_files):
         if isinstance(source, FileSource):
@@ -69,8 +79,6 @@ def _timed(result: PipelineResult, name: str, tracker: Tracker, fn, *args, **kwa
 
 
 def _prepare(t: Tracker, cfg: PipelineConfig):
-    from .data.prepare import run_prepare
-
     prep = run_prepare(cfg)
     t.log_params({"key": prep.key, "cached": prep.cached})
     t.log_metrics(flatten(prep.read_manifest().get("counts", {})))
@@ -79,8 +87,6 @@ def _prepare(t: Tracker, cfg: PipelineConfig):
 
 
 def _finetune(t: Tracker, cfg: PipelineConfig, stage: str, table: Path, card=None, name: str | None = None):
-    from .stages.train import run_finetune
-
     res = run_finetune(cfg, stage, table)
     _log_finetune(t, cfg, res, card, name or stage)
     return res
@@ -88,18 +94,14 @@ def _finetune(t: Tracker, cfg: PipelineConfig, stage: str, table: Path, card=Non
 
 def _log_finetune(t: Tracker, cfg: PipelineConfig, res, card, name: str) -> None:
     """Step metrics, plots and the export (by URI and hash) of a finished fine-tune."""
-    from .tune import finetune_plots
-
     for row in res.metrics:
         t.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row.get("step", 0)))
     t.log_params({"key": res.key, "total_steps": res.total_steps})
     if res.stop_reason:
         t.set_tags({"guardrail.stop_reason": res.stop_reason})
     if res.metrics and t.enabled:
-        finetune_plots(t, res, cfg.training if res.stage == "train" else None)
+        log_finetune_plots(t, res, cfg.training if res.stage == "train" else None)
     if res.export_dir is not None:
-        from .store import tree_sha256
-
         sha = tree_sha256(res.export_dir)
         t.log_model_reference(name, res.export_dir, sha, upload=cfg.tracking.upload_models)
         if card is not None:
@@ -107,8 +109,6 @@ def _log_finetune(t: Tracker, cfg: PipelineConfig, res, card, name: str) -> None
 
 
 def _score(t: Tracker, cfg: PipelineConfig, table: Path, reference: Path):
-    from .stages.score import run_score
-
     res = run_score(cfg, table, reference)
     t.log_params({"key": res.key, "cached": res.cached, "dir": str(res.dir)})
     t.log_metrics({"n_samples": res.n_samples, "n_shards": res.n_shards, "n_response_tokens": res.n_response_tokens,
@@ -117,23 +117,18 @@ def _score(t: Tracker, cfg: PipelineConfig, table: Path, reference: Path):
 
 
 def _partition(t: Tracker, cfg: PipelineConfig, table: Path, score_dir: Path):
-    from .stages.partition import run_partition
-
     res = run_partition(cfg, table, score_dir)
     t.log_params({"key": res.key, "rho": cfg.selection.rho, "threshold": res.threshold})
     t.log_metrics({"n_tokens": res.n_tokens, "n_positive": res.n_positive, "n_negative": res.n_negative})
     t.log_artifact(res.info_path)
     t.log_artifact(res.histogram_path, "plots")
     if t.enabled:  # the audit page: what will be trained and what forgotten, for 20 random samples
-        from .report.html import main_report
 
         main_report(cfg, res.dir, tracker=t)
     return res
 
 
 def _tune(t: Tracker, cfg: PipelineConfig, table: Path, scores):
-    from .tune import run_tune
-
     return run_tune(cfg, table, scores, t)
 
 
@@ -141,15 +136,11 @@ def model_identity(cfg: PipelineConfig, path: str) -> dict[str, Any]:
     """What makes a model's evaluation numbers: an export's manifest hash, else the model settings."""
     manifest = Path(path) / "manifest.json"
     if manifest.is_file():
-        from .store import file_sha256
-
         return {"export_manifest": file_sha256(manifest)}
     return {"model": config_to_dict(cfg.model.model_copy(update={"name_or_path": path}))}
 
 
 def _evaluate(t: Tracker, cfg: PipelineConfig, models: dict[str, str]):
-    from .stages.evaluate import eval_key, load_eval_result, run_eval
-
     results = {}
     for name, path in models.items():
         key = eval_key(cfg, model_identity(cfg, path))
@@ -172,14 +163,9 @@ def run_pipeline(cfg: PipelineConfig, *, until: str | None = None) -> PipelineRe
         raise ValueError("stage 'tune' needs tune.enabled: true")
     last = STAGES.index(until) if until else len(STAGES) - 1
     if cfg.tune.enabled and last >= STAGES.index("tune"):
-        from .tune import resolve_objective
-
         resolve_objective(cfg)  # a search that cannot run fails before any compute
     if cfg.eval.enabled and last >= STAGES.index("eval"):
-        from .stages.evaluate import check_eval_files
-
         check_eval_files(cfg)  # a missing benchmark file fails now, not after hours of training
-    from .runcard import RunCard
 
     result = PipelineResult(tracker=start_tracking(cfg))
     tracker = result.tracker

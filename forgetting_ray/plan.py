@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .aliases import ALIASES as MODEL_ALIASES
+from .config import PipelineConfig, load_config
 from .errors import UserError
 
 GIB = 2**30
@@ -119,7 +120,6 @@ def hf_config(model: Any):
     :class:`~forgetting_ray.config.PipelineConfig` (its ``model.name_or_path``)."""
     from transformers import AutoConfig, PretrainedConfig
 
-    from .config import PipelineConfig
 
     if isinstance(model, PipelineConfig):
         model = model.model.name_or_path
@@ -480,8 +480,6 @@ def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
                              lora_targets="all-linear", micro_batch_size=2, seq_len=2048, gradient_checkpointing=True,
                              attention=None)
     if args.model.endswith((".yaml", ".yml")):
-        from .config import load_config
-
         cfg = load_config(args.model)
         ft = getattr(cfg, args.section)
         ds = ft.deepspeed

@@ -17,6 +17,7 @@ from typing import Any
 
 from .config import PipelineConfig, config_to_dict
 from .store import atomic_write_json, content_hash, file_sha256, tree_sha256
+from .train.checkpoint import model_identity
 
 PACKAGES = ("forgetting-ray", "torch", "ray", "transformers", "deepspeed", "peft", "accelerate", "datasets",
             "tokenizers", "safetensors", "mlflow", "optuna", "numpy", "pyarrow", "pydantic")
@@ -54,8 +55,6 @@ class RunCard:
     """Accumulates a run's lineage stage by stage; ``write`` puts it on disk (atomically)."""
 
     def __init__(self, cfg: PipelineConfig):
-        from .train.checkpoint import model_identity
-
         self.card: dict[str, Any] = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run_dir": str(Path(cfg.run_dir).resolve()),

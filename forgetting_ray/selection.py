@@ -118,12 +118,18 @@ def partition_shards(shards: Callable[[], Iterable[np.ndarray]], rho: float) -> 
     """Yield int8 classes per shard, identical to ``partition(np.concatenate(shards), rho)``."""
     th = find_threshold(shards, rho)
     ties_left = th.ties_positive
-    tau = np.float32(th.tau)
     for shard in shards():
-        s = _as_scores(shard)
-        out = np.where(s > tau, POSITIVE, NEGATIVE).astype(np.int8)
-        if ties_left > 0:
-            ties = np.flatnonzero(s == tau)[:ties_left]
-            out[ties] = POSITIVE
-            ties_left -= ties.size
+        out, ties_left = classify_shard(_as_scores(shard), np.float32(th.tau), ties_left)
         yield out
+
+
+def classify_shard(scores: np.ndarray, tau: np.float32, ties_left: int) -> tuple[np.ndarray, int]:
+    """One shard's classes under the global threshold, shards taken in order: scores above ``tau`` are
+    positive, and so are the first ``ties_left`` scores equal to it (the lower global index wins).
+    Returns the classes and the ties still to be made positive in later shards."""
+    out = np.where(scores > tau, POSITIVE, NEGATIVE).astype(np.int8)
+    if ties_left > 0:
+        ties = np.flatnonzero(scores == tau)[:ties_left]
+        out[ties] = POSITIVE
+        ties_left -= ties.size
+    return out, ties_left

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from . import store
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -99,8 +101,6 @@ def build_demo_model(out_dir: str | Path, corpus_texts: Iterable[str], *, arch: 
 
     Reused when ``out_dir`` already holds one, so reruns of the tiny pipeline hit every stage cache.
     """
-    from . import store
-
     out_dir = Path(out_dir)
     if (out_dir / "model.safetensors").is_file():
         return out_dir

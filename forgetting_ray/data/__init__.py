@@ -1,6 +1,5 @@
-"""Data layer: corpus readers, rendering/masking, the canonical token table and the PREPARE stage."""
+"""Data layer: corpus sources and readers, rendering/masking, the canonical token table, the score-set format."""
 
-from .prepare import PrepareError, PrepareResult, prepare_key, reference_size, run_prepare, split_order
 from .readers import DataError, Message, Record, file_format, normalize_record, read_records, resolve_files
 from .render import IGNORE_INDEX, Rendered, Renderer, RenderError, resolve_template
 from .table import (
@@ -17,8 +16,6 @@ __all__ = [
     "DataError",
     "IGNORE_INDEX",
     "Message",
-    "PrepareError",
-    "PrepareResult",
     "Record",
     "RenderError",
     "Rendered",
@@ -28,15 +25,11 @@ __all__ = [
     "check_token_table",
     "file_format",
     "normalize_record",
-    "prepare_key",
     "read_records",
     "read_token_table",
-    "reference_size",
     "resolve_files",
     "resolve_template",
     "rows_to_table",
-    "run_prepare",
-    "split_order",
     "token_table_hash",
     "write_token_table",
 ]

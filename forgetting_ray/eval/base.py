@@ -12,18 +12,17 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Union
+from typing import Any, Callable, Protocol, Union
 
+from ..config import EvalConfig, HF_DATASETS_SCHEME
+from ..data.sources import DatasetSource, as_spec, is_local_dataset
 from ..errors import UserError
-
-if TYPE_CHECKING:
-    from ..data.sources import DatasetSource
+from ..store import file_sha256
 
 Doc = dict[str, Any]
 Request = dict[str, Any]
-# What a task reads: a local benchmark file, or a dataset read with Hugging Face `datasets` (whose module,
-# and the data package with it, is imported only when a dataset is named).
-Input = Union[Path, "DatasetSource"]
+# What a task reads: a local benchmark file, or a dataset read with Hugging Face `datasets`.
+Input = Union[Path, DatasetSource]
 
 
 class EvalDataError(UserError, ValueError):
@@ -98,9 +97,6 @@ def resolve_input(cfg: Any, key: str, default: str, hub_configs: dict[str, str] 
     ``hub_configs`` maps a Hub repository name to the configuration holding the benchmark
     (``truthful_qa`` -> ``multiple_choice``), used when the entry names no configuration.
     """
-    from ..config import HF_DATASETS_SCHEME, EvalConfig
-    from ..data.sources import DatasetSource, as_spec, is_local_dataset
-
     entry = cfg.task_files.get(key, default)
     if isinstance(entry, str) and not entry.startswith(HF_DATASETS_SCHEME):
         path = resolve_file(cfg, key, default)
@@ -124,8 +120,6 @@ def check_input(inp: Input, task: str) -> None:
 
 def input_fingerprint(inp: Input) -> str:
     """The content of a benchmark input: a file's sha256, or the sha256 of a dataset's rows."""
-    from ..store import file_sha256
-
     return file_sha256(inp) if isinstance(inp, Path) else inp.fingerprint()
 
 

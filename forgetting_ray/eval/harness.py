@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from . import metrics as M
-from . import runner
+from ..models import load_tokenizer, resolve_dtype, resolve_model_path
+from . import metrics as M, runner
+from .lm import ChatTemplateError
 
 LM_EVAL_REQUIREMENT = "lm-eval==0.4.13"
 
@@ -200,13 +201,10 @@ def run_lm_eval(cfg: Any, model_cfg: Any) -> tuple[dict[str, dict[str, float]], 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from ..models import load_tokenizer, resolve_dtype, resolve_model_path
 
     e = cfg.eval
     tok = load_tokenizer(model_cfg)
     if e.chat_template and not getattr(tok, "chat_template", None):
-        from .lm import ChatTemplateError
-
         raise ChatTemplateError(f"eval.chat_template is on but the tokenizer of {model_cfg.name_or_path} has none")
     docs = {name: runner.load_docs(name, e, tok) for name in e.tasks}
     path = resolve_model_path(model_cfg)

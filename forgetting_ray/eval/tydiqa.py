@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..data.sources import DatasetSource
 from . import metrics
 from .base import (
     Doc,
@@ -30,9 +31,6 @@ from .base import (
     resolve_input,
     select_indices,
 )
-
-if TYPE_CHECKING:
-    from ..data.sources import DatasetSource
 
 name = "tydiqa"
 headline = "f1"

@@ -26,16 +26,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config import PipelineConfig
+from ..data.score_set import shard_name
 from ..data.table import IGNORE_INDEX
 from ..errors import UserError
-from ..data.score_set import shard_name
+from ..models import load_tokenizer
 from ..store import atomic_write_text, is_complete, read_done
+from ..tracking import Tracker
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
-    from ..config import PipelineConfig
-    from ..tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -527,8 +528,6 @@ def main_report(cfg: "PipelineConfig", run_dir: str | Path | None = None, out: s
                 tracker: "Tracker | None" = None) -> Path:
     """CLI entry: the partition of ``cfg.selection.rho`` under ``run_dir`` (default ``cfg.run_dir``),
     or the given partition folder; default output ``<run_dir>/report/<partition key>.html``."""
-    from ..models import load_tokenizer
-
     src = Path(run_dir if run_dir is not None else cfg.run_dir)
     part = find_partition(src, None if (src / INFO_FILE).is_file() else cfg.selection.rho)
     out_path = Path(out) if out is not None else part.parent.parent / "report" / f"{part.name}.html"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..losses import lambda_schedule
 from ..store import atomic_path
 
 
@@ -81,8 +82,6 @@ def lambda_schedule_plot(
     ``applied`` = (step, lambda) pairs from the training metrics; they differ from the schedule
     where the guardrail backed lambda off, which is the point of drawing both.
     """
-    from ..losses import lambda_schedule
-
     fn = lambda_schedule(schedule, t_max=t_max, t_min=t_min, total_steps=total_steps)
     k = np.arange(total_steps + 1)
     fig = _figure()
@@ -138,3 +137,17 @@ def loss_curves(metrics: list[dict], path: str | Path, *, title: str = "Training
     bottom.grid(alpha=0.3)
     bottom.legend(loc="best", fontsize=8)
     return _save(fig, path)
+
+
+def log_finetune_plots(t, res, training=None) -> None:
+    """Loss curves (and, for the forgetting strategy, the lambda schedule) of a fine-tune, logged to ``t``."""
+    plots = Path(res.out_dir) / "plots"
+    if training is not None and training.strategy == "forgetting":
+        applied = [(int(m["step"]) - 1, float(m["lambda"])) for m in res.metrics if "lambda" in m]
+        lambda_schedule_plot(training.lambda_schedule, t_max=training.t_max, t_min=training.t_min,
+                             total_steps=max(1, res.total_steps), path=plots / "lambda_schedule.png", applied=applied)
+        t.log_artifact(plots / "lambda_schedule.png", "plots")
+    if res.metrics:
+        strategy = training.strategy if training is not None else "sft"
+        loss_curves(res.metrics, plots / "loss_curves.png", title=f"{res.stage} ({strategy})")
+        t.log_artifact(plots / "loss_curves.png", "plots")

@@ -1,4 +1,5 @@
-"""Stage recipes: the only modules that touch Ray.  Each exposes one ``run_*`` function.
+"""Stage recipes, one module per stage: prepare, train (reference and fine-tunes), score, partition, evaluate,
+tune.  Each exposes one ``run_*`` function that reads top to bottom.
 
 Imports are lazy so that importing one stage does not pull in the others (or Ray).
 """
@@ -9,6 +10,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "run_prepare": "forgetting_ray.stages.prepare",
+    "PrepareResult": "forgetting_ray.stages.prepare",
+    "run_finetune": "forgetting_ray.stages.train",
+    "run_tune": "forgetting_ray.stages.tune",
+    "run_eval": "forgetting_ray.stages.evaluate",
     "run_score": "forgetting_ray.stages.score",
     "ScoreResult": "forgetting_ray.stages.score",
     "run_partition": "forgetting_ray.stages.partition",

@@ -1,9 +1,15 @@
 """Eval stage: score a model on the five benchmarks and write ``results.json``.
 
-Recipe: resolve the model folder -> load each task's local files (subset rule applied) -> turn
-documents into JSON request rows, sorted by length -> answer them in a Ray Data actor pool (each
-actor loads the model once) or in this process -> score per example -> write per-example samples,
-then ``results.json`` last (its presence means the evaluation finished) -> log to MLflow.
+Recipe, top to bottom (``run_eval``):
+
+1. ``_check_request``: the harness and every task name exist, before any model is loaded;
+2. resolve the model folder (an export's ``merged/``) and the model settings to load it with;
+3. ``_evaluate_native`` (or lm-evaluation-harness on the same local files): load each task's
+   documents (subset rule applied) -> turn them into JSON request rows, sorted by length -> answer
+   them in a Ray Data actor pool (``_answer_on_ray``, each actor loads the model once) or in this
+   process -> score per example;
+4. ``_write_samples``: the per-example records, one JSONL file per task;
+5. ``results.json`` last (its presence means the evaluation finished), then ``_log_mlflow``.
 """
 
 from __future__ import annotations
@@ -16,10 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import EvalConfig, ModelConfig, PipelineConfig, config_to_dict
 from ..errors import UserError
 from ..eval import runner
-from ..store import atomic_write_json, atomic_write_text
+from ..eval.base import check_input, input_fingerprint
+from ..eval.harness import run_lm_eval
+from ..eval.lm import ChatTemplateError, Engine
+from ..models import load_model, load_tokenizer
+from ..ray_utils import EVAL_CPU_RESERVE, check_actor_pool_cpus, init_ray
+from ..store import atomic_write_json, atomic_write_text, content_hash
+from ..tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +71,7 @@ def _model_config(cfg: PipelineConfig, model_path: str) -> ModelConfig:
     return cfg.model.model_copy(update={"name_or_path": model_path, "tokenizer": None, "revision": None})
 
 
-def build_engine(model_cfg: dict[str, Any], eval_cfg: dict[str, Any], device: str | None = None):
-    import torch
-
-    from ..eval.lm import Engine
-    from ..models import load_model, load_tokenizer
-
+def build_engine(model_cfg: dict[str, Any], eval_cfg: dict[str, Any], device: str | None = None) -> Engine:
     mcfg, ecfg = ModelConfig(**model_cfg), EvalConfig(**eval_cfg)
     if device is None:
         device = "cuda" if torch.cuda.is_available() and ecfg.num_gpus_per_actor > 0 else "cpu"
@@ -76,8 +85,6 @@ class EvalPredictor:
     """Ray Data actor: loads the model once, answers batches of JSON request rows."""
 
     def __init__(self, model_cfg: dict[str, Any], eval_cfg: dict[str, Any], threads: int) -> None:
-        import torch
-
         torch.set_num_threads(max(1, threads))
         self.engine = build_engine(model_cfg, eval_cfg)
 
@@ -88,16 +95,14 @@ class EvalPredictor:
 
 
 def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
-    from ..ray_utils import EVAL_CPU_RESERVE, check_actor_pool_cpus
-
     check_actor_pool_cpus(ray, "eval", cfg.eval, reserve=EVAL_CPU_RESERVE, ray_address=cfg.resources.ray_address,
                           error=EvalConfigError)  # repartition tasks take a whole CPU
 
 
 def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[dict[str, Any]]) -> list[Any]:
+    # ray and mlflow are imported where they are used: each takes seconds, and the pipeline imports this
+    # module whatever the backend and tracking settings.
     import ray
-
-    from ..ray_utils import init_ray
 
     init_ray(cfg.resources.ray_address)
     e = cfg.eval
@@ -143,8 +148,6 @@ def _log_mlflow(cfg: PipelineConfig, result: dict[str, Any], tracker: Any = None
     if mlflow.active_run() is not None:  # inside a pipeline/Tune run: log there
         mlflow.log_metrics({k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and math.isfinite(v)})
         return
-    from ..tracking import Tracker, resolve_tracking_uri
-
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.run_dir)
     run = Tracker.start(uri, cfg.tracking.experiment_name, "eval", {"forgetting_ray.stage": "eval"})
     try:
@@ -157,8 +160,6 @@ def _log_mlflow(cfg: PipelineConfig, result: dict[str, Any], tracker: Any = None
 
 def check_eval_files(cfg: PipelineConfig) -> None:
     """Every configured benchmark file exists and every dataset opens: the pipeline calls this before any compute."""
-    from ..eval.base import check_input
-
     for name in cfg.eval.tasks:
         for inp in runner.get_task(name).files(cfg.eval):
             check_input(inp, name)
@@ -166,16 +167,49 @@ def check_eval_files(cfg: PipelineConfig) -> None:
 
 def eval_data_fingerprint(ecfg: EvalConfig) -> dict[str, list[str]]:
     """task -> the content of what it reads: each file's sha256, each dataset's rows' sha256."""
-    from ..eval.base import input_fingerprint
-
     return {name: [input_fingerprint(inp) for inp in runner.get_task(name).files(ecfg)] for name in ecfg.tasks}
 
 
 def eval_key(cfg: PipelineConfig, model: dict[str, Any]) -> str:
     """Key of an evaluation's folder: the model's identity, the eval settings and the benchmark data's content."""
-    from ..store import content_hash
-
     return content_hash({"model": model, "eval": config_to_dict(cfg.eval), "data": eval_data_fingerprint(cfg.eval)})
+
+
+def _check_request(cfg: PipelineConfig, harness: str | None) -> str:
+    """The harness to use; unknown harness or task names fail before any model is loaded."""
+    harness = harness or cfg.eval.harness
+    if harness not in ("native", "lm-eval"):
+        raise ValueError(f"unknown harness {harness!r}; use 'native' or 'lm-eval'")
+    for name in cfg.eval.tasks:
+        runner.get_task(name)
+    return harness
+
+
+def _evaluate_native(cfg: PipelineConfig, model_cfg: ModelConfig, model_path: str):
+    """This package's evaluation: documents -> requests -> answers (Ray or here) -> per-example scores.
+    Returns (metrics, records) as ``runner.score_tasks``."""
+    tok = load_tokenizer(model_cfg)
+    if cfg.eval.chat_template and not getattr(tok, "chat_template", None):
+        raise ChatTemplateError(f"eval.chat_template is on but the tokenizer of {model_path} has no chat template")
+    docs = {name: runner.load_docs(name, cfg.eval, tok) for name in cfg.eval.tasks}
+    rows = runner.prepare_requests(docs, cfg.eval)
+    requests = [r["request"] for r in rows]
+    log.info("eval: %d requests over %s", len(requests), {k: len(v) for k, v in docs.items()})
+    if cfg.eval.backend == "ray":
+        answers = _answer_on_ray(cfg, model_cfg, requests)
+    else:
+        answers = runner.answer_requests(build_engine(config_to_dict(model_cfg), config_to_dict(cfg.eval)), requests)
+    return runner.score_tasks(docs, rows, answers)
+
+
+def _write_samples(out_dir: Path, records: dict[str, list[dict[str, Any]]]) -> dict[str, Path]:
+    """One JSONL file of per-example records per task, under ``out_dir/samples``."""
+    samples = {}
+    for name, recs in records.items():
+        samples[name] = atomic_write_text(
+            out_dir / "samples" / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+        )
+    return samples
 
 
 def run_eval(
@@ -192,44 +226,19 @@ def run_eval(
     files); None = ``cfg.eval.harness``.  ``tracker``: an optional forgetting_ray.tracking.Tracker
     to log into; otherwise the active MLflow run, else a new run at ``cfg.tracking.tracking_uri``.
     """
-    harness = harness or cfg.eval.harness
-    if harness not in ("native", "lm-eval"):
-        raise ValueError(f"unknown harness {harness!r}; use 'native' or 'lm-eval'")
-    for name in cfg.eval.tasks:
-        runner.get_task(name)  # unknown names fail before any model is loaded
+    harness = _check_request(cfg, harness)
     out_dir = Path(out_dir)
     model_path = resolve_eval_model(model_path)
     model_cfg = _model_config(cfg, model_path)
     t0 = time.time()
 
     if harness == "lm-eval":
-        from ..eval.harness import run_lm_eval
-
         metrics, records = run_lm_eval(cfg, model_cfg)
     else:
-        from ..models import load_tokenizer
-
-        tok = load_tokenizer(model_cfg)
-        if cfg.eval.chat_template and not getattr(tok, "chat_template", None):
-            from ..eval.lm import ChatTemplateError
-
-            raise ChatTemplateError(f"eval.chat_template is on but the tokenizer of {model_path} has no chat template")
-        docs = {name: runner.load_docs(name, cfg.eval, tok) for name in cfg.eval.tasks}
-        rows = runner.prepare_requests(docs, cfg.eval)
-        requests = [r["request"] for r in rows]
-        log.info("eval: %d requests over %s", len(requests), {k: len(v) for k, v in docs.items()})
-        if cfg.eval.backend == "ray":
-            answers = _answer_on_ray(cfg, model_cfg, requests)
-        else:
-            answers = runner.answer_requests(build_engine(config_to_dict(model_cfg), config_to_dict(cfg.eval)), requests)
-        metrics, records = runner.score_tasks(docs, rows, answers)
-
+        metrics, records = _evaluate_native(cfg, model_cfg, model_path)
     headline, average = runner.headline_scores(metrics)
-    samples = {}
-    for name, recs in records.items():
-        samples[name] = atomic_write_text(
-            out_dir / "samples" / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
-        )
+    samples = _write_samples(out_dir, records)
+
     result = {
         "model": model_path,
         "harness": harness,

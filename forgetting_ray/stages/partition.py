@@ -1,11 +1,18 @@
 """PARTITION stage: exact global top-rho split of the response-token scores (docs/method.md §5).
 
-Recipe (``run_partition``): check the score set is complete and belongs to this token table ->
-key the output by (score key, rho) -> pass 0 over the shards validates them (finite, aligned with
-the table) and gathers the histogram range -> ``selection.find_threshold`` finds the exact k-th
-largest score in two streaming passes -> a last pass applies it shard by shard (ties go to the lower
-global index, as ``selection.partition``) and streams the partitioned table, histogram and
-per-source counts -> ``train.parquet``, ``partition.json``, ``score_histogram.png`` appear together.
+Recipe, top to bottom (``run_partition``):
+
+1. ``_finished_score_set``: the score set must carry its completion marker;
+2. key the output by (score key, rho); a finished partition is reused as it is;
+3. ``_read_layout``: the token table must be the one the scores were computed for (content hash);
+4. ``_validate_shards`` (pass 0): every shard aligned with its table rows and finite; gathers the
+   histogram range;
+5. ``selection.find_threshold``: the exact k-th largest score, in two streaming passes;
+6. ``_write_partitioned_table`` (last pass): applies the threshold shard by shard (ties go to the lower
+   global index, as ``selection.partition``) and streams the partitioned table, the histogram and the
+   per-source counts;
+7. ``partition.json``, ``score_histogram.png`` and the completion marker, written in the same temporary
+   folder as ``train.parquet`` so that all of them appear together.
 
 Only one shard of scores is in memory at a time; the token table is read once.
 """
@@ -15,7 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -23,11 +30,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import PipelineConfig
+from ..data.score_set import find_nonfinite, nonfinite_error, shard_name
 from ..data.table import IGNORE_INDEX, TokenTableError, read_token_table, token_table_hash
 from ..errors import UserError
-from ..selection import NEGATIVE, POSITIVE, Threshold, find_threshold
+from ..report.plots import score_histogram
+from ..selection import POSITIVE, Threshold, classify_shard, find_threshold
 from ..store import atomic_dir, atomic_write_json, content_hash, is_complete, mark_complete, read_done, stage_dir
-from ..data.score_set import find_nonfinite, nonfinite_error, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -58,37 +66,89 @@ class PartitionResult:
         return self.train_path
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """The token table and how the score set's shards cut it into rows."""
+
+    table: pa.Table
+    ids: list[str]
+    n_resp: np.ndarray
+    size: int
+    n_shards: int
+
+    def rows(self, i: int) -> tuple[int, int]:
+        """Table rows ``[lo, hi)`` of shard ``i``."""
+        return i * self.size, min((i + 1) * self.size, len(self.ids))
+
+
+@dataclass
+class _Applied:
+    """What the last pass counted while writing the partitioned table."""
+
+    n_positive: int
+    hist: np.ndarray
+    per_source: dict[str, dict[str, Any]]
+
+
 def partition_key(score_key: str, rho: float) -> str:
     return content_hash({"version": PARTITION_VERSION, "score": score_key, "rho": repr(float(rho))})
 
 
+def _result(out: Path, key: str, marker: dict[str, Any], *, cached: bool = False) -> PartitionResult:
+    return PartitionResult(out, key, train_path=out / TABLE_FILE, info_path=out / INFO_FILE,
+                           histogram_path=out / HISTOGRAM_FILE, n_tokens=marker["n_tokens"],
+                           n_positive=marker["n_positive"], n_negative=marker["n_negative"],
+                           threshold=marker["threshold"], cached=cached)
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------
+def _finished_score_set(score_dir: Path) -> dict[str, Any]:
+    """The score set's completion marker (its key, shard layout and table hash)."""
+    if not is_complete(score_dir):
+        raise PartitionInputError(f"score set {score_dir} is not complete (no completion marker): run the score stage")
+    return read_done(score_dir)
+
+
+def _read_layout(train_table: Path, score_dir: Path, info: dict[str, Any]) -> _Layout:
+    """The token table, refused unless it is the one the score set was computed for."""
+    try:
+        table = read_token_table(train_table)
+    except TokenTableError as e:
+        raise PartitionInputError(str(e)) from None
+    if token_table_hash(table) != info["table_hash"]:
+        raise PartitionInputError(
+            f"score set {score_dir} was computed for a different token table than {train_table} "
+            f"(content hash {info['table_hash']} vs {token_table_hash(table)})"
+        )
+    layout = _Layout(table, table.column("sample_id").to_pylist(), table.column("n_response").to_numpy(),
+                     int(info["shard_size"]), int(info["n_shards"]))
+    if int(layout.n_resp.sum()) == 0:
+        raise PartitionInputError(f"token table {train_table} has no response tokens to partition")
+    return layout
+
+
+# ------------------------------------------------------------------------------------------------
+# passes over the score shards
+# ------------------------------------------------------------------------------------------------
 def _shard_scores(score_dir: Path, n_shards: int) -> Iterator[np.ndarray]:
     for i in range(n_shards):
         col = pq.read_table(score_dir / shard_name(i), columns=["score"]).column("score")
         yield pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
 
 
-def _classes(scores: np.ndarray, tau: np.float32, ties_left: int) -> tuple[np.ndarray, int]:
-    """One shard's classes under the global threshold; the first ``ties_left`` ties are positive."""
-    out = np.where(scores > tau, POSITIVE, NEGATIVE).astype(np.int8)
-    if ties_left > 0:
-        ties = np.flatnonzero(scores == tau)[:ties_left]
-        out[ties] = POSITIVE
-        ties_left -= ties.size
-    return out, ties_left
-
-
-def _validate_shards(score_dir: Path, n_shards: int, size: int, ids: list[str], n_resp: np.ndarray,
-                     table_path: Path) -> tuple[float, float]:
+def _validate_shards(score_dir: Path, layout: _Layout, table_path: Path) -> tuple[float, float]:
     """Pass 0: every shard aligned with its table rows and finite. Returns (min, max) score."""
+    ids, n_resp = layout.ids, layout.n_resp
     lo_all, hi_all = np.inf, -np.inf
-    for i in range(n_shards):
+    for i in range(layout.n_shards):
         path = score_dir / shard_name(i)
         try:
             t = pq.read_table(path, columns=["sample_id", "score"])
         except Exception as e:
             raise PartitionInputError(f"cannot read score shard {path}: {e}") from None
-        lo, hi = i * size, min((i + 1) * size, len(ids))
+        lo, hi = layout.rows(i)
         if t.column("sample_id").to_pylist() != ids[lo:hi]:
             raise PartitionInputError(f"score shard {path} does not hold table rows {lo}..{hi - 1} in order")
         counts = pc.list_value_length(t.column("score")).to_numpy(zero_copy_only=False)
@@ -107,104 +167,102 @@ def _validate_shards(score_dir: Path, n_shards: int, size: int, ids: list[str], 
     return lo_all, hi_all
 
 
-def run_partition(cfg: PipelineConfig, train_table: Path, score_dir: Path) -> PartitionResult:
-    """Write ``<run_dir>/partition/<key>/{train.parquet, partition.json, score_histogram.png}``."""
-    from ..report.plots import score_histogram
+def _with_token_class(rows: pa.Table, cls: np.ndarray, class_field: pa.Field) -> pa.Table:
+    """``rows`` plus a ``token_class`` list per row: ``cls`` at the response positions, 0 elsewhere."""
+    labels = rows.column("labels").combine_chunks()
+    flat = pc.list_flatten(labels).to_numpy(zero_copy_only=False)
+    token_class = np.zeros(flat.size, dtype=np.int8)
+    token_class[flat != IGNORE_INDEX] = cls  # response positions in row order, as the scores
+    offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(labels).to_numpy(zero_copy_only=False))])
+    col = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(token_class, pa.int8()))
+    return rows.append_column(class_field, pa.chunked_array([col]))
 
-    rho = cfg.selection.rho
-    score_dir, train_table = Path(score_dir), Path(train_table).resolve()
 
-    # 1. inputs -------------------------------------------------------------------------------
-    if not is_complete(score_dir):
-        raise PartitionInputError(f"score set {score_dir} is not complete (no completion marker): run the score stage")
-    info = read_done(score_dir)
-    key = partition_key(info["key"], rho)
-    out = stage_dir(cfg.run_dir, STAGE, key)
-    result_paths = dict(train_path=out / TABLE_FILE, info_path=out / INFO_FILE, histogram_path=out / HISTOGRAM_FILE)
-    if is_complete(out):
-        done = read_done(out)
-        log.info("partition: reusing %s", out)
-        return PartitionResult(out, key, **result_paths, n_tokens=done["n_tokens"], n_positive=done["n_positive"],
-                               n_negative=done["n_negative"], threshold=done["threshold"], cached=True)
-    try:
-        table = read_token_table(train_table)
-    except TokenTableError as e:
-        raise PartitionInputError(str(e)) from None
-    if token_table_hash(table) != info["table_hash"]:
-        raise PartitionInputError(
-            f"score set {score_dir} was computed for a different token table than {train_table} "
-            f"(content hash {info['table_hash']} vs {token_table_hash(table)})"
-        )
-    ids = table.column("sample_id").to_pylist()
-    n_resp = table.column("n_response").to_numpy()
-    size, n_shards = int(info["shard_size"]), int(info["n_shards"])
-    if int(n_resp.sum()) == 0:
-        raise PartitionInputError(f"token table {train_table} has no response tokens to partition")
-
-    # 2. validate + histogram range, then the exact threshold -----------------------------------------
-    s_min, s_max = _validate_shards(score_dir, n_shards, size, ids, n_resp, train_table)
-    th: Threshold = find_threshold(lambda: _shard_scores(score_dir, n_shards), rho)
-    edges = np.linspace(s_min, s_max if s_max > s_min else s_min + 1.0, cfg.selection.histogram_bins + 1)
-    hist = np.zeros(cfg.selection.histogram_bins, dtype=np.int64)
-
-    # 3. apply it, streaming the partitioned table -------------------------------------------------
+def _write_partitioned_table(path: Path, score_dir: Path, layout: _Layout, th: Threshold,
+                             edges: np.ndarray) -> _Applied:
+    """Last pass: classify each shard under the global threshold and stream its rows, with token_class, to ``path``."""
+    table = layout.table
     sources = pc.dictionary_encode(table.column("source")).combine_chunks()
     src_names = sources.dictionary.to_pylist()
     src_codes = sources.indices.to_numpy(zero_copy_only=False)
     pos_by_src = np.zeros(len(src_names), dtype=np.int64)
     tok_by_src = np.zeros(len(src_names), dtype=np.int64)
+    hist = np.zeros(len(edges) - 1, dtype=np.int64)
     out_schema = table.schema.append(pa.field("token_class", pa.list_(pa.int8())))
     tau, ties_left, n_pos = np.float32(th.tau), th.ties_positive, 0
+    with pq.ParquetWriter(path, out_schema) as writer:
+        for i, scores in enumerate(_shard_scores(score_dir, layout.n_shards)):
+            lo, hi = layout.rows(i)
+            cls, ties_left = classify_shard(scores, tau, ties_left)
+            n_pos += int((cls == POSITIVE).sum())
+            hist += np.histogram(scores, bins=edges)[0]
+            tok_src = np.repeat(src_codes[lo:hi], layout.n_resp[lo:hi])
+            np.add.at(pos_by_src, tok_src[cls == POSITIVE], 1)
+            np.add.at(tok_by_src, tok_src, 1)
+            writer.write_table(_with_token_class(table.slice(lo, hi - lo), cls, out_schema.field("token_class")))
+    per_source = {
+        name: {"n_tokens": int(tok_by_src[j]), "n_positive": int(pos_by_src[j]),
+               "fraction_positive": float(pos_by_src[j] / tok_by_src[j]) if tok_by_src[j] else None}
+        for j, name in enumerate(src_names)
+    }
+    return _Applied(n_pos, hist, per_source)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage
+# ------------------------------------------------------------------------------------------------
+def _summary(key: str, info: dict[str, Any], score_dir: Path, train_table: Path, rho: float, layout: _Layout,
+             th: Threshold, applied: _Applied, score_range: tuple[float, float], edges: np.ndarray) -> dict[str, Any]:
+    """The content of ``partition.json``."""
+    return {
+        "stage": STAGE,
+        "key": key,
+        "score_key": info["key"],
+        "score_dir": str(score_dir),
+        "train_table": str(train_table),
+        "rho": rho,
+        "N": th.n,
+        "n_samples": len(layout.ids),
+        "n_positive": th.k,
+        "n_negative": th.n - th.k,
+        "threshold": th.tau if np.isfinite(th.tau) else None,  # None: rho so small that k = 0
+        "n_above_threshold": th.n_above,
+        "ties_positive": th.ties_positive,
+        "fraction_positive": th.k / th.n,
+        "fraction_positive_by_source": applied.per_source,
+        "score_min": score_range[0],
+        "score_max": score_range[1],
+        "histogram": {"edges": edges.tolist(), "counts": applied.hist.tolist()},
+    }
+
+
+def run_partition(cfg: PipelineConfig, train_table: Path, score_dir: Path) -> PartitionResult:
+    """Write ``<run_dir>/partition/<key>/{train.parquet, partition.json, score_histogram.png}``."""
+    rho = cfg.selection.rho
+    score_dir, train_table = Path(score_dir), Path(train_table).resolve()
+
+    info = _finished_score_set(score_dir)
+    key = partition_key(info["key"], rho)
+    out = stage_dir(cfg.run_dir, STAGE, key)
+    if is_complete(out):
+        log.info("partition: reusing %s", out)
+        return _result(out, key, read_done(out), cached=True)
+    layout = _read_layout(train_table, score_dir, info)
+
+    s_min, s_max = _validate_shards(score_dir, layout, train_table)
+    th = find_threshold(lambda: _shard_scores(score_dir, layout.n_shards), rho)
+    edges = np.linspace(s_min, s_max if s_max > s_min else s_min + 1.0, cfg.selection.histogram_bins + 1)
+
     with atomic_dir(out, overwrite=True) as tmp:
-        with pq.ParquetWriter(tmp / TABLE_FILE, out_schema) as writer:
-            for i, scores in enumerate(_shard_scores(score_dir, n_shards)):
-                lo, hi = i * size, min((i + 1) * size, len(ids))
-                cls, ties_left = _classes(scores, tau, ties_left)
-                n_pos += int((cls == POSITIVE).sum())
-                hist += np.histogram(scores, bins=edges)[0]
-                tok_src = np.repeat(src_codes[lo:hi], n_resp[lo:hi])
-                np.add.at(pos_by_src, tok_src[cls == POSITIVE], 1)
-                np.add.at(tok_by_src, tok_src, 1)
-                rows = table.slice(lo, hi - lo)
-                labels = rows.column("labels").combine_chunks()
-                flat = pc.list_flatten(labels).to_numpy(zero_copy_only=False)
-                token_class = np.zeros(flat.size, dtype=np.int8)
-                token_class[flat != IGNORE_INDEX] = cls  # response positions in row order, as the scores
-                offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(labels).to_numpy(zero_copy_only=False))])
-                col = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(token_class, pa.int8()))
-                writer.write_table(rows.append_column(out_schema.field("token_class"), pa.chunked_array([col])))
-        if n_pos != th.k:
-            raise RuntimeError(f"partition: {n_pos} positives written, expected floor(N*rho) = {th.k}")
-        per_source = {
-            name: {"n_tokens": int(tok_by_src[j]), "n_positive": int(pos_by_src[j]),
-                   "fraction_positive": float(pos_by_src[j] / tok_by_src[j]) if tok_by_src[j] else None}
-            for j, name in enumerate(src_names)
-        }
-        summary = {
-            "stage": STAGE,
-            "key": key,
-            "score_key": info["key"],
-            "score_dir": str(score_dir),
-            "train_table": str(train_table),
-            "rho": rho,
-            "N": th.n,
-            "n_samples": len(ids),
-            "n_positive": th.k,
-            "n_negative": th.n - th.k,
-            "threshold": th.tau if np.isfinite(th.tau) else None,  # None: rho so small that k = 0
-            "n_above_threshold": th.n_above,
-            "ties_positive": th.ties_positive,
-            "fraction_positive": th.k / th.n,
-            "fraction_positive_by_source": per_source,
-            "score_min": s_min,
-            "score_max": s_max,
-            "histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
-        }
+        applied = _write_partitioned_table(tmp / TABLE_FILE, score_dir, layout, th, edges)
+        if applied.n_positive != th.k:
+            raise RuntimeError(f"partition: {applied.n_positive} positives written, expected floor(N*rho) = {th.k}")
+        summary = _summary(key, info, score_dir, train_table, rho, layout, th, applied, (s_min, s_max), edges)
         atomic_write_json(tmp / INFO_FILE, summary)
-        score_histogram(hist, edges, th.tau, tmp / HISTOGRAM_FILE, rho=rho, n_positive=th.k, n_total=th.n)
-        mark_complete(tmp, {"stage": STAGE, "key": key, "n_tokens": th.n, "n_positive": th.k,
-                            "n_negative": th.n - th.k, "threshold": summary["threshold"]})
+        score_histogram(applied.hist, edges, th.tau, tmp / HISTOGRAM_FILE, rho=rho, n_positive=th.k, n_total=th.n)
+        marker = {"stage": STAGE, "key": key, "n_tokens": th.n, "n_positive": th.k, "n_negative": th.n - th.k,
+                  "threshold": summary["threshold"]}
+        mark_complete(tmp, marker)
     log.info("partition: %d of %d response tokens positive (rho=%g, threshold %.6g) -> %s",
              th.k, th.n, rho, th.tau, out)
-    return PartitionResult(out, key, **result_paths, n_tokens=th.n, n_positive=th.k, n_negative=th.n - th.k,
-                           threshold=summary["threshold"])
+    return _result(out, key, marker)

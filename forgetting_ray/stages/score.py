@@ -2,17 +2,20 @@
 
 Recipe, top to bottom (``run_score``):
 
-1. resolve inputs: read and check the token table, resolve base and reference (an export folder's
-   ``adapter/`` when present, else ``merged/``, else a plain HF folder), and refuse mismatched
-   tokenizers or vocabularies before any work starts;
-2. key the output folder ``<run_dir>/score/<key>/`` by everything that changes the numbers
-   (weights, tokenizer, table content, dtype) -- never by batch size or concurrency;
-3. cache hit -> return; otherwise keep every valid finished shard and score only the rest;
-4. Ray Data: read the table -> split into blocks of ``shard_size`` rows -> sort each block by length
-   -> ``map_batches`` into an actor pool (:class:`ScoreActor`, both models loaded once per actor)
-   that cuts each batch into token-budget sub-batches and runs ``token_nll`` twice;
-5. the driver collects rows per shard and writes each shard (temp file + rename) the moment it is
-   complete, so a kill loses at most the shards in flight; finally the completion marker.
+1. ``_resolve_inputs``: read and check the token table, resolve base and reference (an export folder's
+   ``adapter/`` when present, else ``merged/``, else a plain HF folder), refuse mismatched tokenizers
+   or vocabularies before any work starts, and key the output folder ``<run_dir>/score/<key>/`` by
+   everything that changes the numbers (weights, tokenizer, table content, dtype) -- never by batch
+   size or concurrency;
+2. ``_open_layout``: the shard size the folder was started with (recorded on the first run);
+3. ``_reuse_complete``: a finished score set is returned as it is;
+4. ``_pending_shards``: every valid finished shard is kept, only the rest is scored;
+5. ``_score_pending``: Ray Data reads the table -> splits it into blocks of ``shard_size`` rows ->
+   sorts each block by length -> ``map_batches`` into an actor pool (:class:`ScoreActor`, both models
+   loaded once per actor) that cuts each batch into token-budget sub-batches and runs ``token_nll``
+   twice; the driver collects rows per shard (:class:`_ShardCollector`) and writes each shard (temp
+   file + rename) the moment it is complete, so a kill loses at most the shards in flight;
+6. ``_mark_done``: the completion marker, with the throughput stats.
 
 Shard ``i`` always holds table rows ``[i*shard_size, (i+1)*shard_size)`` in table order, whatever
 order Ray Data delivers them in: that is what makes resume exact.  The maths (``token_nll``) and the
@@ -34,8 +37,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
 
 from ..config import ModelConfig, PipelineConfig, config_to_dict
+from ..data.collate import collate
 from ..data.score_set import (
     LAYOUT_FILE,
     SCORE_SCHEMA,
@@ -46,6 +52,9 @@ from ..data.score_set import (
 )
 from ..data.table import IGNORE_INDEX, TokenTableError, read_token_table, token_table_hash
 from ..errors import UserError
+from ..models import load_model, load_tokenizer, resolve_model_path, tokenizer_fingerprint
+from ..ray_utils import SCORING_CPU_RESERVE, check_actor_pool_cpus, init_ray
+from ..scoring import token_nll
 from ..store import (
     atomic_path,
     atomic_write_json,
@@ -263,128 +272,14 @@ def score_key(parts: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# the Ray Data pieces
-# ------------------------------------------------------------------------------------------------
-def _select_and_sort(block: pa.Table, pending: list[str] | None) -> pa.Table:
-    """One Ray Data block: keep rows of unfinished shards, then sort by length (bucketing)."""
-    if pending is not None:
-        block = block.filter(pc.is_in(block.column("sample_id"), value_set=pa.array(pending, pa.string())))
-    lengths = pc.list_value_length(block.column("input_ids")).to_numpy(zero_copy_only=False)
-    return block.take(pa.array(np.argsort(lengths, kind="stable")))
-
-
-class ScoreActor:
-    """Ray Data actor: holds base and reference once, scores batches of token-table rows.
-
-    With an adapter reference there is ONE copy of the base weights: the reference pass runs with
-    the LoRA on and the base pass inside ``disable_adapter()``.
-    """
-
-    def __init__(self, base_cfg: dict[str, Any], ref: dict[str, Any], dtype: str, use_gpu: bool,
-                 threads: int, batch_tokens: int, pad_tolerance: float | None, chunk_size: int | None,
-                 pad_token_id: int) -> None:
-        import torch
-        from transformers.utils import logging as hf_logging
-
-        from ..models import load_model
-
-        hf_logging.disable_progress_bar()  # one bar for the stage (driver), not one per actor
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, threads))  # its CPU share, not every core of the node
-        self.batch_tokens, self.pad_tolerance = batch_tokens, pad_tolerance
-        self.chunk_size, self.pad_token_id = chunk_size, pad_token_id
-        base = load_model(ModelConfig(**base_cfg), device=self.device, dtype=dtype).eval()
-        if ref["mode"] == "adapter":
-            from peft import PeftModel
-
-            self.ref = PeftModel.from_pretrained(base, ref["path"], is_trainable=False).eval()
-            self.base = None
-        else:
-            ref_cfg = ModelConfig(**{**base_cfg, "name_or_path": ref["path"], "tokenizer": None, "revision": None})
-            self.ref = load_model(ref_cfg, device=self.device, dtype=dtype).eval()
-            self.base = base
-
-    def _nll_pair(self, ids, mask, labels):
-        from ..scoring import token_nll
-
-        if self.base is None:
-            with self.ref.disable_adapter():
-                nll_base = token_nll(self.ref, ids, mask, labels, chunk_size=self.chunk_size)
-        else:
-            nll_base = token_nll(self.base, ids, mask, labels, chunk_size=self.chunk_size)
-        nll_ref = token_nll(self.ref, ids, mask, labels, chunk_size=self.chunk_size)
-        return nll_base, nll_ref
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
-        from ..data.collate import collate
-
-        ids_col, labels_col = batch.column("input_ids").to_pylist(), batch.column("labels").to_pylist()
-        lengths = np.fromiter((len(r) for r in ids_col), dtype=np.int64, count=len(ids_col))
-        n = len(ids_col)
-        base_vals: list[np.ndarray | None] = [None] * n
-        ref_vals: list[np.ndarray | None] = [None] * n
-        padded = np.zeros(n, dtype=np.int32)
-        busy = np.zeros(n, dtype=np.float64)
-        with torch.inference_mode():
-            for rows in plan_batches(lengths, self.batch_tokens, pad_tolerance=self.pad_tolerance):
-                t0 = time.perf_counter()
-                t = collate({"input_ids": [ids_col[i] for i in rows], "labels": [labels_col[i] for i in rows]},
-                            self.pad_token_id)
-                t = {k: v.to(self.device) for k, v in t.items()}
-                nll_base, nll_ref = self._nll_pair(t["input_ids"], t["attention_mask"], t["labels"])
-                keep = t["labels"] != IGNORE_INDEX
-                counts = keep.sum(dim=1).tolist()
-                # rows are right-padded, so the masked values come out row by row, positions in order
-                b = torch.split(nll_base[keep].float().cpu(), counts)
-                r = torch.split(nll_ref[keep].float().cpu(), counts)
-                for j, i in enumerate(rows):
-                    base_vals[i], ref_vals[i] = b[j].numpy(), r[j].numpy()
-                padded[rows] = t["input_ids"].shape[1]
-                busy[rows] = (time.perf_counter() - t0) / len(rows)
-        offsets = np.concatenate([[0], np.cumsum([v.size for v in base_vals])]).astype(np.int32)
-        flat_base = np.concatenate(base_vals) if n else np.zeros(0, np.float32)
-        flat_ref = np.concatenate(ref_vals) if n else np.zeros(0, np.float32)
-        as_list = lambda v: pa.ListArray.from_arrays(pa.array(offsets), pa.array(v, pa.float32()))  # noqa: E731
-        return pa.table(
-            {
-                "sample_id": batch.column("sample_id"),
-                "nll_base": as_list(flat_base),
-                "nll_ref": as_list(flat_ref),
-                "score": as_list(flat_base - flat_ref),
-                "_padded_len": pa.array(padded),
-                "_busy_s": pa.array(busy),
-                "_actor": pa.array(np.full(n, os.getpid(), dtype=np.int64)),
-            }
-        )
-
-
-# ------------------------------------------------------------------------------------------------
-# shards on disk
-# ------------------------------------------------------------------------------------------------
-# ------------------------------------------------------------------------------------------------
-# stage
+# inputs and key
 # ------------------------------------------------------------------------------------------------
 def _check_tokenizers(cfg: PipelineConfig, table: pa.Table, table_path: Path, ref: ReferenceSpec,
                       base_path: str) -> tuple[str, int]:
     """Every mismatch that would make scores silently wrong, before any work. Returns (fingerprint, pad id)."""
-    from ..models import load_tokenizer, tokenizer_fingerprint
-
     tok = load_tokenizer(cfg.model)
     fp = tokenizer_fingerprint(tok)
-    manifest = table_path.parent / "manifest.json"
-    if manifest.is_file():
-        got = json.loads(manifest.read_text()).get("tokenizer_fingerprint")
-        if got != fp:
-            raise ScoreInputError(
-                f"token table {table_path} was tokenized with tokenizer fingerprint {got} (see {manifest}), but "
-                f"the configured model {cfg.model.name_or_path!r} has tokenizer fingerprint {fp}: re-run prepare "
-                "with this model, or score with the model the table was made for"
-            )
-    else:
-        log.warning("score: no prepare manifest next to %s; the table's tokenizer cannot be verified", table_path)
+    _check_table_tokenizer(cfg, table_path, fp)
     if ref.tokenizer_dir is not None:
         ref_fp = tokenizer_fingerprint(load_tokenizer(ModelConfig(name_or_path=str(ref.tokenizer_dir),
                                                                   tokenizer=str(ref.tokenizer_dir))))
@@ -410,45 +305,19 @@ def _check_tokenizers(cfg: PipelineConfig, table: pa.Table, table_path: Path, re
     return fp, tok.pad_token_id
 
 
-def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
-    from ..ray_utils import SCORING_CPU_RESERVE, check_actor_pool_cpus
-
-    check_actor_pool_cpus(ray, "scoring", cfg.scoring, reserve=SCORING_CPU_RESERVE, ray_address=cfg.resources.ray_address,
-                          error=ScoreInputError)
-
-
-def _stream_scores(cfg: PipelineConfig, table_path: Path, pending_ids: list[str] | None, actor_kwargs: dict,
-                   n_blocks_rows: int) -> Iterator[pa.Table]:
-    """Ray Data pipeline: read -> blocks of shard_size rows -> sort by length -> actor pool."""
-    import ray
-    from ray.data import DataContext
-
-    s = cfg.scoring
-    ctx = DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start)
-    # one driver-side bar for the whole stage instead of one per operator
-    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = ctx.print_on_execution_start = False
-    try:
-        ds = ray.data.read_parquet(str(table_path), columns=["sample_id", "input_ids", "labels"], num_cpus=0.25)
-        # Small parquet files arrive as one block (STACK_NOTES Exp 3); blocks of shard_size rows feed every
-        # actor and let shards complete (and be written) one after another.
-        ds = ds.repartition(target_num_rows_per_block=n_blocks_rows)
-        ds = ds.map_batches(_select_and_sort, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-                            fn_kwargs={"pending": pending_ids}, num_cpus=0.25)
-        ds = ds.map_batches(
-            ScoreActor,
-            fn_constructor_kwargs=actor_kwargs,
-            batch_size=s.batch_size,
-            batch_format="pyarrow",
-            # One batch at a time per actor: a batch is seconds of compute, so queueing several on the first
-            # actor that starts would leave the others idle (load balance over prefetch).
-            compute=ray.data.ActorPoolStrategy(size=s.concurrency, max_tasks_in_flight_per_actor=1),
-            num_cpus=s.num_cpus_per_actor,
-            num_gpus=s.num_gpus_per_actor or None,
+def _check_table_tokenizer(cfg: PipelineConfig, table_path: Path, fp: str) -> None:
+    """The prepare manifest next to the table names the tokenizer it was made with: it must be the model's."""
+    manifest = table_path.parent / "manifest.json"
+    if not manifest.is_file():
+        log.warning("score: no prepare manifest next to %s; the table's tokenizer cannot be verified", table_path)
+        return
+    got = json.loads(manifest.read_text()).get("tokenizer_fingerprint")
+    if got != fp:
+        raise ScoreInputError(
+            f"token table {table_path} was tokenized with tokenizer fingerprint {got} (see {manifest}), but "
+            f"the configured model {cfg.model.name_or_path!r} has tokenizer fingerprint {fp}: re-run prepare "
+            "with this model, or score with the model the table was made for"
         )
-        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
-    finally:
-        ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start = saved
 
 
 @dataclass
@@ -469,8 +338,6 @@ class _Inputs:
 
 def _resolve_inputs(cfg: PipelineConfig, train_table: Path, reference_model: Path) -> _Inputs:
     """Read and check everything, compute the key. Raises ScoreInputError before any work."""
-    from ..models import resolve_model_path
-
     train_table = Path(train_table).resolve()
     try:
         table = read_token_table(train_table)
@@ -507,124 +374,163 @@ def score_location(cfg: PipelineConfig, train_table: Path, reference_model: Path
     return inp.key, inp.out
 
 
-def run_score(cfg: PipelineConfig, train_table: Path, reference_model: Path) -> ScoreResult:
-    """Score every response token of ``train_table``; write ``<run_dir>/score/<key>/shard-*.parquet``."""
-    t_start = time.perf_counter()
-    s = cfg.scoring
+# ------------------------------------------------------------------------------------------------
+# the Ray Data pieces
+# ------------------------------------------------------------------------------------------------
+def _select_and_sort(block: pa.Table, pending: list[str] | None) -> pa.Table:
+    """One Ray Data block: keep rows of unfinished shards, then sort by length (bucketing)."""
+    if pending is not None:
+        block = block.filter(pc.is_in(block.column("sample_id"), value_set=pa.array(pending, pa.string())))
+    lengths = pc.list_value_length(block.column("input_ids")).to_numpy(zero_copy_only=False)
+    return block.take(pa.array(np.argsort(lengths, kind="stable")))
 
-    # 1-2. inputs and key (every bad input fails here, before any work) -------------------------------
-    inp = _resolve_inputs(cfg, train_table, reference_model)
-    key, out, ids, n_resp, lengths, ref = inp.key, inp.out, inp.ids, inp.n_resp, inp.lengths, inp.ref
-    train_table = inp.table_path
 
-    # 3. cache / resume -------------------------------------------------------------------------
-    layout_path = out / LAYOUT_FILE
-    if layout_path.is_file():
-        layout = json.loads(layout_path.read_text())
-        if layout["shard_size"] != s.shard_size:
-            log.info("score: %s was started with shard_size %d; keeping it (config says %d)",
-                     out, layout["shard_size"], s.shard_size)
-    else:
-        layout = {"shard_size": s.shard_size, "n_samples": len(ids)}
-        atomic_write_json(layout_path, {**layout, "key": key, "inputs": inp.key_parts, "table_path": str(train_table),
-                                        "reference_model": str(reference_model), "base_model": inp.base_path})
-    size = int(layout["shard_size"])
-    n_shards = math.ceil(len(ids) / size)
-    result = ScoreResult(out, key, len(ids), n_shards, int(n_resp.sum()), size, ref.mode)
-    if is_complete(out):
-        if all((out / shard_name(i)).is_file() for i in range(n_shards)):
-            log.info("score: reusing cached scores at %s", out)
-            result.cached = True
-            result.shards_reused = list(range(n_shards))
-            result.stats = read_done(out).get("stats", {})
-            return result
-        log.warning("score: %s is marked complete but shards are missing; rescoring them", out)
-        (out / "_SUCCESS.json").unlink()
-    done = existing_shards(out, n_shards, ids, n_resp, size)
-    pending = [i for i in range(n_shards) if i not in done]
-    result.shards_reused = sorted(done)
-    if done:
-        log.info("score: resuming %s: %d of %d shards already finished", out, len(done), n_shards)
+class ScoreActor:
+    """Ray Data actor: holds base and reference once, scores batches of token-table rows.
 
-    # 4. Ray Data -------------------------------------------------------------------------------
-    stats = {"padded_tokens": 0.0, "real_tokens": 0.0, "actor_busy_s": 0.0}
-    if pending:
-        from tqdm.auto import tqdm
+    With an adapter reference there is ONE copy of the base weights: the reference pass runs with
+    the LoRA on and the base pass inside ``disable_adapter()``.
+    """
 
-        from ..ray_utils import init_ray
+    def __init__(self, base_cfg: dict[str, Any], ref: dict[str, Any], dtype: str, use_gpu: bool,
+                 threads: int, batch_tokens: int, pad_tolerance: float | None, chunk_size: int | None,
+                 pad_token_id: int) -> None:
+        # transformers and peft take seconds to import: only the actors, which load models, pay for them.
+        from transformers.utils import logging as hf_logging
 
-        ray = init_ray(cfg.resources.ray_address)
-        _check_cpu_budget(cfg, ray)
-        exit_after = parse_fault(os.environ.get(FAULT_ENV))
-        index = {sid: i for i, sid in enumerate(ids)}
-        pending_ids = None if not done else [sid for i in pending for sid in ids[i * size : (i + 1) * size]]
-        expected = {i: min((i + 1) * size, len(ids)) - i * size for i in pending}
-        buffers: dict[int, list[pa.Table]] = {i: [] for i in pending}
-        received: dict[int, set[int]] = {i: set() for i in pending}  # a set: a retried batch may repeat rows
-        actor_kwargs = {
-            "base_cfg": config_to_dict(cfg.model.model_copy(update={"name_or_path": inp.base_path})),
-            "ref": {"mode": ref.mode, "path": str(ref.path)},
-            "dtype": inp.dtype,
-            "use_gpu": s.num_gpus_per_actor > 0,
-            "threads": max(1, int(s.num_cpus_per_actor)),
-            "batch_tokens": s.batch_tokens,
-            "pad_tolerance": s.pad_tolerance,
-            "chunk_size": s.chunk_size,
-            "pad_token_id": inp.pad_id,
+        hf_logging.disable_progress_bar()  # one bar for the stage (driver), not one per actor
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, threads))  # its CPU share, not every core of the node
+        self.batch_tokens, self.pad_tolerance = batch_tokens, pad_tolerance
+        self.chunk_size, self.pad_token_id = chunk_size, pad_token_id
+        base = load_model(ModelConfig(**base_cfg), device=self.device, dtype=dtype).eval()
+        if ref["mode"] == "adapter":
+            from peft import PeftModel
+
+            self.ref = PeftModel.from_pretrained(base, ref["path"], is_trainable=False).eval()
+            self.base = None
+        else:
+            ref_cfg = ModelConfig(**{**base_cfg, "name_or_path": ref["path"], "tokenizer": None, "revision": None})
+            self.ref = load_model(ref_cfg, device=self.device, dtype=dtype).eval()
+            self.base = base
+
+    def _nll_pair(self, ids, mask, labels):
+        if self.base is None:
+            with self.ref.disable_adapter():
+                nll_base = token_nll(self.ref, ids, mask, labels, chunk_size=self.chunk_size)
+        else:
+            nll_base = token_nll(self.base, ids, mask, labels, chunk_size=self.chunk_size)
+        nll_ref = token_nll(self.ref, ids, mask, labels, chunk_size=self.chunk_size)
+        return nll_base, nll_ref
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids_col, labels_col = batch.column("input_ids").to_pylist(), batch.column("labels").to_pylist()
+        lengths = np.fromiter((len(r) for r in ids_col), dtype=np.int64, count=len(ids_col))
+        n = len(ids_col)
+        base_vals: list[np.ndarray | None] = [None] * n
+        ref_vals: list[np.ndarray | None] = [None] * n
+        padded = np.zeros(n, dtype=np.int32)
+        busy = np.zeros(n, dtype=np.float64)
+        with torch.inference_mode():
+            for rows in plan_batches(lengths, self.batch_tokens, pad_tolerance=self.pad_tolerance):
+                t0 = time.perf_counter()
+                t = collate({"input_ids": [ids_col[i] for i in rows], "labels": [labels_col[i] for i in rows]},
+                            self.pad_token_id)
+                t = {k: v.to(self.device) for k, v in t.items()}
+                nll_base, nll_ref = self._nll_pair(t["input_ids"], t["attention_mask"], t["labels"])
+                keep = t["labels"] != IGNORE_INDEX
+                counts = keep.sum(dim=1).tolist()
+                # rows are right-padded, so the masked values come out row by row, positions in order
+                b = torch.split(nll_base[keep].float().cpu(), counts)
+                r = torch.split(nll_ref[keep].float().cpu(), counts)
+                for j, i in enumerate(rows):
+                    base_vals[i], ref_vals[i] = b[j].numpy(), r[j].numpy()
+                padded[rows] = t["input_ids"].shape[1]
+                busy[rows] = (time.perf_counter() - t0) / len(rows)
+        return _score_table(batch.column("sample_id"), base_vals, ref_vals, padded, busy)
+
+
+def _score_table(sample_ids: pa.ChunkedArray, base_vals: list, ref_vals: list, padded: np.ndarray,
+                 busy: np.ndarray) -> pa.Table:
+    """An actor's answer: per-row lists of NLLs and scores, plus the per-row bookkeeping columns."""
+    n = len(base_vals)
+    offsets = np.concatenate([[0], np.cumsum([v.size for v in base_vals])]).astype(np.int32)
+    flat_base = np.concatenate(base_vals) if n else np.zeros(0, np.float32)
+    flat_ref = np.concatenate(ref_vals) if n else np.zeros(0, np.float32)
+    as_list = lambda v: pa.ListArray.from_arrays(pa.array(offsets), pa.array(v, pa.float32()))  # noqa: E731
+    return pa.table(
+        {
+            "sample_id": sample_ids,
+            "nll_base": as_list(flat_base),
+            "nll_ref": as_list(flat_ref),
+            "score": as_list(flat_base - flat_ref),
+            "_padded_len": pa.array(padded),
+            "_busy_s": pa.array(busy),
+            "_actor": pa.array(np.full(n, os.getpid(), dtype=np.int64)),
         }
-        per_actor: dict[str, float] = {}  # busy seconds by actor pid: shows the pool is balanced
-        n_todo = sum(expected.values())
-        bar = tqdm(total=n_todo, unit="sample", desc=f"score {key}", mininterval=1.0, dynamic_ncols=True)
-        t0, tokens = time.perf_counter(), 0
-        try:
-            for batch in _stream_scores(cfg, train_table, pending_ids, actor_kwargs, size):
-                rows = np.fromiter((index[x] for x in batch.column("sample_id").to_pylist()), np.int64,
-                                   count=batch.num_rows)
-                stats["padded_tokens"] += float(batch.column("_padded_len").to_numpy().sum())
-                stats["real_tokens"] += float(lengths[rows].sum())
-                busy_s = batch.column("_busy_s").to_numpy()
-                stats["actor_busy_s"] += float(busy_s.sum())
-                for pid, b in zip(*_sum_by(batch.column("_actor").to_numpy(), busy_s)):
-                    per_actor[str(pid)] = per_actor.get(str(pid), 0.0) + b
-                tokens += int(lengths[rows].sum())
-                shard_of = rows // size
-                for i in np.unique(shard_of):
-                    i = int(i)
-                    if i not in buffers:
-                        continue  # already written; a retried batch delivered it again
-                    mine = np.flatnonzero(shard_of == i)
-                    buffers[i].append(batch.take(pa.array(mine)))
-                    received[i].update(rows[mine].tolist())
-                    if len(received[i]) == expected[i]:
-                        _write_shard(out, i, buffers.pop(i), index, ids, n_resp, size, train_table)
-                        del received[i]
-                        result.shards_scored.append(i)
-                        if exit_after is not None and len(result.shards_scored) >= exit_after:
-                            os._exit(FAULT_EXIT_CODE)  # simulated kill: nothing below runs
-                stats.setdefault("first_result_s", time.perf_counter() - t0)  # ~ actor startup + one batch
-                bar.update(batch.num_rows)
-                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
-        finally:
-            bar.close()
-        missing = sorted(set(pending) - set(result.shards_scored))
-        if missing:
-            raise RuntimeError(f"score: Ray Data returned no scores for shard(s) {missing[:10]} of {out}")
-        el = time.perf_counter() - t0
-        stats["score_s"] = el
-        stats["actors_used"] = float(len(per_actor))
-        stats["busiest_actor_s"] = max(per_actor.values(), default=0.0)
-        log.info("score: scored %d samples (%d tokens) in %.1fs: %.1f samples/s, %.0f tokens/s",
-                 n_todo, tokens, el, n_todo / el, tokens / el)
-
-    # 5. marker ---------------------------------------------------------------------------------
-    stats["wall_s"] = time.perf_counter() - t_start
-    result.stats = stats
-    mark_complete(out, {"stage": STAGE, "key": key, "n_samples": len(ids), "n_shards": n_shards,
-                        "shard_size": size, "n_response_tokens": int(n_resp.sum()), "table_hash": inp.table_hash,
-                        "reference_mode": ref.mode, "dtype": inp.dtype, "stats": stats})
-    return result
+    )
 
 
+def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
+    check_actor_pool_cpus(ray, "scoring", cfg.scoring, reserve=SCORING_CPU_RESERVE, ray_address=cfg.resources.ray_address,
+                          error=ScoreInputError)
+
+
+def _actor_kwargs(cfg: PipelineConfig, inp: _Inputs) -> dict[str, Any]:
+    """What each :class:`ScoreActor` is built with (plain data: it travels to the actors)."""
+    s = cfg.scoring
+    return {
+        "base_cfg": config_to_dict(cfg.model.model_copy(update={"name_or_path": inp.base_path})),
+        "ref": {"mode": inp.ref.mode, "path": str(inp.ref.path)},
+        "dtype": inp.dtype,
+        "use_gpu": s.num_gpus_per_actor > 0,
+        "threads": max(1, int(s.num_cpus_per_actor)),
+        "batch_tokens": s.batch_tokens,
+        "pad_tolerance": s.pad_tolerance,
+        "chunk_size": s.chunk_size,
+        "pad_token_id": inp.pad_id,
+    }
+
+
+def _stream_scores(cfg: PipelineConfig, table_path: Path, pending_ids: list[str] | None, actor_kwargs: dict,
+                   n_blocks_rows: int) -> Iterator[pa.Table]:
+    """Ray Data pipeline: read -> blocks of shard_size rows -> sort by length -> actor pool."""
+    # Importing ray takes seconds: only a run that has shards to score pays for it.
+    import ray
+    from ray.data import DataContext
+
+    s = cfg.scoring
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start)
+    # one driver-side bar for the whole stage instead of one per operator
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = ctx.print_on_execution_start = False
+    try:
+        ds = ray.data.read_parquet(str(table_path), columns=["sample_id", "input_ids", "labels"], num_cpus=0.25)
+        # Small parquet files arrive as one block (STACK_NOTES Exp 3); blocks of shard_size rows feed every
+        # actor and let shards complete (and be written) one after another.
+        ds = ds.repartition(target_num_rows_per_block=n_blocks_rows)
+        ds = ds.map_batches(_select_and_sort, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
+                            fn_kwargs={"pending": pending_ids}, num_cpus=0.25)
+        ds = ds.map_batches(
+            ScoreActor,
+            fn_constructor_kwargs=actor_kwargs,
+            batch_size=s.batch_size,
+            batch_format="pyarrow",
+            # One batch at a time per actor: a batch is seconds of compute, so queueing several on the first
+            # actor that starts would leave the others idle (load balance over prefetch).
+            compute=ray.data.ActorPoolStrategy(size=s.concurrency, max_tasks_in_flight_per_actor=1),
+            num_cpus=s.num_cpus_per_actor,
+            num_gpus=s.num_gpus_per_actor or None,
+        )
+        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    finally:
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start = saved
+
+
+# ------------------------------------------------------------------------------------------------
+# shards on disk
+# ------------------------------------------------------------------------------------------------
 def _write_shard(out: Path, i: int, parts: list[pa.Table], index: dict[str, int], ids: list[str],
                  n_resp: np.ndarray, size: int, table_path: Path) -> Path:
     t = pa.concat_tables(parts)
@@ -644,3 +550,178 @@ def _write_shard(out: Path, i: int, parts: list[pa.Table], index: dict[str, int]
     with atomic_path(path) as tmp:
         pq.write_table(t, tmp)
     return path
+
+
+class _ShardCollector:
+    """Gathers the actors' rows shard by shard, in whatever order they come, and writes each pending
+    shard the moment all its rows are in."""
+
+    def __init__(self, inp: _Inputs, size: int, pending: list[int]) -> None:
+        self.inp, self.size = inp, size
+        self.index = {sid: i for i, sid in enumerate(inp.ids)}
+        self.expected = {i: min((i + 1) * size, len(inp.ids)) - i * size for i in pending}
+        self.buffers: dict[int, list[pa.Table]] = {i: [] for i in pending}
+        self.received: dict[int, set[int]] = {i: set() for i in pending}  # a set: a retried batch may repeat rows
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self.expected.values())
+
+    def rows_of(self, batch: pa.Table) -> np.ndarray:
+        """The table row of each row of ``batch``."""
+        return np.fromiter((self.index[x] for x in batch.column("sample_id").to_pylist()), np.int64,
+                           count=batch.num_rows)
+
+    def add(self, batch: pa.Table, rows: np.ndarray) -> Iterator[int]:
+        """File ``batch``'s rows under their shards; yields each shard as soon as it is written (a generator,
+        so that the caller acts on a shard before the next one is written)."""
+        inp, size = self.inp, self.size
+        shard_of = rows // size
+        for i in np.unique(shard_of):
+            i = int(i)
+            if i not in self.buffers:
+                continue  # already written; a retried batch delivered it again
+            mine = np.flatnonzero(shard_of == i)
+            self.buffers[i].append(batch.take(pa.array(mine)))
+            self.received[i].update(rows[mine].tolist())
+            if len(self.received[i]) == self.expected[i]:
+                _write_shard(inp.out, i, self.buffers.pop(i), self.index, inp.ids, inp.n_resp, size, inp.table_path)
+                del self.received[i]
+                yield i
+
+
+class _Meter:
+    """Throughput bookkeeping of one scoring pass, for the log and the completion marker's stats."""
+
+    def __init__(self, stats: dict[str, float]) -> None:
+        self.stats = stats
+        self.per_actor: dict[str, float] = {}  # busy seconds by actor pid: shows the pool is balanced
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, batch: pa.Table, real_tokens: int) -> None:
+        stats = self.stats
+        stats["padded_tokens"] += float(batch.column("_padded_len").to_numpy().sum())
+        stats["real_tokens"] += float(real_tokens)
+        busy_s = batch.column("_busy_s").to_numpy()
+        stats["actor_busy_s"] += float(busy_s.sum())
+        for pid, b in zip(*_sum_by(batch.column("_actor").to_numpy(), busy_s)):
+            self.per_actor[str(pid)] = self.per_actor.get(str(pid), 0.0) + b
+        self.tokens += real_tokens
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def rate(self) -> str:
+        return f"{self.tokens / max(self.elapsed(), 1e-9):,.0f} tok/s"
+
+    def finish(self, n_samples: int) -> None:
+        el = self.elapsed()
+        self.stats["score_s"] = el
+        self.stats["actors_used"] = float(len(self.per_actor))
+        self.stats["busiest_actor_s"] = max(self.per_actor.values(), default=0.0)
+        log.info("score: scored %d samples (%d tokens) in %.1fs: %.1f samples/s, %.0f tokens/s",
+                 n_samples, self.tokens, el, n_samples / el, self.tokens / el)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage
+# ------------------------------------------------------------------------------------------------
+def _open_layout(cfg: PipelineConfig, inp: _Inputs, reference_model: Path) -> int:
+    """The shard size of this score set: the one it was started with, else the configured one, recorded now."""
+    s = cfg.scoring
+    layout_path = inp.out / LAYOUT_FILE
+    if layout_path.is_file():
+        layout = json.loads(layout_path.read_text())
+        if layout["shard_size"] != s.shard_size:
+            log.info("score: %s was started with shard_size %d; keeping it (config says %d)",
+                     inp.out, layout["shard_size"], s.shard_size)
+    else:
+        layout = {"shard_size": s.shard_size, "n_samples": len(inp.ids)}
+        atomic_write_json(layout_path, {**layout, "key": inp.key, "inputs": inp.key_parts,
+                                        "table_path": str(inp.table_path), "reference_model": str(reference_model),
+                                        "base_model": inp.base_path})
+    return int(layout["shard_size"])
+
+
+def _reuse_complete(result: ScoreResult) -> bool:
+    """A finished score set with all its shards is the result; one missing shards loses its marker."""
+    out = result.dir
+    if not is_complete(out):
+        return False
+    if all((out / shard_name(i)).is_file() for i in range(result.n_shards)):
+        log.info("score: reusing cached scores at %s", out)
+        result.cached = True
+        result.shards_reused = list(range(result.n_shards))
+        result.stats = read_done(out).get("stats", {})
+        return True
+    log.warning("score: %s is marked complete but shards are missing; rescoring them", out)
+    (out / "_SUCCESS.json").unlink()
+    return False
+
+
+def _pending_shards(inp: _Inputs, result: ScoreResult) -> list[int]:
+    """The shards still to score: every valid finished shard is kept (``result.shards_reused``)."""
+    done = existing_shards(inp.out, result.n_shards, inp.ids, inp.n_resp, result.shard_size)
+    result.shards_reused = sorted(done)
+    if done:
+        log.info("score: resuming %s: %d of %d shards already finished", inp.out, len(done), result.n_shards)
+    return [i for i in range(result.n_shards) if i not in done]
+
+
+def _score_pending(cfg: PipelineConfig, inp: _Inputs, pending: list[int], result: ScoreResult,
+                   stats: dict[str, float]) -> None:
+    """Score the pending shards on Ray Data, writing each one as it completes (``result.shards_scored``)."""
+    ray = init_ray(cfg.resources.ray_address)
+    _check_cpu_budget(cfg, ray)
+    exit_after = parse_fault(os.environ.get(FAULT_ENV))
+    size, ids = result.shard_size, inp.ids
+    # None: every shard is pending, so the per-block filter can be skipped
+    pending_ids = None if not result.shards_reused else [sid for i in pending for sid in ids[i * size : (i + 1) * size]]
+    shards = _ShardCollector(inp, size, pending)
+    n_todo = shards.n_rows
+    bar = tqdm(total=n_todo, unit="sample", desc=f"score {inp.key}", mininterval=1.0, dynamic_ncols=True)
+    meter = _Meter(stats)
+    try:
+        for batch in _stream_scores(cfg, inp.table_path, pending_ids, _actor_kwargs(cfg, inp), size):
+            rows = shards.rows_of(batch)
+            meter.add(batch, int(inp.lengths[rows].sum()))
+            for i in shards.add(batch, rows):
+                result.shards_scored.append(i)
+                if exit_after is not None and len(result.shards_scored) >= exit_after:
+                    os._exit(FAULT_EXIT_CODE)  # simulated kill: nothing below runs
+            stats.setdefault("first_result_s", meter.elapsed())  # ~ actor startup + one batch
+            bar.update(batch.num_rows)
+            bar.set_postfix_str(meter.rate())
+    finally:
+        bar.close()
+    missing = sorted(set(pending) - set(result.shards_scored))
+    if missing:
+        raise RuntimeError(f"score: Ray Data returned no scores for shard(s) {missing[:10]} of {inp.out}")
+    meter.finish(n_todo)
+
+
+def _mark_done(inp: _Inputs, result: ScoreResult, stats: dict[str, float]) -> None:
+    result.stats = stats
+    mark_complete(inp.out, {"stage": STAGE, "key": inp.key, "n_samples": result.n_samples,
+                            "n_shards": result.n_shards, "shard_size": result.shard_size,
+                            "n_response_tokens": result.n_response_tokens, "table_hash": inp.table_hash,
+                            "reference_mode": inp.ref.mode, "dtype": inp.dtype, "stats": stats})
+
+
+def run_score(cfg: PipelineConfig, train_table: Path, reference_model: Path) -> ScoreResult:
+    """Score every response token of ``train_table``; write ``<run_dir>/score/<key>/shard-*.parquet``."""
+    t_start = time.perf_counter()
+    inp = _resolve_inputs(cfg, train_table, reference_model)  # every bad input fails here, before any work
+    size = _open_layout(cfg, inp, reference_model)
+    result = ScoreResult(inp.out, inp.key, len(inp.ids), math.ceil(len(inp.ids) / size), int(inp.n_resp.sum()),
+                         size, inp.ref.mode)
+    if _reuse_complete(result):
+        return result
+    pending = _pending_shards(inp, result)
+    stats = {"padded_tokens": 0.0, "real_tokens": 0.0, "actor_busy_s": 0.0}
+    if pending:
+        _score_pending(cfg, inp, pending, result, stats)
+    stats["wall_s"] = time.perf_counter() - t_start
+    _mark_done(inp, result, stats)
+    return result

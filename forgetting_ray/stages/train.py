@@ -4,7 +4,8 @@ resolve inputs (table, model, LoRA targets, storage) -> key the output by everyt
 the numbers -> build Ray Data datasets and the TorchTrainer -> fit (resuming from Ray storage when
 this run was interrupted) -> write result.json + metrics.jsonl and mark the stage complete.
 
-The per-worker maths lives in ``forgetting_ray.train.loop``; this module is the only Ray glue.
+The per-worker maths lives in ``forgetting_ray.train.loop``; this module is the only Ray glue.  The
+workers get what they need as one typed :class:`~forgetting_ray.train.loop.FinetuneJob`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ..config import FinetuneConfig, PipelineConfig, config_to_dict
+from ..config import FinetuneConfig, PipelineConfig, ReferenceConfig, TrainingConfig, config_to_dict
 from ..errors import UserError
+from ..models import load_tokenizer, resolve_model_path
+from ..ray_utils import default_storage_path, init_ray
 from ..store import (
     atomic_write_json,
     atomic_write_text,
@@ -32,7 +37,19 @@ from ..store import (
     stage_dir,
 )
 from ..train.checkpoint import fingerprint, fingerprint_parts, model_identity, read_state
-from ..train.loop import FAULT_ENV, DataPlan, parse_fault, train_loop_per_worker
+from ..train.deepspeed_setup import LoraTargetError, build_deepspeed_config, meta_model, resolve_lora_targets
+from ..train.loop import (
+    FAULT_ENV,
+    DataPlan,
+    FinetuneJob,
+    columns_for,
+    parse_fault,
+    strategy_of,
+    train_loop_per_worker,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ray.train import Result
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +105,6 @@ def table_files(table: str | Path) -> list[Path]:
 
 def check_table(files: list[Path], strategy: str, *, shuffle: bool) -> int:
     """Required columns present in every file; returns the row count."""
-    import pyarrow.parquet as pq
-
     need = ["input_ids", "labels"] + (["token_class"] if strategy in ("forgetting", "ignore") else [])
     if shuffle:
         need.append("sample_id")  # the seeded order is keyed by sample id
@@ -127,8 +142,6 @@ def check_storage(path: str | Path) -> Path:
 def check_lora_targets(model_path: str, ft: FinetuneConfig, trust_remote_code: bool) -> None:
     if not ft.lora.enabled:
         return
-    from ..train.deepspeed_setup import LoraTargetError, meta_model, resolve_lora_targets
-
     try:
         resolve_lora_targets(meta_model(model_path, trust_remote_code=trust_remote_code), ft.lora.target_modules)
     except LoraTargetError as e:
@@ -137,8 +150,6 @@ def check_lora_targets(model_path: str, ft: FinetuneConfig, trust_remote_code: b
 
 def _order_key(batch, *, seed: int, epoch: int):
     """Seeded shuffle key from the sample id: the order depends on the data, never on block layout."""
-    import pyarrow as pa
-
     ids = batch.column("sample_id").to_pylist()
     keys = [int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{s}".encode(), digest_size=8).digest(), "big") >> 1
             for s in ids]
@@ -148,6 +159,26 @@ def _order_key(batch, *, seed: int, epoch: int):
 # ------------------------------------------------------------------------------------------
 # the stage
 # ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Inputs:
+    """The checked inputs of a fine-tune."""
+
+    table: str
+    files: list[Path]
+    plan: DataPlan
+    model_path: str
+    tokenizer_path: str
+    pad_token_id: int
+
+
+@dataclass(frozen=True)
+class _RunIdentity:
+    table_hash: str
+    parts: dict[str, Any]  # what checkpoints must share
+    run_name: str  # same inputs -> same run -> Ray resumes its latest checkpoint
+    key: str  # names the output folder
+
+
 def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: str | Path | None = None, *,
                  inject_fault: str | None = None, callbacks: list[Any] | None = None) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``table`` with Ray Train; ``stage`` picks cfg.reference or cfg.training.
@@ -159,20 +190,39 @@ def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: 
     ``callbacks``: Ray Train ``UserCallback``s for the fit (a Tune trial passes one that forwards each
     report to Tune, so ASHA can stop it early).
     """
-    from ..models import load_tokenizer, resolve_model_path
-    from ..ray_utils import default_storage_path, init_ray
-    from ..train.deepspeed_setup import build_deepspeed_config
+    ft = _finetune_config(cfg, stage)
+    inputs = _check_inputs(cfg, ft, table)
+    run = _identify(cfg, stage, ft, inputs)
+    out = Path(out_dir) if out_dir is not None else stage_dir(cfg.run_dir, stage, run.key)
+    if is_complete(out) and (out / RESULT_FILE).is_file():
+        log.info("%s stage %s already complete in %s", stage, run.key, out)
+        return load_result(out)
+    if ft.resume_from:
+        read_state(ft.resume_from, run.parts)  # a foreign checkpoint fails here, before any worker starts
+    storage = check_storage(cfg.resources.storage_path or default_storage_path(cfg.run_dir))
 
+    init_ray(cfg.resources.ray_address)
+    datasets = _datasets(inputs, ft)
+    job = _worker_job(cfg, stage, ft, inputs, run, out, storage / run.run_name, inject_fault)
+    result = _fit(cfg, ft, job, datasets, storage, run.run_name, callbacks)
+
+    finished = _finished(result, stage, run.key, out, inputs.plan)
+    _write_outputs(finished)
+    return finished
+
+
+def _finetune_config(cfg: PipelineConfig, stage: Stage) -> ReferenceConfig | TrainingConfig:
     if stage not in ("reference", "train"):
         raise ValueError(f"stage must be 'reference' or 'train', got {stage!r}")
-    ft: FinetuneConfig = cfg.reference if stage == "reference" else cfg.training
-    strategy = getattr(ft, "strategy", "sft")
-    res = cfg.resources
+    return cfg.reference if stage == "reference" else cfg.training
 
-    # --- inputs ---------------------------------------------------------------------------
+
+def _check_inputs(cfg: PipelineConfig, ft: FinetuneConfig, table: str | Path) -> _Inputs:
+    """Table, data plan, DeepSpeed settings, model and LoRA targets: every input error before Ray starts."""
+    res = cfg.resources
     files = table_files(table)
-    num_rows = check_table(files, strategy, shuffle=ft.shuffle)
-    plan = DataPlan(num_rows, res.num_workers, ft.micro_batch_size, ft.grad_accum, ft.epochs, ft.max_steps)
+    num_rows = check_table(files, strategy_of(ft), shuffle=ft.shuffle)
+    plan = DataPlan.of(ft, num_rows, res.num_workers)
     try:
         plan.check(str(table))
     except ValueError as e:
@@ -184,74 +234,84 @@ def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: 
             raise FinetuneInputError(str(e)) from None
     model_path = resolve_model_path(cfg.model)
     check_lora_targets(model_path, ft, cfg.model.trust_remote_code)
-    tokenizer_path = cfg.model.tokenizer or model_path
     tok = load_tokenizer(cfg.model.model_copy(update={"name_or_path": model_path}))
+    return _Inputs(table=str(table), files=files, plan=plan, model_path=model_path,
+                   tokenizer_path=cfg.model.tokenizer or model_path, pad_token_id=tok.pad_token_id)
 
-    table_hash = content_hash([(f.name, file_sha256(f)) for f in files])
-    parts = fingerprint_parts(stage=stage, finetune=config_to_dict(ft), model=model_identity(model_path),
-                              table_hash=table_hash, world_size=res.num_workers)
-    run_id = fingerprint(parts)  # what checkpoints must share: names the Ray Train run
-    key = content_hash({"run": run_id, "export": ft.export, "export_dtype": ft.export_dtype})  # the output folder
-    out = Path(out_dir) if out_dir is not None else stage_dir(cfg.run_dir, stage, key)
-    if is_complete(out) and (out / RESULT_FILE).is_file():
-        log.info("%s stage %s already complete in %s", stage, key, out)
-        return load_result(out)
-    if ft.resume_from:
-        read_state(ft.resume_from, parts)  # a foreign checkpoint fails here, before any worker starts
-    storage = check_storage(res.storage_path or default_storage_path(cfg.run_dir))
 
-    # --- Ray objects ------------------------------------------------------------------------
-    import pyarrow.parquet as pq
-    import ray
+def _identify(cfg: PipelineConfig, stage: Stage, ft: FinetuneConfig, inputs: _Inputs) -> _RunIdentity:
+    """Key the run by everything that changes the numbers (and the output also by the export settings)."""
+    table_hash = content_hash([(f.name, file_sha256(f)) for f in inputs.files])
+    parts = fingerprint_parts(stage=stage, finetune=config_to_dict(ft), model=model_identity(inputs.model_path),
+                              table_hash=table_hash, world_size=cfg.resources.num_workers)
+    run_id = fingerprint(parts)
+    key = content_hash({"run": run_id, "export": ft.export, "export_dtype": ft.export_dtype})
+    return _RunIdentity(table_hash=table_hash, parts=parts, run_name=f"{stage}-{run_id}", key=key)
+
+
+def _datasets(inputs: _Inputs, ft: FinetuneConfig) -> dict[str, Any]:
+    """One Ray dataset per epoch in its seeded order when shuffling, else one in file order."""
+    # ray stays lazy: it takes seconds to import, and a stage found complete returns without it
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    init_ray(res.ray_address)
     # The token columns go into the object store once, from the driver: no read tasks per worker
     # (their start-up cost 10-30 s per fit on a busy 2-core box) and no shared filesystem needed
     # on multi-node clusters.  Token ids are small next to the model (50k x 2k tokens ~ 0.9 GB).
-    columns = ["input_ids", "labels"] + (["token_class"] if strategy != "sft" else [])
+    columns = list(columns_for(strategy_of(ft)))
     if ft.shuffle:
-        base = ray.data.from_arrow([pq.read_table(f, columns=columns + ["sample_id"]) for f in files])
+        base = ray.data.from_arrow([pq.read_table(f, columns=columns + ["sample_id"]) for f in inputs.files])
         datasets = {
             f"train_{e}": base.map_batches(_order_key, batch_format="pyarrow", fn_kwargs={"seed": ft.seed, "epoch": e})
             .sort("_order")
-            for e in range(plan.num_epochs)
+            for e in range(inputs.plan.num_epochs)
         }
     else:
-        datasets = {"train": ray.data.from_arrow([pq.read_table(f, columns=columns) for f in files])}
+        datasets = {"train": ray.data.from_arrow([pq.read_table(f, columns=columns) for f in inputs.files])}
     for ds in datasets.values():
         ds.context.enable_progress_bars = False  # one bar per worker per epoch floods the driver log
+    return datasets
+
+
+def _worker_job(cfg: PipelineConfig, stage: Stage, ft: ReferenceConfig | TrainingConfig, inputs: _Inputs,
+                run: _RunIdentity, out: Path, run_storage: Path, inject_fault: str | None) -> FinetuneJob:
+    res = cfg.resources
+    fault = parse_fault(inject_fault or os.environ.get(FAULT_ENV))
+    if fault:
+        fault["run_storage"] = str(run_storage)
+    return FinetuneJob(
+        stage=stage,
+        finetune=ft,
+        fingerprint_parts=run.parts,
+        num_rows=inputs.plan.num_rows,
+        table=inputs.table,
+        model_path=inputs.model_path,
+        tokenizer_path=inputs.tokenizer_path,
+        pad_token_id=inputs.pad_token_id,
+        trust_remote_code=cfg.model.trust_remote_code,
+        use_gpu=res.use_gpu,
+        torch_threads=max(1, int(res.cpus_per_worker)),
+        chunk_size=cfg.scoring.chunk_size,
+        export_dir=str((out / "export").resolve()) if ft.export else None,
+        train_config={"stage": stage, "strategy": strategy_of(ft), "finetune": config_to_dict(ft),
+                      "model": config_to_dict(cfg.model), "table": inputs.table, "table_hash": run.table_hash,
+                      "key": run.key, "num_workers": res.num_workers},
+        fault=fault,
+    )
+
+
+def _fit(cfg: PipelineConfig, ft: FinetuneConfig, job: FinetuneJob, datasets: dict[str, Any], storage: Path,
+         run_name: str, callbacks: list[Any] | None) -> "Result":
+    """Build the TorchTrainer and fit; Ray resumes the run named ``run_name`` from its latest checkpoint."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    res = cfg.resources
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # every worker must see the rows in the same, fixed order
-
-    loop_config = {
-        "stage": stage,
-        "finetune": config_to_dict(ft),
-        "fingerprint_parts": parts,
-        "num_rows": num_rows,
-        "table": str(table),
-        "model_path": model_path,
-        "tokenizer_path": tokenizer_path,
-        "pad_token_id": tok.pad_token_id,
-        "trust_remote_code": cfg.model.trust_remote_code,
-        "use_gpu": res.use_gpu,
-        "torch_threads": max(1, int(res.cpus_per_worker)),
-        "chunk_size": cfg.scoring.chunk_size,
-        "export_dir": str((out / "export").resolve()) if ft.export else None,
-        "train_config": {"stage": stage, "strategy": strategy, "finetune": config_to_dict(ft),
-                         "model": config_to_dict(cfg.model), "table": str(table), "table_hash": table_hash,
-                         "key": key, "num_workers": res.num_workers},
-        "fault": parse_fault(inject_fault or os.environ.get(FAULT_ENV)),
-    }
-    run_name = f"{stage}-{run_id}"  # same inputs -> same run -> Ray resumes its latest checkpoint
-    if loop_config["fault"]:
-        loop_config["fault"]["run_storage"] = str(storage / run_name)
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=job.to_loop_config(),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
@@ -264,12 +324,14 @@ def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: 
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
     )
-    result = trainer.fit()
+    return trainer.fit()
 
-    # --- outputs ----------------------------------------------------------------------------
+
+def _finished(result: "Result", stage: str, key: str, out: Path, plan: DataPlan) -> FinetuneResult:
+    """The fit's outcome, from rank 0's return value and Ray's latest checkpoint."""
     rv = result.return_value or {}
     state = rv.get("state", {})
-    finished = FinetuneResult(
+    return FinetuneResult(
         stage=stage,
         key=key,
         out_dir=out,
@@ -282,13 +344,17 @@ def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: 
         guardrail_events=list(state.get("guardrail", {}).get("events", [])),
         metrics=list(rv.get("history", [])),
     )
+
+
+def _write_outputs(finished: FinetuneResult) -> None:
+    """metrics.jsonl and result.json, then the completion marker that makes a rerun a no-op."""
+    out = finished.out_dir
     atomic_write_text(out / METRICS_FILE, "".join(json.dumps(m, sort_keys=True) + "\n" for m in finished.metrics))
     atomic_write_json(out / RESULT_FILE, finished.to_json())
     if finished.stop_reason:
-        log.warning("%s stage stopped early: %s", stage, finished.stop_reason)
-    mark_complete(out, {"stage": stage, "key": key, "stop_reason": finished.stop_reason,
+        log.warning("%s stage stopped early: %s", finished.stage, finished.stop_reason)
+    mark_complete(out, {"stage": finished.stage, "key": finished.key, "stop_reason": finished.stop_reason,
                         "exported": finished.export_dir is not None})
-    return finished
 
 
 def load_result(out_dir: str | Path) -> FinetuneResult:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..config import FinetuneConfig
 from ..errors import UserError
@@ -121,6 +122,8 @@ def resolve_lora_targets(model: torch.nn.Module, targets: list[str] | str) -> li
 
 def meta_model(model_path: str, *, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model's module tree on the meta device: checks LoRA targets without loading weights."""
+    # transformers, peft and deepspeed stay lazy: importing them costs seconds, and the driver imports
+    # this module for its config checks
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -137,7 +140,7 @@ class TokenNLL(torch.nn.Module):
     The causal LM sits in ``.module`` so ``unwrap_causal_lm`` walks through this wrapper.
     """
 
-    def __init__(self, module: torch.nn.Module, chunk_size: int = 1024):
+    def __init__(self, module: torch.nn.Module, chunk_size: int | None = 1024):
         super().__init__()
         self.module = module
         self.chunk_size = chunk_size
@@ -247,8 +250,6 @@ class DDPRunner(Runner):
         return float(self.optimizer.param_groups[0]["lr"])
 
     def save(self, folder, tag):
-        import torch.distributed as dist
-
         if dist.is_initialized() and dist.get_rank() != 0:
             return  # replicas are identical: rank 0's copy is the checkpoint
         trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -326,12 +327,10 @@ def create_runner(
     world_size: int,
     total_steps: int,
     device: torch.device,
-    chunk_size: int = 1024,
+    chunk_size: int | None = 1024,
     trust_remote_code: bool = False,
 ) -> Runner:
     """Build model (+LoRA), AdamW, the warmup/decay schedule and the engine, inside a worker."""
-    import torch.distributed as dist
-
     use_gpu = device.type == "cuda"
     if use_gpu:
         torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device

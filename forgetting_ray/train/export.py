@@ -25,13 +25,17 @@ import gc
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 
 from ..errors import UserError
+from ..models import resolve_model_path, tokenizer_fingerprint
 from ..store import atomic_dir, atomic_write_json, file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,6 +76,8 @@ def find_causal_lm(obj: torch.nn.Module) -> torch.nn.Module:
 
     Unlike ``scoring.unwrap_causal_lm`` this stops at a ``PeftModel``: the export needs the adapter.
     """
+    # peft, transformers, deepspeed and huggingface_hub's downloads stay lazy: each takes seconds to
+    # import, and the driver imports this module through the train loop without ever exporting
     from peft import PeftModel
     from transformers import PreTrainedModel
 
@@ -90,8 +96,6 @@ def find_causal_lm(obj: torch.nn.Module) -> torch.nn.Module:
 
 
 def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -268,8 +272,6 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 def _base_tensor_is_zero(base_model_path: str, key: str) -> bool:
     """Is ``key`` all-zero in the base checkpoint too (then training did not zero it)?  False if unknown."""
-    from safetensors import safe_open
-
     folder = Path(base_model_path)
     if not folder.is_dir():  # a hub id: look in the local cache only, never download
         try:
@@ -292,8 +294,6 @@ def check_tensors(folder: str | Path, *, base_model_path: str | None = None) -> 
     Exceptions, reported in the result: all-zero biases, and (merged models only) tensors that are
     all zero in the base checkpoint as well.  Raises :class:`ExportValidationError` naming the tensor.
     """
-    from safetensors import safe_open
-
     folder = Path(folder)
     files = _safetensors_files(folder)
     if not files:
@@ -395,12 +395,6 @@ def validate_export(
 # ------------------------------------------------------------------------------------------
 # write (rank 0)
 # ------------------------------------------------------------------------------------------
-def _tokenizer_fingerprint(tokenizer: Any) -> str:
-    from ..models import tokenizer_fingerprint
-
-    return tokenizer_fingerprint(tokenizer)
-
-
 def file_hashes(folder: str | Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` except the manifest, by relative path."""
     folder = Path(folder)
@@ -446,6 +440,22 @@ def _write_export(
     return info
 
 
+@dataclass
+class _Gathered:
+    """What the collectives leave behind: the probe, the live model's logits on it, and (rank 0) its state."""
+
+    ids: torch.Tensor
+    reference: torch.Tensor
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    seconds: float
+
+    def release(self) -> None:
+        self.params.clear()
+        self.buffers.clear()
+        gc.collect()
+
+
 def export_model(
     engine_or_model: torch.nn.Module,
     tokenizer: "PreTrainedTokenizerBase | str | Path",
@@ -469,86 +479,116 @@ def export_model(
     Returns ``out_dir`` on every rank once rank 0 has written and validated it; raises
     :class:`ExportError` on every rank when it failed (nothing is left at ``out_dir`` then).
     """
-    from peft import PeftModel
-
     if dtype not in DTYPES:
         raise ValueError(f"export dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
-    live = find_causal_lm(engine_or_model)
-    if lora != isinstance(live, PeftModel):
-        raise ExportError(
-            f"lora={lora} but the model {'is' if isinstance(live, PeftModel) else 'is not'} a PEFT model"
-        )
+    live = _live_model(engine_or_model, lora=lora)
     rank, world = _rank_world()
     t0 = time.perf_counter()
-
-    # Collectives first, identical on every rank: the probe forward and the gathers.
-    ids = probe_inputs(int(live.config.get_text_config().vocab_size))
-    reference = model_logits(live, ids)
-    params, buffers = gather_cpu_state(live, rank=rank)
-    t_gather = time.perf_counter() - t0
+    gathered = _gather(live, rank=rank, t0=t0)
 
     error: str | None = None
     failure: Exception | None = None
     if rank == 0:
         try:
-            from ..models import resolve_model_path
-
-            base_model = base_model_path
-            base_model_path = resolve_model_path(base_model)  # alias -> cached folder, so the adapter reloads
-            if isinstance(tokenizer, (str, Path)):
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-            with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-                info = _write_export(live, params, buffers, tokenizer, tmp, lora=lora, dtype=dtype,
-                                     base_model_path=base_model_path)
-                gc.collect()  # the CPU copy (PEFT holds reference cycles) before the reloads
-                t_write = time.perf_counter() - t0 - t_gather
-                validation = validate_export(tmp, reference, ids, dtype=dtype, base_model_path=base_model_path,
-                                             atol=atol, rtol=rtol)
-                manifest = {
-                    "format": FORMAT_VERSION,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "base_model_path": base_model_path,
-                    "base_model": base_model,
-                    "dtype": dtype,
-                    "lora": lora,
-                    "layout": {MERGED: f"{MERGED}/", **({ADAPTER: f"{ADAPTER}/"} if lora else {})},
-                    "source": {**_source_kind(engine_or_model), "world_size": world, "zero3_gathered": _is_zero3(live)},
-                    "model": {"class": type(live.get_base_model() if lora else live).__name__, **info},
-                    "tokenizer_fingerprint": _tokenizer_fingerprint(tokenizer),
-                    "train_config": train_config,
-                    "validation": validation,
-                    "timings_s": {
-                        "gather": round(t_gather, 3),
-                        "write": round(t_write, 3),
-                        "validate": round(time.perf_counter() - t0 - t_gather - t_write, 3),
-                    },
-                    "files": file_hashes(tmp),
-                }
-                atomic_write_json(tmp / MANIFEST, manifest)
-            log.info("exported %s (merged max |diff| %.3g)", out_dir, validation[MERGED]["max_abs_diff"])
+            _write_validated(engine_or_model, live, gathered, tokenizer, out_dir, lora=lora, dtype=dtype,
+                             base_model_path=base_model_path, train_config=train_config, overwrite=overwrite,
+                             atol=atol, rtol=rtol, world=world, t0=t0)
         except Exception as e:  # reported to every rank below, then raised everywhere
             error, failure = f"{type(e).__name__}: {e}", e
             if world == 1:
                 raise
             log.exception("export to %s failed", out_dir)
         finally:
-            params.clear()
-            buffers.clear()
-            gc.collect()
+            gathered.release()
+    _raise_on_every_rank(error, failure, out_dir, world)
+    return out_dir
 
+
+def _live_model(engine_or_model: torch.nn.Module, *, lora: bool) -> torch.nn.Module:
+    """The HF or PEFT model to export, checked against ``lora``."""
+    from peft import PeftModel
+
+    live = find_causal_lm(engine_or_model)
+    if lora != isinstance(live, PeftModel):
+        raise ExportError(
+            f"lora={lora} but the model {'is' if isinstance(live, PeftModel) else 'is not'} a PEFT model"
+        )
+    return live
+
+
+def _gather(live: torch.nn.Module, *, rank: int, t0: float) -> _Gathered:
+    """The collectives, identical on every rank and before anything else: the probe forward and the gathers."""
+    ids = probe_inputs(int(live.config.get_text_config().vocab_size))
+    reference = model_logits(live, ids)
+    params, buffers = gather_cpu_state(live, rank=rank)
+    return _Gathered(ids, reference, params, buffers, time.perf_counter() - t0)
+
+
+def _write_validated(
+    engine_or_model: torch.nn.Module,
+    live: torch.nn.Module,
+    gathered: _Gathered,
+    tokenizer: Any,
+    out_dir: Path,
+    *,
+    lora: bool,
+    dtype: str,
+    base_model_path: str,
+    train_config: dict[str, Any],
+    overwrite: bool,
+    atol: float | None,
+    rtol: float | None,
+    world: int,
+    t0: float,
+) -> None:
+    """Rank 0: write the export in a temporary folder, validate it, add the manifest, rename it into place."""
+    base_model = base_model_path
+    base_model_path = resolve_model_path(base_model)  # alias -> cached folder, so the adapter reloads
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        info = _write_export(live, gathered.params, gathered.buffers, tokenizer, tmp, lora=lora, dtype=dtype,
+                             base_model_path=base_model_path)
+        gc.collect()  # the CPU copy (PEFT holds reference cycles) before the reloads
+        t_write = time.perf_counter() - t0 - gathered.seconds
+        validation = validate_export(tmp, gathered.reference, gathered.ids, dtype=dtype,
+                                     base_model_path=base_model_path, atol=atol, rtol=rtol)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "base_model_path": base_model_path,
+            "base_model": base_model,
+            "dtype": dtype,
+            "lora": lora,
+            "layout": {MERGED: f"{MERGED}/", **({ADAPTER: f"{ADAPTER}/"} if lora else {})},
+            "source": {**_source_kind(engine_or_model), "world_size": world, "zero3_gathered": _is_zero3(live)},
+            "model": {"class": type(live.get_base_model() if lora else live).__name__, **info},
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "train_config": train_config,
+            "validation": validation,
+            "timings_s": {
+                "gather": round(gathered.seconds, 3),
+                "write": round(t_write, 3),
+                "validate": round(time.perf_counter() - t0 - gathered.seconds - t_write, 3),
+            },
+            "files": file_hashes(tmp),
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+    log.info("exported %s (merged max |diff| %.3g)", out_dir, validation[MERGED]["max_abs_diff"])
+
+
+def _raise_on_every_rank(error: str | None, failure: Exception | None, out_dir: Path, world: int) -> None:
+    """Rank 0 broadcasts its outcome: the other ranks raise the same error, or return once the export is in place."""
     if world > 1:
-        import torch.distributed as dist
-
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
         cls = ExportValidationError if error.startswith("ExportValidationError") else ExportError
         raise cls(f"export to {out_dir} failed on rank 0: {error}") from failure
-    return out_dir
 
 
 # ------------------------------------------------------------------------------------------
@@ -607,8 +647,6 @@ def load_export(
         model = AutoModelForCausalLM.from_pretrained(path / MERGED, dtype=torch_dtype, use_safetensors=True)
     else:
         from peft import PeftModel
-
-        from ..models import resolve_model_path
 
         base_path = resolve_model_path(manifest["base_model_path"])
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype, use_safetensors=True)

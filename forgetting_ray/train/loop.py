@@ -1,8 +1,9 @@
 """The per-worker training loop of the reference and forgetting fine-tunes (Ray Train).
 
-Reads top to bottom: restore -> for each optimizer step: fetch ``grad_accum`` micro-batches ->
-(global normalisation: all-reduce the step's class counts) -> forward/backward each -> step ->
-all-reduce metrics -> guardrail -> report (+ checkpoint) -> export.
+Reads top to bottom (``train_loop_per_worker``): validate the :class:`FinetuneJob` -> set up the
+engine -> restore -> for each optimizer step: fetch ``grad_accum`` micro-batches -> (global
+normalisation: all-reduce the step's class counts) -> forward/backward each -> step -> all-reduce
+metrics -> guardrail -> report (+ checkpoint) -> export.
 
 Data order is reproducible by construction: every worker iterates the *whole* table in a fixed
 order (``preserve_order``; a seeded sort for shuffling) in global micro-batches of
@@ -25,15 +26,22 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
+from ..config import FinetuneConfig, ReferenceConfig, TrainingConfig
 from ..constants import IGNORE_INDEX
 from ..data.collate import collate
 from ..losses import classes_from_labels, forgetting_loss, lambda_schedule
+from ..models import load_tokenizer
 from .checkpoint import TrainState, checkpoint_tag, read_state, write_state
+from .deepspeed_setup import DDPRunner, Runner, create_runner
+from .export import export_model
 
 COLUMNS_WITH_CLASS = ("input_ids", "labels", "token_class")
 COLUMNS_NO_CLASS = ("input_ids", "labels")
@@ -60,6 +68,10 @@ class DataPlan:
     grad_accum: int
     epochs: int = 1
     max_steps: int | None = None
+
+    @classmethod
+    def of(cls, ft: FinetuneConfig, num_rows: int, world_size: int) -> "DataPlan":
+        return cls(num_rows, world_size, ft.micro_batch_size, ft.grad_accum, ft.epochs, ft.max_steps)
 
     @property
     def global_batch_rows(self) -> int:
@@ -243,11 +255,89 @@ def _maybe_crash(fault: dict[str, Any] | None, rank: int, step_done: int) -> Non
 
 
 # ------------------------------------------------------------------------------------------
+# the job: what the driver hands every worker
+# ------------------------------------------------------------------------------------------
+def strategy_of(ft: FinetuneConfig) -> str:
+    """The loss a fine-tune trains with: the reference model is plain SFT."""
+    return ft.strategy if isinstance(ft, TrainingConfig) else "sft"
+
+
+def columns_for(strategy: str) -> tuple[str, ...]:
+    """Token-table columns a strategy reads (sft takes its classes from the labels)."""
+    return COLUMNS_NO_CLASS if strategy == "sft" else COLUMNS_WITH_CLASS
+
+
+class FinetuneJob(BaseModel):
+    """Everything a worker needs, typed.  Ray's ``train_loop_config`` must be a dict, so the job
+    crosses as its JSON dump (:meth:`to_loop_config`) and is validated once on the worker
+    (:meth:`from_loop_config`), ``finetune`` into the class of ``stage``.
+
+    The reference stage's :class:`ReferenceConfig` has no strategy, normalisation or guardrail
+    fields: the properties below give it plain SFT's.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: Literal["reference", "train"]  # declared before finetune: it picks finetune's class
+    finetune: TrainingConfig | ReferenceConfig
+    fingerprint_parts: dict[str, Any]  # what a checkpoint must share with this run
+    num_rows: int
+    table: str  # names the data in errors; the rows come from Ray Data
+    model_path: str
+    tokenizer_path: str
+    pad_token_id: int
+    trust_remote_code: bool = False
+    use_gpu: bool
+    torch_threads: int
+    chunk_size: int | None  # None: token_nll sizes the chunks from the vocabulary
+    export_dir: str | None = None  # None: no export
+    train_config: dict[str, Any]  # recorded in the export manifest
+    fault: dict[str, Any] | None = None  # parse_fault's one-shot crash (recovery tests)
+
+    @field_validator("finetune", mode="before")
+    @classmethod
+    def _finetune_of_stage(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, dict):
+            return (TrainingConfig if info.data.get("stage") == "train" else ReferenceConfig).model_validate(value)
+        return value
+
+    @classmethod
+    def from_loop_config(cls, config: dict[str, Any]) -> "FinetuneJob":
+        return cls.model_validate(config)
+
+    def to_loop_config(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @property
+    def strategy(self) -> str:
+        return strategy_of(self.finetune)
+
+    @property
+    def normalization(self) -> str:
+        return self.finetune.normalization if isinstance(self.finetune, TrainingConfig) else "micro_batch"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return columns_for(self.strategy)
+
+    def lambda_of_step(self, total_steps: int) -> Callable[[int], float]:
+        """lambda(k) of the forgetting term; 0 for the strategies without one."""
+        ft = self.finetune
+        if isinstance(ft, TrainingConfig) and ft.strategy == "forgetting":
+            return lambda_schedule(ft.lambda_schedule, t_max=ft.t_max, t_min=ft.t_min, total_steps=total_steps)
+        return lambda k: 0.0
+
+    def guardrail(self) -> Guardrail:
+        ft = self.finetune
+        if isinstance(ft, TrainingConfig):
+            return Guardrail(ft.guardrail_neg_nll_max, ft.guardrail_pos_nll_factor, ft.guardrail_action)
+        return Guardrail()  # no bounds: only a non-finite loss stops the reference SFT
+
+
+# ------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------
 def _list_column(tbl, name: str) -> list[np.ndarray]:
-    import pyarrow.compute as pc
-
     col = tbl.column(name)
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
     flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
@@ -272,160 +362,202 @@ def micro_batches(iterator, plan: DataPlan, *, rank: int, skip: int, columns: tu
 # ------------------------------------------------------------------------------------------
 # the worker loop
 # ------------------------------------------------------------------------------------------
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    import torch.distributed as dist
+@dataclass(frozen=True)
+class _Worker:
+    """What stays fixed over one worker's run."""
 
+    job: FinetuneJob
+    plan: DataPlan
+    runner: Runner
+    rank: int
+    world: int
+    device: torch.device
+    lambda_of_step: Callable[[int], float]
+    loss_multiplier: float
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train entry point; ``config`` is a :class:`FinetuneJob` dump made by ``forgetting_ray.stages.train``."""
+    w = _set_up(FinetuneJob.from_loop_config(config))
+    state, history = _restore(w)
+    guard = w.job.guardrail()
+    guard.load(state.guardrail)
+    while state.global_step < w.plan.total_steps and state.stop_reason is None:
+        _train_epoch(w, state, history, guard)
+    export_dir = _export(w, w.job.export_dir) if state.stop_reason is None and w.job.export_dir else None
+    if w.rank != 0:
+        return None
+    return {"state": state.to_json(), "history": history, "export_dir": export_dir,
+            "total_steps": w.plan.total_steps, "dropped_rows_per_epoch": w.plan.dropped_rows_per_epoch()}
+
+
+def _set_up(job: FinetuneJob) -> _Worker:
+    """This worker's rank, data plan and engine (model, LoRA, optimizer, schedule)."""
+    # ray stays lazy: the driver imports this module (DataPlan, FinetuneJob) before Ray is needed
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(job.torch_threads)
+    ft = job.finetune
+    plan = DataPlan.of(ft, job.num_rows, world)
+    plan.check(job.table)
+    lambda_of_step = job.lambda_of_step(plan.total_steps)
+    mult = loss_multiplier(job.normalization, ft.grad_accum, world)
+    device = _device(job.use_gpu)
+    runner = create_runner(job.model_path, ft, world_size=world, total_steps=plan.total_steps, device=device,
+                           chunk_size=job.chunk_size, trust_remote_code=job.trust_remote_code)
+    return _Worker(job, plan, runner, rank, world, device, lambda_of_step, mult)
+
+
+def _device(use_gpu: bool) -> torch.device:
+    if not use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch
+
+    return ray.train.torch.get_device()  # the GPU Ray assigned to this worker
+
+
+def _restore(w: _Worker) -> tuple[TrainState, list[dict[str, Any]]]:
+    """State, history and engine from Ray's latest checkpoint, else ``resume_from``, else a fresh start."""
+    import ray.train
+
+    state, history = TrainState(), []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and w.job.finetune.resume_from:
+        ckpt = ray.train.Checkpoint.from_directory(w.job.finetune.resume_from)
+    if ckpt is None:
+        return state, history
+    with ckpt.as_directory() as d:
+        saved, saved_history = read_state(d, w.job.fingerprint_parts)  # raises on a foreign checkpoint
+        if saved.has_weights:
+            if (saved.epoch, saved.micro_batches_in_epoch) != w.plan.position(saved.global_step):
+                raise RuntimeError(
+                    f"checkpoint {d}: data position (epoch {saved.epoch}, micro-batch "
+                    f"{saved.micro_batches_in_epoch}) does not follow from step {saved.global_step}"
+                )
+            w.runner.load(Path(d), checkpoint_tag(saved.global_step))
+            state, history = saved, saved_history
+            state.resumed_at.append(state.global_step)
+    return state, history
+
+
+def _train_epoch(w: _Worker, state: TrainState, history: list[dict[str, Any]], guard: Guardrail) -> None:
+    """The optimizer steps left in the current epoch, up to the run's last step or a guardrail stop."""
+    import ray.train
+
+    ft = w.job.finetune
+    epoch, consumed = state.epoch, state.micro_batches_in_epoch
+    name = f"train_{epoch}" if ft.shuffle else "train"
+    batches = micro_batches(ray.train.get_dataset_shard(name), w.plan, rank=w.rank, skip=consumed,
+                            columns=w.job.columns, pad_token_id=w.job.pad_token_id)
+    for _ in range(w.plan.steps_per_epoch - consumed // ft.grad_accum):
+        step = state.global_step
+        metrics = _train_step(w, state, batches, epoch)
+        _apply_guardrail(w, guard, state, step, metrics)
+        history.append(metrics)
+        last = state.global_step >= w.plan.total_steps or state.stop_reason is not None
+        _report(w, state, history, metrics, last=last)
+        _maybe_crash(w.job.fault, w.rank, state.global_step)
+        if last:
+            return
+
+
+def _train_step(w: _Worker, state: TrainState, batches: Iterator[dict[str, torch.Tensor]],
+                epoch: int) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches; advances ``state``, returns the step's metrics."""
+    t0 = time.perf_counter()
+    ft, strategy, step = w.job.finetune, w.job.strategy, state.global_step
+    torch.manual_seed(step_seed(ft.seed, step, w.rank))
+    group = [prepare_micro_batch(next(batches), strategy) for _ in range(ft.grad_accum)]
+    counts = [class_counts(b["token_class"], strategy) for b in group]
+    step_counts = None
+    if w.job.normalization == "global":  # every token of the step weighs the same, on every rank
+        step_counts = _all_reduce([sum(c[0] for c in counts), sum(c[1] for c in counts)], w.device)
+    lam = w.lambda_of_step(step) * state.lambda_multiplier
+    lr = w.runner.lr()  # the rate this step applies (the scheduler advances inside step)
+    acc, grad_norm = _accumulate(w, group, counts, lam, step_counts)
+    s = _all_reduce(acc.tolist(), w.device)
+    state.global_step += 1
+    state.epoch, state.micro_batches_in_epoch = w.plan.position(state.global_step)  # the next to read
+    state.microbatches_without_positive += int(s[5])
+    dt = time.perf_counter() - t0
+    return {
+        "step": state.global_step, "epoch": epoch,
+        "loss": s[4] / w.world, "pos_nll": s[0] / max(s[1], 1), "neg_nll": s[2] / max(s[3], 1),
+        "lambda": lam, "lambda_multiplier": state.lambda_multiplier, "lr": lr,
+        "grad_norm": grad_norm, "tokens_per_s": s[6] / dt, "n_pos": int(s[1]), "n_neg": int(s[3]),
+        "n_tokens": int(s[6]), "n_microbatches_without_positive": int(s[5]),
+        "n_microbatches_without_positive_total": state.microbatches_without_positive,
+    }
+
+
+def _accumulate(w: _Worker, group: list[dict[str, torch.Tensor]], counts: list[tuple[int, int]], lam: float,
+                step_counts: list[float] | None) -> tuple[np.ndarray, float | None]:
+    """Forward and backward every micro-batch (the engine steps after the last); this rank's sums."""
+    n_pos_step, n_neg_step = step_counts if step_counts is not None else (None, None)
+    acc = np.zeros(7)  # sum_pos, n_pos, sum_neg, n_neg, loss, micro-batches without positives, tokens
+    grad_norm = None
+    for i, (mb, (n_pos, _)) in enumerate(zip(group, counts)):
+        boundary = i == w.job.finetune.grad_accum - 1
+        if isinstance(w.runner, DDPRunner):
+            w.runner.set_boundary(boundary)
+        nll = w.runner.forward(mb)
+        out = forgetting_loss(nll, mb["token_class"].to(nll.device), lam, strategy=w.job.strategy,
+                              normalization=w.job.normalization, n_pos=n_pos_step, n_neg=n_neg_step)
+        w.runner.backward(out.loss * w.loss_multiplier, boundary)
+        grad_norm = w.runner.step(boundary)
+        acc += [float(out.pos_nll) * out.n_pos, out.n_pos, float(out.neg_nll) * out.n_neg, out.n_neg,
+                float(out.loss.detach()) * w.loss_multiplier, n_pos == 0, int(mb["attention_mask"].sum())]
+    return acc, grad_norm
+
+
+def _apply_guardrail(w: _Worker, guard: Guardrail, state: TrainState, step: int, metrics: dict[str, Any]) -> None:
+    decision = guard.check(step, loss=metrics["loss"], pos_nll=metrics["pos_nll"],
+                           neg_nll=metrics["neg_nll"], n_pos=metrics["n_pos"], n_neg=metrics["n_neg"],
+                           can_backoff=w.job.strategy == "forgetting")
+    if decision.action == "backoff":
+        state.lambda_multiplier *= 0.5
+    elif decision.action == "stop":
+        state.stop_reason = decision.reason
+    metrics["guardrail"] = GUARDRAIL_CODES[decision.action]
+    state.guardrail = guard.state()
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
 
 
-def _finetune_config(stage: str, data: dict[str, Any]):
-    from ..config import ReferenceConfig, TrainingConfig
-
-    return (TrainingConfig if stage == "train" else ReferenceConfig).model_validate(data)
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train entry point; ``config`` is built by ``forgetting_ray.stages.train``."""
+def _report(w: _Worker, state: TrainState, history: list[dict[str, Any]], metrics: dict[str, Any], *,
+            last: bool) -> None:
+    """Every rank reports on the same steps.  A checkpoint every ``checkpoint_every`` steps and at the
+    end holds the engine; without ``checkpoint_every`` the last report holds state and history only."""
     import ray.train
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["torch_threads"])
-    stage = config["stage"]
-    ft = _finetune_config(stage, config["finetune"])
-    strategy = getattr(ft, "strategy", "sft")
-    normalization = getattr(ft, "normalization", "micro_batch")
-    parts = config["fingerprint_parts"]
-    plan = DataPlan(config["num_rows"], world, ft.micro_batch_size, ft.grad_accum, ft.epochs, ft.max_steps)
-    plan.check(config["table"])
-    total = plan.total_steps
-    lam_fn = (lambda_schedule(ft.lambda_schedule, t_max=ft.t_max, t_min=ft.t_min, total_steps=total)
-              if strategy == "forgetting" else (lambda k: 0.0))
-    columns = COLUMNS_NO_CLASS if strategy == "sft" else COLUMNS_WITH_CLASS
-    mult = loss_multiplier(normalization, ft.grad_accum, world)
-
-    # --- model, optimizer, engine ---------------------------------------------------------
-    from .deepspeed_setup import DDPRunner, create_runner
-
-    if config["use_gpu"]:
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()  # the GPU Ray assigned to this worker
-    else:
-        device = torch.device("cpu")
-    runner = create_runner(config["model_path"], ft, world_size=world, total_steps=total, device=device,
-                           chunk_size=config["chunk_size"], trust_remote_code=config.get("trust_remote_code", False))
-
-    # --- restore ----------------------------------------------------------------------------
-    state, history = TrainState(), []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and ft.resume_from:
-        ckpt = ray.train.Checkpoint.from_directory(ft.resume_from)
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            saved, saved_history = read_state(d, parts)  # raises on a foreign checkpoint
-            if saved.has_weights:
-                if (saved.epoch, saved.micro_batches_in_epoch) != plan.position(saved.global_step):
-                    raise RuntimeError(
-                        f"checkpoint {d}: data position (epoch {saved.epoch}, micro-batch "
-                        f"{saved.micro_batches_in_epoch}) does not follow from step {saved.global_step}"
-                    )
-                runner.load(Path(d), checkpoint_tag(saved.global_step))
-                state, history = saved, saved_history
-                state.resumed_at.append(state.global_step)
-    guard = Guardrail(getattr(ft, "guardrail_neg_nll_max", None), getattr(ft, "guardrail_pos_nll_factor", None),
-                      getattr(ft, "guardrail_action", "backoff"))
-    guard.load(state.guardrail)
-    fault = config.get("fault")
-
-    # --- train ------------------------------------------------------------------------------
-    while state.global_step < total and state.stop_reason is None:
-        epoch, consumed = state.epoch, state.micro_batches_in_epoch
-        name = f"train_{epoch}" if ft.shuffle else "train"
-        batches = micro_batches(ray.train.get_dataset_shard(name), plan, rank=rank, skip=consumed,
-                                columns=columns, pad_token_id=config["pad_token_id"])
-        for _ in range(plan.steps_per_epoch - consumed // ft.grad_accum):
-            t0 = time.perf_counter()
-            step = state.global_step
-            torch.manual_seed(step_seed(ft.seed, step, rank))
-            group = [prepare_micro_batch(next(batches), strategy) for _ in range(ft.grad_accum)]
-            counts = [class_counts(b["token_class"], strategy) for b in group]
-            n_pos_step = n_neg_step = None
-            if normalization == "global":  # every token of the step weighs the same, on every rank
-                n_pos_step, n_neg_step = _all_reduce([sum(c[0] for c in counts), sum(c[1] for c in counts)], device)
-            lam = lam_fn(step) * state.lambda_multiplier
-            lr = runner.lr()  # the rate this step applies (the scheduler advances inside step)
-            acc = np.zeros(7)  # sum_pos, n_pos, sum_neg, n_neg, loss, micro-batches without positives, tokens
-            for i, (mb, (n_pos, _)) in enumerate(zip(group, counts)):
-                boundary = i == ft.grad_accum - 1
-                if isinstance(runner, DDPRunner):
-                    runner.set_boundary(boundary)
-                nll = runner.forward(mb)
-                out = forgetting_loss(nll, mb["token_class"].to(nll.device), lam, strategy=strategy,
-                                      normalization=normalization, n_pos=n_pos_step, n_neg=n_neg_step)
-                runner.backward(out.loss * mult, boundary)
-                grad_norm = runner.step(boundary)
-                acc += [float(out.pos_nll) * out.n_pos, out.n_pos, float(out.neg_nll) * out.n_neg, out.n_neg,
-                        float(out.loss.detach()) * mult, n_pos == 0, int(mb["attention_mask"].sum())]
-            s = _all_reduce(acc.tolist(), device)
-            state.global_step += 1
-            state.epoch, state.micro_batches_in_epoch = plan.position(state.global_step)  # the next to read
-            state.microbatches_without_positive += int(s[5])
-            dt = time.perf_counter() - t0
-            metrics = {
-                "step": state.global_step, "epoch": epoch,
-                "loss": s[4] / world, "pos_nll": s[0] / max(s[1], 1), "neg_nll": s[2] / max(s[3], 1),
-                "lambda": lam, "lambda_multiplier": state.lambda_multiplier, "lr": lr,
-                "grad_norm": grad_norm, "tokens_per_s": s[6] / dt, "n_pos": int(s[1]), "n_neg": int(s[3]),
-                "n_tokens": int(s[6]), "n_microbatches_without_positive": int(s[5]),
-                "n_microbatches_without_positive_total": state.microbatches_without_positive,
-            }
-            decision = guard.check(step, loss=metrics["loss"], pos_nll=metrics["pos_nll"],
-                                   neg_nll=metrics["neg_nll"], n_pos=metrics["n_pos"], n_neg=metrics["n_neg"],
-                                   can_backoff=strategy == "forgetting")
-            if decision.action == "backoff":
-                state.lambda_multiplier *= 0.5
-            elif decision.action == "stop":
-                state.stop_reason = decision.reason
-            metrics["guardrail"] = GUARDRAIL_CODES[decision.action]
-            state.guardrail = guard.state()
-            history.append(metrics)
-            last = state.global_step >= total or state.stop_reason is not None
-            every = ft.checkpoint_every
-            full = bool(every) and (state.global_step % every == 0 or last)
-            if full or last or state.global_step % ft.report_every == 0:
-                _report(runner, state, parts, history, metrics, rank, full=full, light=last and not every)
-            _maybe_crash(fault, rank, state.global_step)
-            if last:
-                break
-
-    # --- export -----------------------------------------------------------------------------
-    export_dir = None
-    if state.stop_reason is None and config.get("export_dir"):
-        export_dir = _export(runner, ft, config)
-    if rank == 0:
-        return {"state": state.to_json(), "history": history, "export_dir": export_dir,
-                "total_steps": total, "dropped_rows_per_epoch": plan.dropped_rows_per_epoch()}
-    return None
-
-
-def _report(runner, state: TrainState, parts, history, metrics, rank: int, *, full: bool, light: bool) -> None:
-    """Every rank reports; with ``full`` every rank adds its engine shard to the checkpoint."""
-    import ray.train
-
-    if not (full or light):
+    ft = w.job.finetune
+    every = ft.checkpoint_every
+    full = bool(every) and (state.global_step % every == 0 or last)
+    if full or (last and not every):
+        _report_checkpoint(w, state, history, metrics, full=full)
+    elif state.global_step % ft.report_every == 0:
         ray.train.report(metrics)
-        return
+
+
+def _report_checkpoint(w: _Worker, state: TrainState, history: list[dict[str, Any]], metrics: dict[str, Any], *,
+                       full: bool) -> None:
+    """With ``full`` every rank adds its engine shard to the checkpoint; rank 0 adds state and history."""
+    import ray.train
+
     folder = Path(tempfile.mkdtemp(prefix="forgetting-ckpt-"))
     try:
         state.has_weights = full
         if full:
-            runner.save(folder, checkpoint_tag(state.global_step))
-        if rank == 0:
-            write_state(folder, state, parts, history)
+            w.runner.save(folder, checkpoint_tag(state.global_step))
+        if w.rank == 0:
+            write_state(folder, state, w.job.fingerprint_parts, history)
         has_files = any(folder.iterdir())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if has_files else None)
     finally:
@@ -433,13 +565,10 @@ def _report(runner, state: TrainState, parts, history, metrics, rank: int, *, fu
         state.has_weights = True
 
 
-def _export(runner, ft, config: dict[str, Any]) -> str:
+def _export(w: _Worker, export_dir: str) -> str:
     """Collective on every rank: export gathers ZeRO-3 partitions, rank 0 writes and validates."""
-    from ..models import load_tokenizer
-    from .export import export_model
-
-    tok = load_tokenizer(config["tokenizer_path"])
-    out = export_model(runner.export_handle(), tok, Path(config["export_dir"]), lora=ft.lora.enabled,
-                       dtype=ft.export_dtype, base_model_path=config["model_path"],
-                       train_config=config["train_config"])
+    ft = w.job.finetune
+    out = export_model(w.runner.export_handle(), load_tokenizer(w.job.tokenizer_path), Path(export_dir),
+                       lora=ft.lora.enabled, dtype=ft.export_dtype, base_model_path=w.job.model_path,
+                       train_config=w.job.train_config)
     return str(out)

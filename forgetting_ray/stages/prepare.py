@@ -19,13 +19,13 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from ..config import DataConfig, PipelineConfig, config_to_dict
+from ..data.readers import DataError, Record, read_records, resolve_inputs
+from ..data.render import Renderer
+from ..data.sources import Source
+from ..data.table import rows_to_table, token_table_hash, write_token_table
 from ..errors import UserError
 from ..models import load_tokenizer, tokenizer_fingerprint
 from ..store import atomic_dir, atomic_write_json, content_hash, is_complete, mark_complete, stage_dir
-from .readers import DataError, Record, read_records, resolve_inputs
-from .sources import Source
-from .render import Renderer
-from .table import rows_to_table, token_table_hash, write_token_table
 
 log = logging.getLogger(__name__)
 

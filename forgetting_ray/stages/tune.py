@@ -1,0 +1,508 @@
+"""TUNE stage: a Ray Tune search over rho and the lambda schedule (name, t_max, t_min, optionally lr).
+
+Recipe, top to bottom (``run_tune``):
+
+1. resolve the objective (eval_mean or val_nll) and its direction, and describe the search space;
+2. ``_open_search_folder``: key the search folder by what every trial shares (scores, base training
+   settings, validation split) and refuse a restart whose search space changed;
+3. ``_validation_split``: hold out a seeded validation split of the samples (the same for every rho);
+4. ``_data_plan``: check the remaining samples make at least one step;
+5. ``_scheduler`` (ASHA | FIFO) and ``_searcher`` (random | Optuna), sized to the cluster;
+6. ``_fit``: ``Tuner.fit`` (or restore an interrupted search), reaping what stopped trials leave behind;
+7. ``_collect_trials``: one record per trial; close the MLflow runs of the trials the scheduler stopped;
+8. ``_finish``: pick the best finished trial, write ``result.json``, load its model and partition.
+
+A trial (``_trial``, a function trainable: the Ray Train V2 pattern, not ``Tuner(trainer)``)
+re-partitions the cached scores with its rho (``run_partition``; the scores are never recomputed:
+their key does not depend on rho or lambda), drops the validation samples, trains with the
+forgetting strategy through ``run_finetune`` (its own ``TorchTrainer``), and reports:
+
+* every training report, through :class:`TrialReportCallback`, with ``online_nll``: the NLL of all
+  response tokens of the step's micro-batches, measured by the forward pass *before* the update
+  that uses them (progressive validation: in the first epoch those samples are unseen).  ASHA
+  compares trials on it at its rungs, so it can stop a trial long before the objective exists;
+* once, after training, ``objective``: the mean eval score on the seeded dev subset, or the NLL of
+  every response token of the held-out validation split under the exported model.
+
+The maths (space description and hash, trial configs, online NLL, the split, best-trial choice)
+lives in :mod:`forgetting_ray.search`, plain functions testable without Ray; the private-Ray-API
+clean-up after stopped trials in :mod:`forgetting_ray.ray_internals`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from ..config import ModelConfig, PipelineConfig, TuneConfig, config_to_dict
+from ..constants import IGNORE_INDEX
+from ..data.collate import collate
+from ..models import load_model, load_tokenizer
+from ..ray_internals import pg_recorder_class, reaper_class
+from ..ray_utils import init_ray
+from ..report.plots import log_finetune_plots
+from ..scoring import token_nll
+from ..search import (
+    OBJECTIVE_METRIC,
+    ONLINE_METRIC,
+    TuneInputError,
+    check_search_space,
+    default_max_concurrent,
+    in_validation,
+    objective_mode,
+    online_nll,
+    pick_best,
+    resolve_objective,
+    space_hash,
+    space_spec,
+    trial_config,
+)
+from ..store import atomic_path, atomic_write_json, content_hash, tree_sha256
+from ..tracking import Tracker
+from ..train.loop import DataPlan
+from .evaluate import eval_data_fingerprint, resolve_eval_model, run_eval
+from .partition import PartitionResult, run_partition
+from .score import plan_batches
+from .train import FinetuneResult, load_result, run_finetune
+
+log = logging.getLogger(__name__)
+
+STAGE = "tune"
+VAL_FILE = "val.parquet"
+
+
+@dataclass
+class TuneResult:
+    dir: Path
+    key: str
+    space_hash: str
+    objective: str
+    mode: str
+    trials: list[dict[str, Any]]  # trial_id, config, status, objective, last step, out_dir, ...
+    best: dict[str, Any] | None
+    best_config: PipelineConfig | None = None
+    best_train: Any = None  # FinetuneResult of the best trial
+    best_partition: Any = None  # PartitionResult at the best rho
+    best_table: Path | None = None  # the table the best trial trained on (validation split removed)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best_export_dir(self) -> Path | None:
+        return self.best_train.export_dir if self.best_train is not None else None
+
+    @property
+    def n_stopped_early(self) -> int:
+        return sum(t["status"] == "stopped" for t in self.trials)
+
+
+# ------------------------------------------------------------------------------------------------
+# the objective
+# ------------------------------------------------------------------------------------------------
+def validation_nll(model_dir: str, val_table: str, *, model_cfg: dict[str, Any], batch_tokens: int,
+                   chunk_size: int | None = None) -> dict[str, float]:
+    """Mean NLL of every response token of ``val_table`` under the model in ``model_dir``."""
+    path = resolve_eval_model(model_dir)
+    mc = ModelConfig.model_validate({**model_cfg, "name_or_path": path, "tokenizer": None, "revision": None})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = load_tokenizer(mc)
+    model = load_model(mc, device=device).eval()
+    tbl = pq.read_table(val_table, columns=["input_ids", "labels"])
+    ids = [np.asarray(x) for x in tbl.column("input_ids").to_pylist()]
+    labels = [np.asarray(x) for x in tbl.column("labels").to_pylist()]
+    total, count = 0.0, 0
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    with torch.inference_mode():
+        for rows in plan_batches(np.array([len(x) for x in ids]), batch_tokens):
+            b = collate({"input_ids": [ids[i] for i in rows], "labels": [labels[i] for i in rows]}, pad)
+            b = {k: v.to(device) for k, v in b.items()}
+            nll = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunk_size=chunk_size)
+            mask = b["labels"] != IGNORE_INDEX
+            mask[:, 0] = False  # position 0 is never predicted
+            total += float(nll[mask].double().sum())
+            count += int(mask.sum())
+    if count == 0:
+        raise TuneInputError(f"validation split {val_table} has no response tokens")
+    return {"val_nll": total / count, "val_tokens": count}
+
+
+def _val_nll_objective(ctx: dict[str, Any], base: PipelineConfig, res: FinetuneResult) -> dict[str, Any]:
+    kwargs = {"model_cfg": config_to_dict(base.model), "batch_tokens": base.scoring.batch_tokens,
+              "chunk_size": base.scoring.chunk_size}
+    if base.eval.num_gpus_per_actor > 0:  # a GPU task outside the trial's 0.1-CPU placement group
+        # ray is imported where a search uses it: it takes seconds, and the pipeline imports this module
+        # for runs without a search too.
+        import ray
+
+        task = ray.remote(validation_nll).options(num_cpus=base.eval.num_cpus_per_actor,
+                                                    num_gpus=base.eval.num_gpus_per_actor,
+                                                    scheduling_strategy="DEFAULT")
+        v = ray.get(task.remote(str(res.export_dir), ctx["val_table"], **kwargs))
+    else:  # on CPU here: the trial process has torch loaded and its fit has released the workers
+        v = validation_nll(str(res.export_dir), ctx["val_table"], **kwargs)
+    return {**v, OBJECTIVE_METRIC: v["val_nll"]}
+
+
+def _eval_objective(ctx: dict[str, Any], cfg: PipelineConfig, res: FinetuneResult, folder: Path, trial_id: str,
+                    t: Any) -> dict[str, Any]:
+    ecfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
+        "limit": float(ctx["eval_limit"]), "limit_mode": "random"})})
+    ev = run_eval(ecfg, str(res.export_dir), folder / "eval" / trial_id, tracker=t)
+    out: dict[str, Any] = {f"eval.{k}": v for k, v in ev.headline.items()}
+    # the mean over the tasks this search evaluates (ev.average is None unless all five ran)
+    out["eval_mean"] = float(np.mean([ev.headline[task] for task in cfg.eval.tasks]))
+    out[OBJECTIVE_METRIC] = out["eval_mean"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# one trial
+# ------------------------------------------------------------------------------------------------
+def _report_callback_class():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class TrialReportCallback(TuneReportCallback):
+        """Forwards rank 0's training reports to Tune with ``online_nll`` added; logs them to the trial's run.
+
+        Runs in the Ray Train controller of the trial's fit.  ``online_nll`` is averaged over the last
+        ``window`` reports, so one unlucky micro-batch does not decide a rung.
+        """
+
+        def __init__(self, tracker: Any = None, window: int = 2):
+            super().__init__()
+            self.tracker = tracker
+            self.recent: deque[float] = deque(maxlen=window)
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            value = online_nll(m)
+            if value is not None and math.isfinite(value):
+                self.recent.append(value)
+                m["online_nll_step"] = value
+            if self.recent:
+                m[ONLINE_METRIC] = float(np.mean(self.recent))
+            if self.tracker is not None:
+                try:
+                    self.tracker.log_metrics({k: v for k, v in m.items() if k != "step"}, step=int(m.get("step", 0)))
+                except Exception as e:  # noqa: BLE001 - a tracking hiccup must not kill the trial
+                    log.warning("trial metrics not logged to MLflow: %s", e)
+            super().after_report(run_context, [m], checkpoint)
+
+    return TrialReportCallback
+
+
+def _trial_tables(part: PartitionResult, val_ids: set[str], folder: Path) -> Path:
+    """The partitioned table at this rho minus the validation samples (written once per rho)."""
+    if not val_ids:
+        return part.train_path
+    out = folder / f"train-{part.key}.parquet"
+    if out.is_file():
+        return out
+    tbl = pq.read_table(part.train_path)
+    keep = pc.invert(pc.is_in(tbl.column("sample_id"), value_set=pa.array(sorted(val_ids), pa.string())))
+    with atomic_path(out) as tmp:
+        pq.write_table(tbl.filter(keep), tmp)
+    return out
+
+
+def _log_trial_params(t: Any, trial_id: str, params: dict[str, Any], cfg: PipelineConfig) -> None:
+    t.log_params({"trial_id": trial_id, **{f"search.{k}": v for k, v in sorted(params.items())},
+                  "selection.rho": cfg.selection.rho, "training.lambda_schedule": cfg.training.lambda_schedule,
+                  "training.t_max": cfg.training.t_max, "training.t_min": cfg.training.t_min,
+                  "training.lr": cfg.training.lr, "training.strategy": cfg.training.strategy})
+
+
+def _train_trial(cfg: PipelineConfig, table: Path, folder: Path, trial_id: str, t: Any) -> FinetuneResult:
+    callbacks = [_report_callback_class()(t), pg_recorder_class()(trial_id)]
+    res = run_finetune(cfg, "train", table, folder / "trials" / trial_id, callbacks=callbacks)
+    if res.export_dir is None:
+        raise RuntimeError(f"trial {trial_id} stopped without an export: {res.stop_reason}")
+    return res
+
+
+def _final_metrics(ctx: dict[str, Any], base: PipelineConfig, cfg: PipelineConfig, res: FinetuneResult,
+                   folder: Path, trial_id: str, t: Any) -> dict[str, Any]:
+    """The trial's last report: the objective, and the online NLL of its last two training reports."""
+    final: dict[str, Any] = {"step": res.total_steps, "trained": 1}
+    if ctx["objective"] == "val_nll":
+        final.update(_val_nll_objective(ctx, base, res))
+    else:
+        final.update(_eval_objective(ctx, cfg, res, folder, trial_id, t))
+    online = [online_nll(m) for m in res.metrics[-2:]]
+    online = [x for x in online if x is not None]
+    if online:
+        final[ONLINE_METRIC] = float(np.mean(online))
+    return final
+
+
+def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One trial: re-partition with its rho, train with its schedule, report the objective."""
+    import ray.tune
+
+    base = PipelineConfig.model_validate(ctx["cfg"])
+    cfg = trial_config(base, params, report_every=ctx["report_every"])
+    trial_id = ray.tune.get_context().get_trial_id()
+    folder = Path(ctx["dir"])
+    parent = ctx["tracker"]
+    t = parent.child(f"trial-{trial_id}", {"forgetting_ray.stage": "tune-trial", "forgetting_ray.trial_id": trial_id})
+    try:
+        _log_trial_params(t, trial_id, params, cfg)
+        part = run_partition(cfg, Path(ctx["train_table"]), Path(ctx["score_dir"]))
+        table = _trial_tables(part, set(ctx["val_ids"]), folder / "tables")
+        t.log_params({"partition_key": part.key, "score_key": ctx["score_key"], "train_table": str(table)})
+        res = _train_trial(cfg, table, folder, trial_id, t)
+        final = _final_metrics(ctx, base, cfg, res, folder, trial_id, t)
+        t.log_metrics({k: v for k, v in final.items() if k != "step"}, step=res.total_steps)
+        log_finetune_plots(t, res, cfg.training)
+        t.log_model_reference("trial", res.export_dir, tree_sha256(res.export_dir), upload=False)
+        t.end("FINISHED")
+        ray.tune.report({**final, "out_dir": str(res.out_dir), "partition_dir": str(part.dir),
+                         "train_table_used": str(table)})
+    except BaseException:
+        t.end("FAILED")
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# the search
+# ------------------------------------------------------------------------------------------------
+def _open_search_folder(cfg: PipelineConfig, score: Any, objective: str, spec: dict[str, Any]) -> tuple[str, Path]:
+    """Key the search by what every trial shares; refuse a restart with another space. Returns (key, folder)."""
+    tc = cfg.tune
+    shared = {"score_key": score.key, "model": config_to_dict(cfg.model), "resources": cfg.resources.num_workers,
+              "training": {k: v for k, v in config_to_dict(cfg.training).items()
+                           if k not in ("strategy", "lambda_schedule", "t_max", "t_min", "lr", "report_every")},
+              "val": [tc.val_fraction, tc.seed], "objective": objective,
+              "eval": config_to_dict(cfg.eval) if objective == "eval_mean" else None,
+              "eval_data": eval_data_fingerprint(cfg.eval) if objective == "eval_mean" else None}
+    key = content_hash(shared)
+    folder = (Path(cfg.run_dir) / STAGE / key).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    check_search_space(folder, spec)  # before any compute
+    atomic_write_json(folder / "inputs.json", shared)
+    return key, folder
+
+
+def _validation_split(tc: TuneConfig, train_table: Path, folder: Path) -> tuple[list[str], Path, int]:
+    """The held-out samples (the same for every rho), written once. Returns (ids, table, n_train)."""
+    ids = pq.read_table(train_table, columns=["sample_id"]).column("sample_id").to_pylist()
+    val_mask = in_validation(ids, tc.val_fraction, tc.seed)
+    val_ids = [s for s, v in zip(ids, val_mask) if v]
+    if tc.val_fraction > 0 and not val_ids:
+        raise TuneInputError(f"tune.val_fraction={tc.val_fraction} selects none of the {len(ids)} samples of "
+                             f"{train_table}; raise it")
+    val_table = folder / VAL_FILE
+    if val_ids and not val_table.is_file():
+        tbl = pq.read_table(train_table)
+        with atomic_path(val_table) as tmp:
+            pq.write_table(tbl.filter(pc.is_in(tbl.column("sample_id"), value_set=pa.array(val_ids, pa.string()))), tmp)
+    return val_ids, val_table, len(ids) - len(val_ids)
+
+
+def _data_plan(cfg: PipelineConfig, train_table: Path, n_train: int, objective: str) -> DataPlan:
+    tr = cfg.training
+    plan = DataPlan(n_train, cfg.resources.num_workers, tr.micro_batch_size, tr.grad_accum, tr.epochs, tr.max_steps)
+    try:
+        plan.check(f"{train_table} without its validation split")
+    except ValueError as e:
+        raise TuneInputError(str(e)) from None
+    if objective == "val_nll" and plan.num_epochs > 1:
+        log.warning("tune: %d epochs; online_nll (ASHA's signal) is a held-out estimate only in the first epoch",
+                    plan.num_epochs)
+    return plan
+
+
+def _scheduler(tc: TuneConfig, plan: DataPlan):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if tc.scheduler != "asha":
+        return FIFOScheduler()
+    max_t = plan.total_steps + 1  # the final report (step = total_steps) must not count as "reached max_t"
+    return ASHAScheduler(time_attr="step", metric=ONLINE_METRIC, mode="min", max_t=max_t,
+                         grace_period=min(tc.grace_period, plan.total_steps), reduction_factor=tc.reduction_factor)
+
+
+def _searcher(tc: TuneConfig, mode: str, concurrent: int):
+    if tc.searcher == "optuna":
+        return _optuna_on_final_objective(mode, tc.seed, concurrent)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=tc.seed, max_concurrent=concurrent)
+
+
+def _optuna_on_final_objective(mode: str, seed: int, max_concurrent: int):
+    """Optuna that learns from each trial's final objective only.
+
+    A trial's intermediate reports carry ASHA's online NLL, not the objective (an eval score or a
+    validation NLL exists only once the model is trained), so Tune's controller must not demand the
+    objective in every report and Optuna (no pruner here) gets no intermediate values.  A trial ASHA
+    stops ends without an objective, which Optuna records as pruned.
+    """
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FinalObjectiveOnly(ConcurrencyLimiter):
+        def __init__(self):
+            super().__init__(OptunaSearch(metric=OBJECTIVE_METRIC, mode=mode, seed=seed), max_concurrent)
+            self._metric = None  # the key Tune's controller checks every report for
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            pass
+
+    return FinalObjectiveOnly()
+
+
+def _param_space(tc: TuneConfig) -> dict[str, Any]:
+    from ray import tune
+
+    def rng(r):
+        return tune.loguniform(r.low, r.high) if r.log else tune.uniform(r.low, r.high)
+
+    space = {"rho": rng(tc.rho), "t_max": rng(tc.t_max), "lambda_schedule": tune.choice(list(tc.lambda_schedules))}
+    if tc.t_min is not None:
+        space["t_min"] = rng(tc.t_min)
+    if tc.lr is not None:
+        space["lr"] = rng(tc.lr)
+    return space
+
+
+def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_alg):
+    """Run the search (or resume an interrupted one in the same folder). Returns (result grid, experiment folder)."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 0.1})
+    reaper = reaper_class()()
+    run_config = tune.RunConfig(name="search", storage_path=str(folder / "ray"), verbose=1, callbacks=[reaper])
+    experiment = folder / "ray" / "search"
+    if tune.Tuner.can_restore(str(experiment)):
+        log.info("tune: resuming the search in %s", experiment)
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, param_space=_param_space(tc),
+                                   resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=_param_space(tc), run_config=run_config,
+            tune_config=tune.TuneConfig(num_samples=tc.num_samples, scheduler=scheduler, search_alg=search_alg,
+                                        reuse_actors=False),  # a stopped trial's fit must die with its actor
+        )
+    grid = tuner.fit()
+    reaper.join()
+    return grid, experiment
+
+
+def _collect_trials(grid) -> list[dict[str, Any]]:
+    """One record per trial, by trial id: finished (has the objective), stopped (by the scheduler) or error."""
+    trials = []
+    for r in grid:
+        m = r.metrics or {}
+        status = "error" if r.error else ("finished" if OBJECTIVE_METRIC in m else "stopped")
+        trials.append({"trial_id": m.get("trial_id") or Path(r.path).name, "config": dict(r.config or {}),
+                       "status": status, "objective": m.get(OBJECTIVE_METRIC), "last_step": m.get("step"),
+                       ONLINE_METRIC: m.get(ONLINE_METRIC), "out_dir": m.get("out_dir"),
+                       "partition_dir": m.get("partition_dir"), "train_table": m.get("train_table_used"),
+                       "error": str(r.error) if r.error else None})
+    trials.sort(key=lambda x: x["trial_id"])
+    return trials
+
+
+def _close_stopped_runs(tracker: Any, trials: list[dict[str, Any]]) -> None:
+    """Trials the scheduler stopped were killed mid-fit: mark their MLflow runs KILLED, not RUNNING.
+
+    A kill that lands inside the trial's own tracking context can leave the run FAILED first (a race
+    with the trial's teardown); the scheduler's decision is what happened, so that becomes KILLED too.
+    """
+    if not getattr(tracker, "enabled", False):
+        return
+    stopped = {t["trial_id"] for t in trials if t["status"] == "stopped"}
+    errored = {t["trial_id"] for t in trials if t["status"] == "error"}
+    runs = tracker.client.search_runs([tracker.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{tracker.run_id}'")
+    for run in runs:
+        tid = run.data.tags.get("forgetting_ray.trial_id")
+        if run.info.status in ("RUNNING", "FAILED") and tid in stopped:
+            tracker.client.set_terminated(run.info.run_id, status="KILLED")
+            tracker.client.set_tag(run.info.run_id, "forgetting_ray.stopped_by", "scheduler")
+        elif run.info.status == "RUNNING" and tid in errored:
+            tracker.client.set_terminated(run.info.run_id, status="FAILED")
+
+
+def _finish(result: TuneResult, cfg: PipelineConfig, train_table: Path, score: Any, experiment: Path,
+            tracker: Any) -> TuneResult:
+    """Write ``result.json``; load the best trial's config, model and partition and log them."""
+    best, trials = result.best, result.trials
+    atomic_write_json(result.dir / "result.json", {"objective": result.objective, "mode": result.mode,
+                                                   "space_hash": result.space_hash, "best": best, "trials": trials})
+    if best is None:
+        raise RuntimeError(f"tune: no trial finished with an objective ({len(trials)} trials; see {experiment})")
+    result.best_config = trial_config(cfg, best["config"])
+    result.best_train = load_result(best["out_dir"])
+    result.best_partition = run_partition(result.best_config, train_table, score.dir)  # cached by the trial
+    result.best_table = Path(best["train_table"])
+    tracker.log_metrics({"best_objective": best["objective"], "trials_stopped_early": result.n_stopped_early,
+                         "trials_finished": sum(t["status"] == "finished" for t in trials)})
+    tracker.log_params({f"best.{k}": v for k, v in sorted(best["config"].items())} | {"best.trial_id": best["trial_id"]})
+    tracker.log_artifact(result.dir / "result.json")
+    return result
+
+
+def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> TuneResult:
+    """Search rho and the lambda schedule on the cached ``score`` (a ScoreResult); return the best trial."""
+    import ray
+
+    tc = cfg.tune
+    objective = resolve_objective(cfg)
+    mode = objective_mode(objective)
+    spec = space_spec(tc)
+    key, folder = _open_search_folder(cfg, score, objective, spec)
+    val_ids, val_table, n_train = _validation_split(tc, train_table, folder)
+    plan = _data_plan(cfg, train_table, n_train, objective)
+
+    init_ray(cfg.resources.ray_address)
+    scheduler = _scheduler(tc, plan)
+    concurrent = tc.max_concurrent_trials or default_max_concurrent(cfg, ray.cluster_resources())
+    search_alg = _searcher(tc, mode, concurrent)
+    tracker = tracker if tracker is not None else Tracker.disabled()
+    ctx = {"cfg": config_to_dict(cfg), "dir": str(folder), "train_table": str(Path(train_table).resolve()),
+           "score_dir": str(Path(score.dir).resolve()), "score_key": score.key, "val_ids": val_ids,
+           "val_table": str(val_table), "objective": objective, "eval_limit": tc.eval_limit,
+           "report_every": tc.report_every or cfg.training.report_every, "tracker": tracker}
+    tracker.log_params({"tune.key": key, "tune.space_hash": space_hash(spec), "tune.objective_resolved": objective,
+                        "tune.max_concurrent_trials_resolved": concurrent, "tune.total_steps": plan.total_steps,
+                        "tune.val_samples": len(val_ids)})
+    grid, experiment = _fit(tc, folder, ctx, scheduler, search_alg)
+
+    trials = _collect_trials(grid)
+    _close_stopped_runs(tracker, trials)
+    result = TuneResult(folder, key, space_hash(spec), objective, mode, trials, pick_best(trials, mode),
+                        stats={"max_concurrent_trials": concurrent, "total_steps": plan.total_steps,
+                               "val_samples": len(val_ids)})
+    return _finish(result, cfg, train_table, score, experiment, tracker)
+
+
+def format_tune_summary(result: TuneResult) -> str:
+    """A printable table of the trials and the best configuration."""
+    keys = sorted({k for t in result.trials for k in t["config"]})
+    lines = [f"Tune search {result.dir} (space {result.space_hash}, objective {result.objective}, {result.mode})",
+             "| trial | " + " | ".join(keys) + " | status | last step | online_nll | objective |",
+             "|" + "---|" * (len(keys) + 5)]
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+    for t in result.trials:
+        lines.append(f"| {t['trial_id']} | " + " | ".join(fmt(t["config"].get(k)) for k in keys)
+                     + f" | {t['status']} | {fmt(t['last_step'])} | {fmt(t[ONLINE_METRIC])} | {fmt(t['objective'])} |")
+    if result.best:
+        lines += ["", f"best: trial {result.best['trial_id']} objective {result.best['objective']:.6g} "
+                      + json.dumps(result.best["config"], sort_keys=True),
+                  f"best model: {result.best_export_dir}"]
+    return "\n".join(lines)
