@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,6 +32,38 @@ def flan_texts(limit: int = 3000) -> list[str]:
                 if len(texts) >= limit:
                     return texts
     return texts
+
+
+# shared by the unit and the integration tests of training
+def make_partitioned_table(tokenizer_dir: Path, n: int = 48, *, max_len: int = 48, rho: float = 0.7, seed: int = 0,
+                           with_class: bool = True) -> pa.Table:
+    """FLAN texts, first third of each row a prompt (label -100), random +1/-1 classes with P(+1)=rho."""
+    # imported here: the environment above must be set before transformers reads it
+    from transformers import AutoTokenizer
+
+    from forgetting_ray.data.table import rows_to_table
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, text in enumerate(flan_texts(n)):
+        ids = tok(text)["input_ids"][:max_len]
+        cut = max(1, len(ids) // 3)
+        rows.append({
+            "sample_id": hashlib.sha256(f"{i}:{text}".encode()).hexdigest()[:16],
+            "source": "flan",
+            "input_ids": ids,
+            "labels": [-100] * cut + ids[cut:],
+        })
+    table = rows_to_table(rows)
+    if with_class:
+        classes = []
+        for r in rows:
+            lab = np.asarray(r["labels"])
+            c = np.where(rng.random(lab.size) < rho, 1, -1)
+            classes.append(np.where(lab != -100, c, 0).astype(np.int8))
+        table = table.append_column("token_class", pa.array(classes, type=pa.list_(pa.int8())))
+    return table
 
 
 @pytest.fixture(scope="session")

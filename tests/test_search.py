@@ -8,7 +8,7 @@ import json
 import pytest
 
 from forgetting_ray.config import ConfigError, PipelineConfig, load_config
-from forgetting_ray.tune import (
+from forgetting_ray.search import (
     SearchSpaceMismatch,
     TuneInputError,
     check_search_space,

@@ -12,7 +12,7 @@ import pytest
 
 from forgetting_ray.cli import main
 from forgetting_ray.config import ConfigError, DatasetSpec, DataConfig, PipelineConfig, load_config, parse_dataset_uri
-from forgetting_ray.data.prepare import run_prepare
+from forgetting_ray.stages.prepare import run_prepare
 from forgetting_ray.data.readers import DataError, read_records, resolve_inputs
 from forgetting_ray.data.sources import DatasetSource, FileSource, is_local_dataset
 

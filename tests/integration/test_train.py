@@ -20,7 +20,7 @@ import torch
 from forgetting_ray.config import PipelineConfig
 from forgetting_ray.stages.train import FinetuneInputError, run_finetune
 from forgetting_ray.train.checkpoint import CheckpointMismatchError, checkpoint_tag, read_state
-from test_train_loop_math import make_partitioned_table
+from conftest import make_partitioned_table
 
 STEPS_PER_EPOCH = 6  # 48 rows / (2 rows x 2 workers x 2 micro-batches)
 

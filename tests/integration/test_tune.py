@@ -16,7 +16,8 @@ import pytest
 from conftest import EVAL_DIR
 from forgetting_ray.config import load_config
 from forgetting_ray.pipeline import run_pipeline
-from forgetting_ray.tune import SearchSpaceMismatch, format_tune_summary
+from forgetting_ray.search import SearchSpaceMismatch
+from forgetting_ray.stages.tune import format_tune_summary
 
 REPO = Path(__file__).resolve().parents[2]
 FLAN = REPO / "examples" / "data" / "flan_v2_cot"

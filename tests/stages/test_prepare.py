@@ -1,4 +1,4 @@
-"""PREPARE stage (forgetting_ray.data.prepare) and the token table (forgetting_ray.data.table)."""
+"""PREPARE stage (forgetting_ray.stages.prepare) and the token table (forgetting_ray.data.table)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from forgetting_ray.config import DataConfig, PipelineConfig
-from forgetting_ray.data import prepare as prepare_mod
+from forgetting_ray.stages import prepare as prepare_mod
 from forgetting_ray.data import table as table_mod
-from forgetting_ray.data.prepare import PrepareError, run_prepare
+from forgetting_ray.stages.prepare import PrepareError, run_prepare
 from forgetting_ray.data.readers import DataError, read_records, resolve_files
 from forgetting_ray.data.render import IGNORE_INDEX, RenderError
 from forgetting_ray.data.table import (

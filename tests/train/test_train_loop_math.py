@@ -4,7 +4,6 @@ normalisation maths, checkpoint fingerprints, and the worker loop itself run in-
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 from pathlib import Path
@@ -14,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import flan_texts
+from conftest import make_partitioned_table
 from forgetting_ray.config import FinetuneConfig, TrainingConfig, config_to_dict
 from forgetting_ray.losses import forgetting_loss, lambda_schedule
 from forgetting_ray.train import checkpoint as ck
@@ -41,39 +40,6 @@ from forgetting_ray.train.loop import (
     rank_rows,
     train_loop_per_worker,
 )
-
-
-# ------------------------------------------------------------------------------------------
-# shared helper: a partitioned token table from real text (also used by the integration tests)
-# ------------------------------------------------------------------------------------------
-def make_partitioned_table(tokenizer_dir: Path, n: int = 48, *, max_len: int = 48, rho: float = 0.7, seed: int = 0,
-                           with_class: bool = True) -> pa.Table:
-    """FLAN texts, first third of each row a prompt (label -100), random +1/-1 classes with P(+1)=rho."""
-    from transformers import AutoTokenizer
-
-    from forgetting_ray.data.table import rows_to_table
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i, text in enumerate(flan_texts(n)):
-        ids = tok(text)["input_ids"][:max_len]
-        cut = max(1, len(ids) // 3)
-        rows.append({
-            "sample_id": hashlib.sha256(f"{i}:{text}".encode()).hexdigest()[:16],
-            "source": "flan",
-            "input_ids": ids,
-            "labels": [-100] * cut + ids[cut:],
-        })
-    table = rows_to_table(rows)
-    if with_class:
-        classes = []
-        for r in rows:
-            lab = np.asarray(r["labels"])
-            c = np.where(rng.random(lab.size) < rho, 1, -1)
-            classes.append(np.where(lab != -100, c, 0).astype(np.int8))
-        table = table.append_column("token_class", pa.array(classes, type=pa.list_(pa.int8())))
-    return table
 
 
 # ------------------------------------------------------------------------------------------
