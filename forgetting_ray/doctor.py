@@ -16,7 +16,8 @@ from .data.readers import read_records, resolve_inputs
 from .data.render import Renderer
 from .models import load_tokenizer, resolve_model_path
 from .plan import plan
-from .ray_utils import EVAL_CPU_RESERVE, SCORING_CPU_RESERVE, default_storage_path, init_ray, starves_ray_data
+from .ray_utils import alive_node_cpus, default_storage_path, describe_pool_problem, init_ray, starves_ray_data
+from .store import is_uri, join_storage, probe_storage
 from .submit import SubmitError, check_upload
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
@@ -31,27 +32,31 @@ class Check:
 
 
 def _probe_storage(path: str, token: str) -> dict:
-    """Runs on one node: write a probe file and list the probes other nodes wrote."""
+    """Runs on one node: write a probe object under ``path`` (folder or URI) and list the probes other nodes wrote."""
     import socket
 
-    folder = Path(path) / ".doctor" / token
+    import pyarrow.fs as pafs
+
+    folder = join_storage(path, ".doctor", token)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f"{socket.gethostname()}-{os.getpid()}"
-        probe.write_text("ok")
-        return {"host": socket.gethostname(), "ok": True, "seen": sorted(p.name for p in folder.iterdir())}
+        probe_storage(folder)
+        fs, root = pafs.FileSystem.from_uri(folder if is_uri(folder) else Path(folder).as_uri())
+        with fs.open_output_stream(f"{root}/{socket.gethostname()}-{os.getpid()}") as out:
+            out.write(b"ok")
+        seen = sorted(Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(root)))
+        return {"host": socket.gethostname(), "ok": True, "seen": seen}
     except OSError as e:
         return {"host": socket.gethostname(), "ok": False, "error": str(e)}
 
 
 def check_storage(cfg: PipelineConfig) -> Check:
+    """Every alive node writes a probe into the Ray Train storage (folder or object-storage URI), then one
+    node must see them all: a local folder that only looks shared fails here, not hours into a run."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     path = cfg.resources.storage_path or default_storage_path(cfg.run_dir)
     fix = "set resources.storage_path to a folder (NFS/EFS mount) or bucket every node can write"
-    if "://" in path:
-        return Check("storage", WARN, f"{path} is a URI; checked by Ray Train at start", "")
     nodes = [n for n in ray.nodes() if n["Alive"]]
     token = uuid.uuid4().hex[:8]
     probe = ray.remote(num_cpus=0)(_probe_storage)
@@ -78,14 +83,13 @@ def check_resources(cfg: PipelineConfig) -> Check:
     score_cpu, score_gpu = s.concurrency * s.num_cpus_per_actor, s.concurrency * s.num_gpus_per_actor
     train_cpu, train_gpu = r.num_workers * r.cpus_per_worker, (r.num_workers if r.use_gpu else 0)
     problems = []
-    # the same rule the scoring and eval stages enforce before they start their pools
-    if starves_ray_data(s, cpus, SCORING_CPU_RESERVE):
-        problems.append(f"scoring actors take {score_cpu:g} of {cpus:g} CPUs, leaving less than "
-                        f"{SCORING_CPU_RESERVE:g} for Ray Data's read/write tasks")
+    # the same per-node rule the scoring and eval stages enforce before they start their pools
+    nodes = alive_node_cpus(ray)
+    if starves_ray_data(s, nodes):
+        problems.append(describe_pool_problem("scoring", s, nodes))
     ev = cfg.eval
-    if ev.enabled and ev.backend == "ray" and starves_ray_data(ev, cpus, EVAL_CPU_RESERVE):
-        problems.append(f"evaluation actors take {ev.concurrency * ev.num_cpus_per_actor:g} of {cpus:g} CPUs, "
-                        f"leaving less than {EVAL_CPU_RESERVE:g} for Ray Data's repartition tasks")
+    if ev.enabled and ev.backend == "ray" and starves_ray_data(ev, nodes):
+        problems.append(describe_pool_problem("eval", ev, nodes))
     if score_gpu > gpus:
         problems.append(f"scoring asks {score_gpu:g} GPUs, the cluster has {gpus:g}")
     if train_cpu > cpus:

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .store import join_storage
+
 # Passed to every Ray worker: DeepSpeed must pick the CPU accelerator without guessing on CPU
 # boxes, its JIT ops must land in one shared cache, and nothing may reach for a model hub.
 WORKER_ENV_VARS = (
@@ -53,36 +55,74 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
 
 
 def default_storage_path(run_dir: str | Path) -> str:
-    return str((Path(run_dir) / "ray_storage").resolve())
+    return join_storage(run_dir, "ray_storage")
 
 
-# CPUs an actor pool must leave to Ray Data's own tasks: reads/writes fit in a fraction of a CPU, but the eval
-# stage's repartition tasks each need a whole one (STACK_NOTES Exp 3).
-SCORING_CPU_RESERVE = 0.25
-EVAL_CPU_RESERVE = 1.0
+# Ray Data's repartition tasks (scoring and evaluation) each take a whole CPU, on one node: an actor pool
+# must leave that much free on at least one node, or the stage waits forever (STACK_NOTES Exp 3, §7).
+RAY_DATA_TASK_CPUS = 1.0
 
 
-def starves_ray_data(pool: Any, total_cpus: float, reserve: float) -> bool:
-    """True when a CPU actor pool leaves Ray Data fewer than ``reserve`` of ``total_cpus``."""
-    return not pool.num_gpus_per_actor and pool.concurrency * pool.num_cpus_per_actor > total_cpus - reserve
+def alive_node_cpus(ray) -> list[float]:
+    """CPUs of each alive node (a head started with --num-cpus 0 counts as 0)."""
+    return [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n["Alive"]]
 
 
-def check_actor_pool_cpus(ray, section: str, pool: Any, *, reserve: float, ray_address: str | None,
-                          error: type[Exception]) -> None:
+def spread_actors(node_cpus: list[float], count: int, cpus_each: float) -> list[float] | None:
+    """CPUs left on each node after placing ``count`` actors of ``cpus_each`` CPUs, each on the node with the
+    most CPUs left -- how Ray spreads once nodes are half used, and the worst case for fragmentation.
+    None when an actor finds no node with room."""
+    free = list(node_cpus)
+    for _ in range(count):
+        if not free:
+            return None
+        i = max(range(len(free)), key=free.__getitem__)
+        if free[i] + 1e-9 < cpus_each:
+            return None
+        free[i] -= cpus_each
+    return free
+
+
+def starves_ray_data(pool: Any, node_cpus: list[float], task_cpus: float = RAY_DATA_TASK_CPUS) -> bool:
+    """True when a CPU actor pool cannot be placed, or leaves no node with ``task_cpus`` free for Ray Data."""
+    if pool.num_gpus_per_actor:
+        return False  # GPU actors are placed by their GPUs; their nodes keep CPUs for Ray Data
+    free = spread_actors(node_cpus, pool.concurrency, pool.num_cpus_per_actor)
+    return free is None or max(free, default=0.0) + 1e-9 < task_cpus
+
+
+def largest_fitting_concurrency(pool: Any, node_cpus: list[float], task_cpus: float = RAY_DATA_TASK_CPUS) -> int:
+    n = pool.concurrency
+    while n > 0 and starves_ray_data(pool.model_copy(update={"concurrency": n}), node_cpus, task_cpus):
+        n -= 1
+    return n
+
+
+POOL_NAMES = {"scoring": "scoring actors", "eval": "evaluation actors"}
+
+
+def describe_pool_problem(section: str, pool: Any, node_cpus: list[float]) -> str:
+    need = pool.concurrency * pool.num_cpus_per_actor
+    fits = largest_fitting_concurrency(pool, node_cpus)
+    nodes = ", ".join(f"{c:g}" for c in node_cpus)
+    return (f"{POOL_NAMES.get(section, section)} take {need:g} of {sum(node_cpus):g} CPUs "
+            f"({section}.concurrency={pool.concurrency} x {section}.num_cpus_per_actor={pool.num_cpus_per_actor:g} "
+            f"on nodes with {nodes} CPUs), leaving no node a whole CPU for Ray Data's tasks, and the stage would "
+            f"wait forever: " + (f"set {section}.concurrency={fits}" if fits else "add a node with a free CPU")
+            + f" or lower {section}.num_cpus_per_actor")
+
+
+def check_actor_pool_cpus(ray, section: str, pool: Any, *, ray_address: str | None, error: type[Exception]) -> None:
     """Refuse an actor pool (``pool``: a config section with concurrency / num_cpus_per_actor /
-    num_gpus_per_actor) that leaves Ray Data's own read, repartition and write tasks fewer than
-    ``reserve`` CPUs: the stage would wait forever without an error (STACK_NOTES Exp 3).
+    num_gpus_per_actor) that cannot be placed, or that leaves no node a whole CPU for Ray Data's own tasks:
+    resources are per node, and the stage would wait forever without an error.
 
     On a cluster joined by address an autoscaler may still add nodes, so there it only warns.
     """
-    total = ray.cluster_resources().get("CPU", 0.0)
-    if not starves_ray_data(pool, total, reserve):
+    nodes = alive_node_cpus(ray)
+    if not starves_ray_data(pool, nodes):
         return
-    need = pool.concurrency * pool.num_cpus_per_actor
-    problem = (f"{section}.concurrency={pool.concurrency} x {section}.num_cpus_per_actor={pool.num_cpus_per_actor} "
-               f"= {need:g} CPUs leaves less than {reserve:g} of the cluster's {total:g} CPUs for Ray Data's own "
-               f"tasks, and the stage would hang: lower {section}.num_cpus_per_actor (e.g. 0.5) or "
-               f"{section}.concurrency")
+    problem = describe_pool_problem(section, pool, nodes)
     if ray_address is None:
         raise error(problem)
     logging.getLogger(__name__).warning("%s (continuing: an autoscaler may add nodes)", problem)

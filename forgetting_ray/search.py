@@ -15,9 +15,12 @@ import numpy as np
 
 from .config import PipelineConfig, TuneConfig, config_to_dict
 from .errors import UserError
+from .ray_utils import RAY_DATA_TASK_CPUS
 from .store import atomic_write_json, content_hash
 
 SPACE_FILE = "search_space.json"
+# A trial function holds this much CPU for itself (its fit and its evaluation ask for their own).
+TRIAL_CPUS = 0.1
 ONLINE_METRIC = "online_nll"  # what ASHA compares at its rungs (lower is better)
 OBJECTIVE_METRIC = "objective"  # what the searcher and the best-trial choice use
 
@@ -122,11 +125,21 @@ def in_validation(sample_ids: list[str], fraction: float, seed: int) -> np.ndarr
                      for s in sample_ids], dtype=bool)
 
 
+def trial_cpus(cfg: PipelineConfig) -> float:
+    """CPUs one trial holds at its peak: its own process, plus its fit's workers or, for the eval_mean
+    objective on the Ray backend, its evaluation actors and one Ray Data task (whichever is larger)."""
+    r, e = cfg.resources, cfg.eval
+    train = r.num_workers * r.cpus_per_worker
+    evaluate = 0.0
+    if resolve_objective(cfg) == "eval_mean" and e.backend == "ray" and not e.num_gpus_per_actor:
+        evaluate = e.concurrency * e.num_cpus_per_actor + RAY_DATA_TASK_CPUS
+    return TRIAL_CPUS + max(train, evaluate)
+
+
 def default_max_concurrent(cfg: PipelineConfig, cluster: dict[str, float]) -> int:
-    """How many trials the cluster holds at once: each needs num_workers x (cpus_per_worker [+ 1 GPU])."""
+    """How many trials the cluster holds at once (:func:`trial_cpus` each, and num_workers GPUs on GPU)."""
     r = cfg.resources
-    per_trial_cpu = r.num_workers * r.cpus_per_worker + 0.1  # + the trial's own driver
-    n = int(cluster.get("CPU", 0) // per_trial_cpu)
+    n = int(cluster.get("CPU", 0) // trial_cpus(cfg))
     if r.use_gpu:
         n = min(n, int(cluster.get("GPU", 0) // r.num_workers))
     return max(1, n)

@@ -125,3 +125,42 @@ def mark_complete(folder: str | Path, info: dict[str, Any]) -> Path:
 
 def read_done(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / DONE_MARKER).read_text())
+
+
+# ------------------------------------------------------------------------------------------------
+# storage that may be object storage
+# ------------------------------------------------------------------------------------------------
+def is_uri(path: str | Path) -> bool:
+    """True for ``s3://``, ``gs://``, ``abfs://``, ``file://``...: storage opened through ``pyarrow.fs``."""
+    return "://" in str(path)
+
+
+def join_storage(base: str | Path, *parts: str) -> str:
+    """``base/part/...`` for a local path or a URI (where ``Path`` would mangle ``s3://`` into ``s3:/``)."""
+    if is_uri(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return str(Path(base).expanduser().resolve().joinpath(*parts))
+
+
+class StorageNotWritable(OSError):
+    def __init__(self, target: str, reason: str):
+        super().__init__(f"{target} is not writable: {reason}")
+        self.target, self.reason = target, reason
+
+
+def probe_storage(path: str | Path) -> str:
+    """Create ``path`` (a folder or a URI prefix), write and delete a probe object in it, and return it
+    normalised (an absolute path, or the URI unchanged). Raises :class:`StorageNotWritable`."""
+    import pyarrow.fs as pafs
+
+    target = str(path) if is_uri(path) else str(Path(path).expanduser().resolve())
+    try:
+        fs, root = pafs.FileSystem.from_uri(target if is_uri(target) else Path(target).as_uri())
+        fs.create_dir(root, recursive=True)
+        probe = f"{root.rstrip('/')}/.write-probe-{uuid.uuid4().hex[:12]}"
+        with fs.open_output_stream(probe) as out:
+            out.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as e:  # pyarrow raises OSError for I/O and auth, ValueError for bad URIs
+        raise StorageNotWritable(target, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+    return target

@@ -201,7 +201,6 @@ def run_lm_eval(cfg: Any, model_cfg: Any) -> tuple[dict[str, dict[str, float]], 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-
     e = cfg.eval
     tok = load_tokenizer(model_cfg)
     if e.chat_template and not getattr(tok, "chat_template", None):

@@ -31,7 +31,7 @@ from ..eval.base import check_input, input_fingerprint
 from ..eval.harness import run_lm_eval
 from ..eval.lm import ChatTemplateError, Engine
 from ..models import load_model, load_tokenizer
-from ..ray_utils import EVAL_CPU_RESERVE, check_actor_pool_cpus, init_ray
+from ..ray_utils import check_actor_pool_cpus, init_ray
 from ..store import atomic_write_json, atomic_write_text, content_hash
 from ..tracking import Tracker, resolve_tracking_uri
 
@@ -95,8 +95,7 @@ class EvalPredictor:
 
 
 def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
-    check_actor_pool_cpus(ray, "eval", cfg.eval, reserve=EVAL_CPU_RESERVE, ray_address=cfg.resources.ray_address,
-                          error=EvalConfigError)  # repartition tasks take a whole CPU
+    check_actor_pool_cpus(ray, "eval", cfg.eval, ray_address=cfg.resources.ray_address, error=EvalConfigError)
 
 
 def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[dict[str, Any]]) -> list[Any]:
@@ -202,6 +201,21 @@ def _evaluate_native(cfg: PipelineConfig, model_cfg: ModelConfig, model_path: st
     return runner.score_tasks(docs, rows, answers)
 
 
+def _lm_eval(cfg: PipelineConfig, model_cfg: ModelConfig):
+    """lm-evaluation-harness where the evaluation resources are: with ``eval.backend: ray`` in one Ray task
+    holding eval.num_cpus_per_actor / num_gpus_per_actor (on a cluster the driver's head has no GPU),
+    with ``local`` in this process."""
+    if cfg.eval.backend == "local":
+        return run_lm_eval(cfg, model_cfg)
+    import ray  # lazy: importing this module must not start Ray
+
+    init_ray(cfg.resources.ray_address)
+    e = cfg.eval
+    task = ray.remote(run_lm_eval).options(num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
+                                           name="lm_eval")
+    return ray.get(task.remote(cfg, model_cfg))
+
+
 def _write_samples(out_dir: Path, records: dict[str, list[dict[str, Any]]]) -> dict[str, Path]:
     """One JSONL file of per-example records per task, under ``out_dir/samples``."""
     samples = {}
@@ -233,7 +247,7 @@ def run_eval(
     t0 = time.time()
 
     if harness == "lm-eval":
-        metrics, records = run_lm_eval(cfg, model_cfg)
+        metrics, records = _lm_eval(cfg, model_cfg)
     else:
         metrics, records = _evaluate_native(cfg, model_cfg, model_path)
     headline, average = runner.headline_scores(metrics)

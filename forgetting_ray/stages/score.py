@@ -53,7 +53,7 @@ from ..data.score_set import (
 from ..data.table import IGNORE_INDEX, TokenTableError, read_token_table, token_table_hash
 from ..errors import UserError
 from ..models import load_model, load_tokenizer, resolve_model_path, tokenizer_fingerprint
-from ..ray_utils import SCORING_CPU_RESERVE, check_actor_pool_cpus, init_ray
+from ..ray_utils import check_actor_pool_cpus, init_ray
 from ..scoring import token_nll
 from ..store import (
     atomic_path,
@@ -473,8 +473,7 @@ def _score_table(sample_ids: pa.ChunkedArray, base_vals: list, ref_vals: list, p
 
 
 def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
-    check_actor_pool_cpus(ray, "scoring", cfg.scoring, reserve=SCORING_CPU_RESERVE, ray_address=cfg.resources.ray_address,
-                          error=ScoreInputError)
+    check_actor_pool_cpus(ray, "scoring", cfg.scoring, ray_address=cfg.resources.ray_address, error=ScoreInputError)
 
 
 def _actor_kwargs(cfg: PipelineConfig, inp: _Inputs) -> dict[str, Any]:

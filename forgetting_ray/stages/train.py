@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,7 +32,10 @@ from ..store import (
     content_hash,
     file_sha256,
     is_complete,
+    join_storage,
     mark_complete,
+    StorageNotWritable,
+    probe_storage,
     stage_dir,
 )
 from ..train.checkpoint import fingerprint, fingerprint_parts, model_identity, read_state
@@ -127,16 +129,18 @@ def check_table(files: list[Path], strategy: str, *, shuffle: bool) -> int:
     return rows
 
 
-def check_storage(path: str | Path) -> Path:
-    """Create the Ray Train storage folder and prove it is writable, before any worker starts."""
-    p = Path(path).expanduser().resolve()
+def check_storage(path: str | Path) -> str:
+    """Create the Ray Train storage (a folder, or an object-storage URI such as ``s3://bucket/prefix``) and
+    prove it is writable, before any worker starts. Returns it as Ray Train gets it."""
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-probe-"):
-            pass
-    except OSError as e:
-        raise FinetuneInputError(f"Ray Train storage path {p} is not writable: {e.strerror or e}") from e
-    return p
+        return probe_storage(path)
+    except StorageNotWritable as e:
+        raise FinetuneInputError(
+            f"Ray Train storage path {e.target} is not writable ({e.reason}): resources.storage_path (default "
+            "<run_dir>/ray_storage) must be a folder or bucket every node writes; "
+            "for s3:// set AWS_ENDPOINT_URL (S3-compatible servers) and credentials (AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY or the instance profile)"
+        ) from None
 
 
 def check_lora_targets(model_path: str, ft: FinetuneConfig, trust_remote_code: bool) -> None:
@@ -203,7 +207,7 @@ def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: 
 
     init_ray(cfg.resources.ray_address)
     datasets = _datasets(inputs, ft)
-    job = _worker_job(cfg, stage, ft, inputs, run, out, storage / run.run_name, inject_fault)
+    job = _worker_job(cfg, stage, ft, inputs, run, out, join_storage(storage, run.run_name), inject_fault)
     result = _fit(cfg, ft, job, datasets, storage, run.run_name, callbacks)
 
     finished = _finished(result, stage, run.key, out, inputs.plan)
@@ -273,11 +277,11 @@ def _datasets(inputs: _Inputs, ft: FinetuneConfig) -> dict[str, Any]:
 
 
 def _worker_job(cfg: PipelineConfig, stage: Stage, ft: ReferenceConfig | TrainingConfig, inputs: _Inputs,
-                run: _RunIdentity, out: Path, run_storage: Path, inject_fault: str | None) -> FinetuneJob:
+                run: _RunIdentity, out: Path, run_storage: str, inject_fault: str | None) -> FinetuneJob:
     res = cfg.resources
     fault = parse_fault(inject_fault or os.environ.get(FAULT_ENV))
     if fault:
-        fault["run_storage"] = str(run_storage)
+        fault["run_storage"] = run_storage
     return FinetuneJob(
         stage=stage,
         finetune=ft,
@@ -299,7 +303,7 @@ def _worker_job(cfg: PipelineConfig, stage: Stage, ft: ReferenceConfig | Trainin
     )
 
 
-def _fit(cfg: PipelineConfig, ft: FinetuneConfig, job: FinetuneJob, datasets: dict[str, Any], storage: Path,
+def _fit(cfg: PipelineConfig, ft: FinetuneConfig, job: FinetuneJob, datasets: dict[str, Any], storage: str,
          run_name: str, callbacks: list[Any] | None) -> "Result":
     """Build the TorchTrainer and fit; Ray resumes the run named ``run_name`` from its latest checkpoint."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -316,7 +320,7 @@ def _fit(cfg: PipelineConfig, ft: FinetuneConfig, job: FinetuneJob, datasets: di
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=ft.keep_checkpoints),
             failure_config=FailureConfig(max_failures=ft.max_failures),
             callbacks=list(callbacks or []),

@@ -50,12 +50,13 @@ from ..constants import IGNORE_INDEX
 from ..data.collate import collate
 from ..models import load_model, load_tokenizer
 from ..ray_internals import pg_recorder_class, reaper_class
-from ..ray_utils import init_ray
+from ..ray_utils import alive_node_cpus, describe_pool_problem, init_ray, starves_ray_data
 from ..report.plots import log_finetune_plots
 from ..scoring import token_nll
 from ..search import (
     OBJECTIVE_METRIC,
     ONLINE_METRIC,
+    TRIAL_CPUS,
     TuneInputError,
     check_search_space,
     default_max_concurrent,
@@ -380,7 +381,7 @@ def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_al
     """Run the search (or resume an interrupted one in the same folder). Returns (result grid, experiment folder)."""
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 0.1})
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": TRIAL_CPUS})
     reaper = reaper_class()()
     run_config = tune.RunConfig(name="search", storage_path=str(folder / "ray"), verbose=1, callbacks=[reaper])
     experiment = folder / "ray" / "search"
@@ -454,6 +455,19 @@ def _finish(result: TuneResult, cfg: PipelineConfig, train_table: Path, score: A
     return result
 
 
+def _check_trial_eval_fits(cfg: PipelineConfig, objective: str, ray) -> None:
+    """A trial evaluates while it holds TRIAL_CPUS on one node: refuse, before any trial starts, an eval pool
+    that would leave Ray Data no whole CPU then (the trial would wait forever)."""
+    if objective != "eval_mean" or cfg.eval.backend != "ray":
+        return
+    nodes = sorted(alive_node_cpus(ray), reverse=True)
+    if nodes:
+        nodes[0] = max(0.0, nodes[0] - TRIAL_CPUS)
+    if starves_ray_data(cfg.eval, nodes):
+        raise TuneInputError(f"inside a trial (which holds {TRIAL_CPUS:g} CPU): "
+                             + describe_pool_problem("eval", cfg.eval, nodes))
+
+
 def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> TuneResult:
     """Search rho and the lambda schedule on the cached ``score`` (a ScoreResult); return the best trial."""
     import ray
@@ -467,6 +481,7 @@ def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> Tun
     plan = _data_plan(cfg, train_table, n_train, objective)
 
     init_ray(cfg.resources.ray_address)
+    _check_trial_eval_fits(cfg, objective, ray)
     scheduler = _scheduler(tc, plan)
     concurrent = tc.max_concurrent_trials or default_max_concurrent(cfg, ray.cluster_resources())
     search_alg = _searcher(tc, mode, concurrent)

@@ -48,3 +48,18 @@ def test_actor_pool_that_would_starve_ray_data_is_refused(ray_cluster, tiny_llam
     with pytest.raises(EvalConfigError, match="eval.num_cpus_per_actor"):
         run_eval(cfg, str(tiny_llama), tmp_path / "starved")
     assert not (tmp_path / "starved" / "results.json").exists()
+
+
+def test_lm_eval_harness_runs_in_a_ray_task_on_the_eval_resources(ray_cluster, tiny_llama, tmp_path):
+    pytest.importorskip("lm_eval")
+    from ray.util.state import list_tasks
+
+    def cfg(backend: str) -> PipelineConfig:
+        return _cfg(tmp_path, backend).model_copy(update={"eval": _cfg(tmp_path, backend).eval.model_copy(
+            update={"tasks": ["boolq"], "limit": 3, "num_cpus_per_actor": 1.0})})
+
+    in_ray = run_eval(cfg("ray"), str(tiny_llama), tmp_path / "lm_eval_ray", harness="lm-eval")
+    here = run_eval(cfg("local"), str(tiny_llama), tmp_path / "lm_eval_local", harness="lm-eval")
+    assert in_ray.metrics["boolq"] == here.metrics["boolq"]
+    ran = [t for t in list_tasks(filters=[("name", "=", "lm_eval")]) if t.state == "FINISHED"]
+    assert ran and all(t.required_resources.get("CPU") == 1.0 for t in ran)
