@@ -61,5 +61,7 @@ def test_lm_eval_harness_runs_in_a_ray_task_on_the_eval_resources(ray_cluster, t
     in_ray = run_eval(cfg("ray"), str(tiny_llama), tmp_path / "lm_eval_ray", harness="lm-eval")
     here = run_eval(cfg("local"), str(tiny_llama), tmp_path / "lm_eval_local", harness="lm-eval")
     assert in_ray.metrics["boolq"] == here.metrics["boolq"]
-    ran = [t for t in list_tasks(filters=[("name", "=", "lm_eval")]) if t.state == "FINISHED"]
+    address = ray_cluster.get_runtime_context().gcs_address  # other clusters may share this machine
+    ran = [t for t in list_tasks(address=address, filters=[("name", "=", "lm_eval")], detail=True)
+           if t.state == "FINISHED"]
     assert ran and all(t.required_resources.get("CPU") == 1.0 for t in ran)
