@@ -11,18 +11,15 @@ The package is located with ``importlib.util.find_spec`` and never imported: ``l
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
+import json
 import importlib.util
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .errors import ModelLoadError
-from .store import atomic_dir, atomic_write_json
+from .store import atomic_dir, atomic_write_json, cache_root, file_lock
 
 # Bump when the conversion's output changes, so old caches are not reused.
 CONVERSION_VERSION = 1
@@ -53,12 +50,6 @@ ALIASES: dict[str, GgufAlias] = {
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
-
-
-def default_cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir``, else ``$FORGETTING_RAY_CACHE``, else ``~/.cache/forgetting-ray``."""
-    root = cache_dir or os.environ.get("FORGETTING_RAY_CACHE") or "~/.cache/forgetting-ray"
-    return Path(root).expanduser().resolve()
 
 
 def _spec(name: str) -> GgufAlias:
@@ -113,28 +104,25 @@ def _gguf_sha256(path: Path) -> str:
     return _SHA_MEMO[key]
 
 
+def alias_of_folder(path: str | Path) -> str | None:
+    """The alias whose converted folder ``path`` is (its provenance file says so), else None."""
+    provenance = Path(path) / PROVENANCE_FILE
+    if not provenance.is_file():
+        return None
+    name = json.loads(provenance.read_text()).get("alias")
+    return name if name in ALIASES else None
+
+
 def cached_path(name: str, cache_dir: str | Path | None = None) -> Path:
     """Where :func:`materialize` puts (or finds) the converted folder of ``name``."""
     sha = _gguf_sha256(locate_gguf(name))
     digest = hashlib.sha256(f"{sha}:{CONVERSION_VERSION}".encode()).hexdigest()[:12]
-    return default_cache_root(cache_dir) / "models" / f"{name}-{digest}"
+    return cache_root(cache_dir) / "models" / f"{name}-{digest}"
 
 
 def _is_complete(folder: Path) -> bool:
     # The folder appears by one rename after everything is written, so the files mean "done".
     return all((folder / f).is_file() for f in ("config.json", "model.safetensors", PROVENANCE_FILE))
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive ``flock``: serialises conversions across processes (Ray actors) and threads."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _convert(gguf_path: Path, out_dir: Path) -> dict:
@@ -175,7 +163,7 @@ def materialize(name: str, cache_dir: str | Path | None = None) -> Path:
     target = cached_path(name, cache_dir)
     if _is_complete(target):
         return target
-    with _file_lock(target.with_name(f".{target.name}.lock")):
+    with file_lock(target.with_name(f".{target.name}.lock")):
         if _is_complete(target):  # another process finished while we waited for the lock
             return target
         # Holding the lock, any temp folder of this target is from a killed conversion (~0.5 GB each).

@@ -49,9 +49,10 @@ def _cmd_eval(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .stages.evaluate import format_table, run_eval
+    from .store import run_root
 
     model = args.model or cfg.model.name_or_path
-    out = Path(args.out) if args.out else Path(cfg.run_dir) / "eval" / Path(model).name
+    out = Path(args.out) if args.out else run_root(cfg.run_dir) / "eval" / Path(model).name
     result = run_eval(cfg, model, out, harness=args.harness)
     print(format_table(result))
     print(f"results: {result.results_path}")
@@ -90,7 +91,8 @@ def _cmd_tune(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 def _cmd_doctor(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from .doctor import FAIL, format_checks, run_doctor
 
-    checks = run_doctor(cfg, gpu_memory_gib=args.gpu_memory_gib)
+    checks = run_doctor(cfg, gpu_memory_gib=args.gpu_memory_gib,
+                        request_wait_s=args.wait if args.request_resources else None)
     print(format_checks(checks))
     failed = [c.name for c in checks if c.status == FAIL]
     print(f"\n{len(checks) - len(failed)} of {len(checks)} checks passed" + (f"; fix: {', '.join(failed)}" if failed else ""))
@@ -164,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "doctor":
             p.add_argument("--gpu-memory-gib", type=float, default=None,
                            help="GPU memory for the plan check (default: what the cluster's GPUs report, else 80)")
+            p.add_argument("--request-resources", action="store_true",
+                           help="first ask the autoscaler for the training and scoring bundles and wait for them")
+            p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for requested resources")
         if name == "report":
             p.add_argument("--out", help="HTML file (default <run>/report/<partition key>.html)")
             p.add_argument("--samples", help="comma-separated sample_ids to show (default: random ones)")

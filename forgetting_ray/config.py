@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -521,10 +522,24 @@ class ResourcesConfig(Section):
     storage_path: str | None = Field(
         None, description="Ray Train storage (shared across nodes); None = <run_dir>/ray_storage."
     )
+    pending_timeout_s: float | None = Field(
+        1800.0, gt=0,
+        description="A stage whose Ray tasks, actors or worker placement groups wait this long for resources is "
+        "stopped with what is pending (an autoscaler that cannot add the node); None waits forever. Not applied "
+        "to a Tune search, whose queued trials wait by design.",
+    )
+
+
+STORAGE_ENV = "FORGETTING_RAY_STORAGE"
 
 
 class PipelineConfig(Section):
-    run_dir: str = Field("runs/default", description="Directory holding every artifact of the run.")
+    run_dir: str = Field(
+        "runs/default",
+        description="Where every artifact of the run is kept: a folder (local, or an NFS/EFS mount every node "
+        "sees) or a bucket URI (s3://, gs://, abfs://; S3-compatible endpoints through AWS_ENDPOINT_URL). A "
+        f"relative path lands under ${STORAGE_ENV} when that is set (cluster.yaml sets it once per cluster).",
+    )
     seed: int = Field(42, description="Global seed.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     data: DataConfig = Field(default_factory=DataConfig, description="Corpus and prepare stage.")
@@ -542,6 +557,13 @@ class PipelineConfig(Section):
         "and/or 'ignore' (positives only).",
     )
     eval_base_model: bool = Field(True, description="Also evaluate the untouched base model.")
+
+    @model_validator(mode="after")
+    def _relative_run_dir_under_cluster_storage(self) -> "PipelineConfig":
+        root = os.environ.get(STORAGE_ENV)
+        if root and "://" not in self.run_dir and not Path(self.run_dir).expanduser().is_absolute():
+            self.run_dir = "/".join([root.rstrip("/"), self.run_dir.strip("/")])
+        return self
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,29 +49,41 @@ def _probe_storage(path: str, token: str) -> dict:
         return {"host": socket.gethostname(), "ok": False, "error": str(e)}
 
 
+def _working_nodes(ray) -> list[dict]:
+    """Alive nodes that take tasks (a head started with CPU 0 runs only the driver)."""
+    return [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
+
+
 def check_storage(cfg: PipelineConfig) -> Check:
-    """Every alive node writes a probe into the Ray Train storage (folder or object-storage URI), then one
-    node must see them all: a local folder that only looks shared fails here, not hours into a run."""
+    """The driver and every node that does work write a probe into ``run_dir`` and the Ray Train storage
+    (folder or object-storage URI), then one node must see them all: a local folder that only looks shared
+    fails here, not hours into a run."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    path = cfg.resources.storage_path or default_storage_path(cfg.run_dir)
-    fix = "set resources.storage_path to a folder (NFS/EFS mount) or bucket every node can write"
-    nodes = [n for n in ray.nodes() if n["Alive"]]
+    paths = list(dict.fromkeys([cfg.run_dir, cfg.resources.storage_path or default_storage_path(cfg.run_dir)]))
+    fix = "set run_dir (and resources.storage_path) to a bucket URI or a folder (NFS/EFS mount) every node can write"
+    here = ray.get_runtime_context().get_node_id()
+    workers = [n["NodeID"] for n in _working_nodes(ray) if n["NodeID"] != here]
+    nodes = [here, *workers]
     token = uuid.uuid4().hex[:8]
     probe = ray.remote(num_cpus=0)(_probe_storage)
-    results = ray.get([
-        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path, token)
-        for n in nodes
-    ])
-    failed = [r for r in results if not r["ok"]]
-    if failed:
-        return Check("storage", FAIL, f"{path} not writable on {failed[0]['host']}: {failed[0]['error']}", fix)
-    seen = set(ray.get(probe.remote(path, token))["seen"])
-    hosts = {r["host"] for r in results}
-    if len(hosts) > 1 and len(seen) < len(nodes):
-        return Check("storage", FAIL, f"{path} is not shared: a node sees {len(seen)} of {len(nodes)} probes", fix)
-    return Check("storage", PASS, f"{path} writable from {len(nodes)} node(s)")
+    for path in paths:
+        results = [_probe_storage(path, token)] + ray.get([
+            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(path, token)
+            for n in workers
+        ])
+        failed = [r for r in results if not r["ok"]]
+        if failed:
+            return Check("storage", FAIL, f"{path} not writable on {failed[0]['host']}: {failed[0]['error']}", fix)
+        seen = set(_probe_storage(path, token)["seen"])
+        if len(seen) < len(nodes):  # one probe per process: the driver's, one per worker node
+            return Check("storage", FAIL, f"{path} is not shared: the driver sees {len(seen)} of the "
+                         f"{len(nodes)} nodes' probes", fix)
+    if not workers and cfg.resources.ray_address:
+        return Check("storage", WARN, f"{', '.join(paths)} writable from the driver; no worker node is up to "
+                     "check (an autoscaling cluster at min_workers 0)", "rerun with --request-resources")
+    return Check("storage", PASS, f"{', '.join(paths)} writable from the driver and {len(workers)} worker node(s)")
 
 
 def check_resources(cfg: PipelineConfig) -> Check:
@@ -193,9 +205,46 @@ CHECKS: list[Callable[..., Check]] = [
 ]
 
 
-def run_doctor(cfg: PipelineConfig, gpu_memory_gib: float | None = None) -> list[Check]:
+def stage_bundles(cfg: PipelineConfig) -> list[dict[str, float]]:
+    """The resource bundles of the largest stages: the Ray Train workers, and the scoring actors beside them."""
+    r, s = cfg.resources, cfg.scoring
+    train = {"CPU": r.cpus_per_worker, **({"GPU": 1.0} if r.use_gpu else {})}
+    score = {"CPU": s.num_cpus_per_actor, **({"GPU": s.num_gpus_per_actor} if s.num_gpus_per_actor else {})}
+    return [train] * r.num_workers + [score] * s.concurrency
+
+
+def request_stage_resources(cfg: PipelineConfig, wait_s: float, poll_s: float = 5.0) -> Check:
+    """Ask the autoscaler for the stages' bundles and wait (up to ``wait_s``) until the cluster holds them."""
+    import time
+
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    bundles = stage_bundles(cfg)
+    need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+    request_resources(bundles=bundles)
+    deadline = time.monotonic() + wait_s
+    while True:
+        have = ray.cluster_resources()
+        short = {k: v for k, v in need.items() if v and have.get(k, 0.0) + 1e-9 < v}
+        if not short:
+            return Check("autoscaler", PASS, f"cluster holds the requested {len(bundles)} bundles "
+                         f"({need['CPU']:g} CPU, {need['GPU']:g} GPU)")
+        if time.monotonic() >= deadline:
+            missing = ", ".join(f"{k} {have.get(k, 0.0):g} of {v:g}" for k, v in short.items())
+            return Check("autoscaler", FAIL, f"after {wait_s:g} s the cluster has {missing} for {len(bundles)} "
+                         "requested bundles", "check the node types and max_workers in cluster.yaml, the cloud "
+                         "quota, or `ray status` for pending nodes; a longer --wait for slow GPU instances")
+        time.sleep(poll_s)
+
+
+def run_doctor(cfg: PipelineConfig, gpu_memory_gib: float | None = None, *,
+               request_wait_s: float | None = None) -> list[Check]:
+    """The checks; with ``request_wait_s`` the autoscaler is first asked for the stages' bundles (and the
+    checks then see the nodes it added)."""
     init_ray(cfg.resources.ray_address)
-    return [fn(cfg, gpu_memory_gib) if fn is check_memory_plan else fn(cfg) for fn in CHECKS]
+    first = [request_stage_resources(cfg, request_wait_s)] if request_wait_s is not None else []
+    return first + [fn(cfg, gpu_memory_gib) if fn is check_memory_plan else fn(cfg) for fn in CHECKS]
 
 
 def format_checks(checks: list[Check]) -> str:

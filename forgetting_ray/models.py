@@ -1,4 +1,4 @@
-"""Loading Hugging Face causal LMs and tokenizers: local folders, hub ids, built-in aliases.
+"""Loading Hugging Face causal LMs and tokenizers: local folders, hub ids, built-in aliases, URIs.
 
 Safe defaults: ``trust_remote_code`` off, safetensors only for weights, never resize embeddings to
 get a pad token (an existing token becomes the pad id; pad positions carry label -100 anyway).
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from . import aliases
 from .config import ModelConfig
 from .errors import ModelLoadError
+from .store import is_uri, local_copy, portable
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -27,11 +28,17 @@ def _as_config(model: ModelConfig | str | Path) -> ModelConfig:
 
 
 def resolve_model_path(model: ModelConfig | str | Path) -> str:
-    """Alias -> cached local folder; local folder -> absolute path; anything else is a hub id."""
+    """Alias -> cached local folder; URI (``s3://...``) -> this node's fetched copy; local folder ->
+    absolute path; anything else is a hub id."""
     cfg = _as_config(model)
 
     if cfg.name_or_path in aliases.ALIASES:
         return str(aliases.materialize(cfg.name_or_path, cache_dir=cfg.cache_dir))
+    if is_uri(cfg.name_or_path):
+        try:
+            return str(local_copy(cfg.name_or_path))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot fetch model {cfg.name_or_path}: {e}") from None
     p = Path(cfg.name_or_path).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -40,12 +47,35 @@ def resolve_model_path(model: ModelConfig | str | Path) -> str:
     return cfg.name_or_path
 
 
+def portable_model_ref(path: str | Path | None) -> str | None:
+    """A model location as a process on another node can load it: a folder in a run directory's mirror
+    becomes its URI, a converted alias folder its alias name (every node converts its own copy from the
+    installed wheel); anything else (a hub id, a shared path) unchanged."""
+    if path is None:
+        return None
+    alias = aliases.alias_of_folder(path)
+    return alias or portable(path)
+
+
+def portable_model(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with :func:`portable_model_ref` applied to the model and the tokenizer."""
+    return cfg.model_copy(update={"name_or_path": portable_model_ref(cfg.name_or_path),
+                                  "tokenizer": portable_model_ref(cfg.tokenizer)})
+
+
+def _tokenizer_source(tokenizer: str) -> str:
+    # a tokenizer folder has no config.json: only aliases and URIs need resolving
+    if tokenizer in aliases.ALIASES or is_uri(tokenizer):
+        return resolve_model_path(tokenizer)
+    return tokenizer
+
+
 def load_tokenizer(model: ModelConfig | str | Path) -> "PreTrainedTokenizerBase":
     """Load the tokenizer and give it a pad token taken from existing tokens (no new embedding rows)."""
     from transformers import AutoTokenizer
 
     cfg = _as_config(model)
-    source = cfg.tokenizer or resolve_model_path(cfg)
+    source = _tokenizer_source(cfg.tokenizer) if cfg.tokenizer else resolve_model_path(cfg)
     tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:

@@ -42,7 +42,7 @@ from .stages.partition import run_partition
 from .stages.prepare import run_prepare, split_order
 from .stages.score import run_score
 from .stages.train import run_finetune
-from .store import atomic_write_text
+from .store import atomic_write_text, run_root
 
 Mode = Literal["swap", "shuffle_words", "shuffle_chars"]
 MODES: tuple[str, ...] = ("swap", "shuffle_words", "shuffle_chars")
@@ -337,7 +337,7 @@ def run_noise_recovery(cfg, reference: Sequence[Record], train: Sequence[Record]
     corrupted = corrupt_records(train, fraction, mode, seed)
     if corrupted.n_corrupted == 0:
         raise NoiseError(f"{mode} at fraction {fraction} corrupted no record")
-    inputs = Path(cfg.run_dir) / "noise_inputs"
+    inputs = run_root(cfg.run_dir) / "noise_inputs"
     ref_path = write_jsonl(reference, inputs / "reference_clean.jsonl")
     train_path = write_jsonl(corrupted.records, inputs / f"train_{mode}_{fraction:g}_seed{seed}.jsonl")
     data = cfg.data.model_copy(update={"train_files": [str(train_path)], "reference_files": [str(ref_path)],

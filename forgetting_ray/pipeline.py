@@ -18,17 +18,19 @@ from typing import Any
 from .config import PipelineConfig, config_to_dict, dump_config, flatten
 from .data.readers import read_records, resolve_inputs
 from .data.sources import FileSource
+from .models import portable_model
+from .ray_utils import check_run_dir, pending_watchdog
 from .report.html import main_report
 from .report.plots import log_finetune_plots
 from .runcard import RunCard
 from .search import resolve_objective
-from .stages.evaluate import check_eval_files, eval_key, load_eval_result, run_eval
+from .stages.evaluate import EVAL_RESULTS_FILE, check_eval_files, eval_key, load_eval_result, run_eval
 from .stages.partition import run_partition
 from .stages.prepare import run_prepare
 from .stages.score import run_score
 from .stages.train import run_finetune
 from .stages.tune import run_tune
-from .store import file_sha256, tree_sha256
+from .store import file_sha256, is_complete, portable, run_root, tree_sha256
 from .tiny import build_demo_model, corpus_lines
 from .tracking import Tracker, resolve_tracking_uri
 
@@ -49,7 +51,7 @@ def start_tracking(cfg: PipelineConfig, run_name: str = "pipeline") -> Tracker:
     if not cfg.tracking.enabled:
         return Tracker.disabled()
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.run_dir)
-    tracker = Tracker.start(uri, cfg.tracking.experiment_name, run_name, tags={"forgetting_ray.run_dir": str(Path(cfg.run_dir).resolve())})
+    tracker = Tracker.start(uri, cfg.tracking.experiment_name, run_name, tags={"forgetting_ray.run_dir": portable(run_root(cfg.run_dir))})
     tracker.log_params(flatten(config_to_dict(cfg)))
     tracker.log_text(dump_config(cfg), "config.yaml")
     return tracker
@@ -57,20 +59,22 @@ def start_tracking(cfg: PipelineConfig, run_name: str = "pipeline") -> Tracker:
 
 def use_tiny_model(cfg: PipelineConfig) -> PipelineConfig:
     """The ``--tiny`` variant: a random 2-layer Llama whose tokenizer is trained on the corpus."""
+    check_run_dir(cfg.run_dir, cfg.resources.ray_address)  # the model is written there
     texts: list[str] = []
     for source in resolve_inputs(cfg.data.train_files + cfg.data.reference_files):
         if isinstance(source, FileSource):
             texts += corpus_lines([source.path])
         else:  # a dataset: the text of its records
             texts += [m.content for r in read_records([source], cfg.data, limit=5000) for m in r.messages]
-    model_dir = build_demo_model(Path(cfg.run_dir) / "tiny_model", texts)
+    model_dir = build_demo_model(run_root(cfg.run_dir) / "tiny_model", texts)
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": str(model_dir.resolve())})})
 
 
 def _timed(result: PipelineResult, name: str, tracker: Tracker, fn, *args, **kwargs):
     """Run one stage as an MLflow child run and record its wall time."""
     start = time.perf_counter()
-    with tracker.stage(name) as t:
+    timeout = None if name == "tune" else args[0].resources.pending_timeout_s  # queued trials wait by design
+    with tracker.stage(name) as t, pending_watchdog(name, timeout):
         out = fn(t, *args, **kwargs)
         result.seconds[name] = time.perf_counter() - start
         t.log_metrics({"stage_seconds": result.seconds[name]})
@@ -105,7 +109,7 @@ def _log_finetune(t: Tracker, cfg: PipelineConfig, res, card, name: str) -> None
         sha = tree_sha256(res.export_dir)
         t.log_model_reference(name, res.export_dir, sha, upload=cfg.tracking.upload_models)
         if card is not None:
-            card.add_model(name, res.export_dir, sha, key=res.key, steps=res.global_step)
+            card.add_model(name, res.export_dir, sha, key=res.key, steps=res.global_step, nodes=res.nodes)
 
 
 def _score(t: Tracker, cfg: PipelineConfig, table: Path, reference: Path):
@@ -137,15 +141,15 @@ def model_identity(cfg: PipelineConfig, path: str) -> dict[str, Any]:
     manifest = Path(path) / "manifest.json"
     if manifest.is_file():
         return {"export_manifest": file_sha256(manifest)}
-    return {"model": config_to_dict(cfg.model.model_copy(update={"name_or_path": path}))}
+    return {"model": config_to_dict(portable_model(cfg.model.model_copy(update={"name_or_path": path})))}
 
 
 def _evaluate(t: Tracker, cfg: PipelineConfig, models: dict[str, str]):
     results = {}
     for name, path in models.items():
         key = eval_key(cfg, model_identity(cfg, path))
-        out = Path(cfg.run_dir) / "eval" / f"{name}-{key}"
-        if (out / "results.json").is_file():
+        out = run_root(cfg.run_dir) / "eval" / f"{name}-{key}"
+        if is_complete(out, EVAL_RESULTS_FILE):  # results.json is written last
             log.info("eval: reusing %s for %s", out, name)
             results[name] = load_eval_result(out)
             continue
@@ -167,6 +171,7 @@ def run_pipeline(cfg: PipelineConfig, *, until: str | None = None) -> PipelineRe
     if cfg.eval.enabled and last >= STAGES.index("eval"):
         check_eval_files(cfg)  # a missing benchmark file fails now, not after hours of training
 
+    check_run_dir(cfg.run_dir, cfg.resources.ray_address)  # an unusable run_dir fails before any compute
     result = PipelineResult(tracker=start_tracking(cfg))
     tracker = result.tracker
     card = RunCard(cfg)

@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import logging
 import os
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from .store import join_storage
+from .errors import UserError
+from .store import StorageNotWritable, is_uri, join_storage, probe_storage, run_root
+
+
+class RunDirError(UserError, OSError):
+    """``run_dir`` cannot hold the run: an unreachable bucket, or a local folder other nodes do not see."""
 
 # Passed to every Ray worker: DeepSpeed must pick the CPU accelerator without guessing on CPU
-# boxes, its JIT ops must land in one shared cache, and nothing may reach for a model hub.
+# boxes, its JIT ops must land in one shared cache, nothing may reach for a model hub, and a bucket
+# behind an S3-compatible endpoint is reached the same way from every node.  Not passed: the node-local
+# cache (FORGETTING_RAY_CACHE is each node's own), MLflow (only the driver writes to it) and credentials
+# (each node has its own, e.g. an instance role; a job's runtime env can add them).
 WORKER_ENV_VARS = (
     "DS_ACCELERATOR",
     "TORCH_EXTENSIONS_DIR",
     "HF_HUB_OFFLINE",
     "HF_HOME",
-    "FORGETTING_RAY_CACHE",
     "TOKENIZERS_PARALLELISM",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_DISABLE_TELEMETRY",
     "PYTHONPATH",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
 )
 
 
@@ -126,3 +138,115 @@ def check_actor_pool_cpus(ray, section: str, pool: Any, *, ray_address: str | No
     if ray_address is None:
         raise error(problem)
     logging.getLogger(__name__).warning("%s (continuing: an autoscaler may add nodes)", problem)
+
+
+def _path_exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_run_dir(run_dir: str | Path, ray_address: str | None = None) -> None:
+    """Before any compute: a bucket ``run_dir`` must be writable from here (bucket, credentials, endpoint);
+    a local one, on a Ray cluster of several nodes, must be seen by every node that does work (an NFS
+    mount they share), or the stages on the other nodes would not find their inputs."""
+    if is_uri(run_dir):
+        try:
+            probe_storage(run_dir)
+        except StorageNotWritable as e:
+            raise RunDirError(f"run_dir {e} (check the bucket, the credentials and AWS_ENDPOINT_URL "
+                              "for an S3-compatible endpoint)") from None
+        return
+    import ray
+
+    if not (ray.is_initialized() or ray_address or os.environ.get("RAY_ADDRESS")):
+        return  # the stages start a local single-node cluster
+    init_ray(ray_address)
+    here = ray.get_runtime_context().get_node_id()
+    others = [n["NodeID"] for n in ray.nodes()
+              if n["Alive"] and n["NodeID"] != here and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
+    if not others:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    root = run_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".visible-{os.getpid()}-{os.urandom(4).hex()}"
+    probe.write_text("probe")
+    try:
+        task = ray.remote(num_cpus=0)(_path_exists)
+        seen = ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(str(probe))
+                        for n in others])
+    finally:
+        probe.unlink()
+    blind = seen.count(False)
+    if blind:
+        raise RunDirError(f"run_dir {root} is a local folder that {blind} of the {len(others)} other Ray node(s) "
+                          "do not see: set run_dir to a bucket URI (s3://bucket/prefix, gs://, abfs://) or to a "
+                          "mount every node shares (NFS, EFS)")
+
+
+class ResourcesPendingError(UserError, RuntimeError):
+    """A stage's Ray tasks, actors or placement groups waited longer than resources.pending_timeout_s."""
+
+
+def pending_demands(ray) -> dict[str, str]:
+    """{id: "what (resources)"} of this job's tasks and actors waiting for a node, and of its pending
+    placement groups (Ray Train's worker groups), from Ray's state API."""
+    from ray.util.state import list_placement_groups, list_tasks
+
+    job = ray.get_runtime_context().get_job_id()
+    out = {}
+    for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT"), ("job_id", "=", job)], limit=1000,
+                        detail=True, raise_on_missing_output=False):  # detail: required_resources
+        out[t.task_id] = f"{t.func_or_class_name or t.name} {t.required_resources or {}}"
+    for pg in list_placement_groups(filters=[("state", "=", "PENDING")], limit=1000, raise_on_missing_output=False):
+        if pg.creator_job_id == job:
+            bundles = [b.get("unit_resources", b) if isinstance(b, dict) else b for b in pg.bundles or []]
+            out[pg.placement_group_id] = f"placement group {pg.name or pg.placement_group_id[:8]} {bundles}"
+    return out
+
+
+@contextlib.contextmanager
+def pending_watchdog(stage: str, timeout_s: float | None, *, poll_s: float = 10.0) -> Iterator[None]:
+    """Stop ``stage`` when one of its resource demands stays pending for ``timeout_s`` (an autoscaler that
+    cannot add the node, a bundle no node type holds): raise :class:`ResourcesPendingError` naming what
+    waits, instead of hanging.  ``None`` waits forever.  Watches only once Ray is up."""
+    import ray
+
+    if not timeout_s:
+        yield
+        return
+    stop, stuck = threading.Event(), {}
+
+    def watch() -> None:
+        since: dict[str, float] = {}
+        while not stop.wait(poll_s):
+            if not ray.is_initialized():
+                continue
+            try:
+                pending = pending_demands(ray)
+            except Exception as e:  # noqa: BLE001 - a state API hiccup must not stop the run
+                logging.getLogger(__name__).debug("pending-demand check failed: %s", e)
+                continue
+            now = time.monotonic()
+            since = {k: since.get(k, now) for k in pending}
+            late = {k: pending[k] for k, t0 in since.items() if now - t0 >= timeout_s}
+            if late:
+                stuck.update(late)
+                _thread.interrupt_main()  # the driver sits in ray.get / fit: stop it there
+                return
+
+    thread = threading.Thread(target=watch, name=f"pending-watchdog-{stage}", daemon=True)
+    thread.start()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not stuck:
+            raise
+        what = "; ".join(sorted(stuck.values())[:5])
+        raise ResourcesPendingError(
+            f"{stage}: waited more than {timeout_s:g} s for resources no node provides: {what}. Lower the "
+            "stage's resources (resources.num_workers / cpus_per_worker / use_gpu, scoring.* or eval.* "
+            "concurrency and num_*_per_actor), add a node type that holds them, or raise "
+            "resources.pending_timeout_s when an autoscaler needs longer") from None
+    finally:
+        stop.set()

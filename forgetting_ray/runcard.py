@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig, config_to_dict
-from .store import atomic_write_json, content_hash, file_sha256, tree_sha256
+from .store import atomic_write_json, content_hash, file_sha256, portable, remote_of, run_root, tree_sha256
 from .train.checkpoint import model_identity
 
 PACKAGES = ("forgetting-ray", "torch", "ray", "transformers", "deepspeed", "peft", "accelerate", "datasets",
@@ -57,7 +57,7 @@ class RunCard:
     def __init__(self, cfg: PipelineConfig):
         self.card: dict[str, Any] = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "run_dir": str(Path(cfg.run_dir).resolve()),
+            "run_dir": portable(run_root(cfg.run_dir)),
             "config_hash": content_hash(config_to_dict(cfg), length=64),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
@@ -68,7 +68,7 @@ class RunCard:
             "scores": {},
             "stages": {},
         }
-        self.path = Path(cfg.run_dir) / CARD_FILE
+        self.path = run_root(cfg.run_dir) / CARD_FILE
 
     def add_data(self, prep: Any) -> None:
         self.card["data"] = {"prepare_key": prep.key, "train_table": hash_path(prep.train_path),
@@ -78,13 +78,14 @@ class RunCard:
     def add_model(self, name: str, export_dir: str | Path | None, sha256: str | None = None, **extra: Any) -> None:
         if export_dir is None:
             return
-        uri = Path(export_dir).resolve().as_uri()
+        uri = remote_of(export_dir) or Path(export_dir).resolve().as_uri()
         self.card["models"][name] = {"uri": uri, "sha256": sha256 or hash_path(export_dir), **extra}
 
     def add_scores(self, score: Any) -> None:
         shards = {p.name: file_sha256(p) for p in score.shard_paths() if p.is_file()}
-        self.card["scores"] = {"key": score.key, "dir": str(Path(score.dir).resolve()), "n_shards": score.n_shards,
-                               "n_response_tokens": score.n_response_tokens, "shards_sha256": content_hash(shards, 64)}
+        self.card["scores"] = {"key": score.key, "dir": portable(Path(score.dir).resolve()), "n_shards": score.n_shards,
+                               "n_response_tokens": score.n_response_tokens, "shards_sha256": content_hash(shards, 64),
+                               "nodes": list(score.nodes)}
 
     def add_stage(self, name: str, info: dict[str, Any]) -> None:
         self.card["stages"][name] = info

@@ -1,13 +1,23 @@
-"""Run directory, content-addressed stage outputs and atomic writes.
+"""Run directory, content-addressed stage outputs and atomic writes, on a local disk or object storage.
 
 Every stage writes under ``<run_dir>/<stage>/<key>/`` where ``key`` hashes everything that changes
 the stage's numbers.  Files and whole folders are written to a temporary sibling and renamed, so an
 interrupted stage never leaves a partial output that a later run would mistake for a finished one.
+
+``run_dir`` may be a URI that ``pyarrow.fs`` opens (``s3://``, ``gs://``, ``abfs://``; S3-compatible
+endpoints through ``AWS_ENDPOINT_URL``).  The stages then work in a node-local *mirror* of it
+(:func:`run_root`) and the bucket is the source of truth: every file written through this module is
+uploaded when it is written, a stage folder's completion marker is uploaded last (object storage has
+no rename, so "the marker exists" is what "done" means there), and :func:`is_complete` asks the
+bucket, fetching a finished folder into the mirror, so a run on a fresh node reuses every stage.
+Workers on other nodes get the URI (:func:`portable`) and fetch what they read once per node into a
+content-addressed cache (:func:`local_copy`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -15,9 +25,32 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow.fs as pafs
 
 DONE_MARKER = "_SUCCESS.json"
+MIRROR_TAG = ".forgetting-ray-remote"  # in a mirror's root: the URI it mirrors
+FETCHED_TAG = ".fetched.json"  # in a fetched copy: what was fetched (written last)
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir``, else ``$FORGETTING_RAY_CACHE``, else ``~/.cache/forgetting-ray``: node-local."""
+    root = cache_dir or os.environ.get("FORGETTING_RAY_CACHE") or "~/.cache/forgetting-ray"
+    return Path(root).expanduser().resolve()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive ``flock``: one process (thread, Ray actor) of a host at a time does what follows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _tmp_sibling(path: Path) -> Path:
@@ -37,6 +70,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    push(path)
     return path
 
 
@@ -60,6 +94,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+    push(path)
 
 
 @contextlib.contextmanager
@@ -82,6 +117,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    push(path)
 
 
 def canonical_json(obj: Any) -> str:
@@ -112,15 +148,44 @@ def tree_sha256(folder: str | Path, pattern: str = "*") -> str:
 
 
 def stage_dir(run_dir: str | Path, stage: str, key: str) -> Path:
-    return Path(run_dir) / stage / key
+    return run_root(run_dir) / stage / key
 
 
-def is_complete(folder: str | Path) -> bool:
-    return (Path(folder) / DONE_MARKER).is_file()
+def is_complete(folder: str | Path, marker_name: str = DONE_MARKER) -> bool:
+    """The folder's completion marker exists; in a mirror, in the bucket (and the folder is fetched)."""
+    folder = Path(folder)
+    remote = remote_of(folder)
+    if remote is None:
+        return (folder / marker_name).is_file()
+    fs, root = _filesystem(remote)
+    try:
+        marker = _read_remote(fs, f"{root}/{marker_name}")
+    except FileNotFoundError:
+        return False
+    local_marker = folder / marker_name
+    if not (local_marker.is_file() and local_marker.read_bytes() == marker):
+        with file_lock(folder.with_name(f".{folder.name}.lock")):
+            if not (local_marker.is_file() and local_marker.read_bytes() == marker):
+                _download(fs, root, folder)
+    return True
 
 
 def mark_complete(folder: str | Path, info: dict[str, Any]) -> Path:
-    return atomic_write_json(Path(folder) / DONE_MARKER, info)
+    """Write the completion marker last: in a mirror, after every file of the folder is in the bucket."""
+    folder = Path(folder)
+    upload_tree(folder)
+    return atomic_write_json(folder / DONE_MARKER, info)
+
+
+def unmark_complete(folder: str | Path) -> None:
+    """Remove the completion marker (first from the bucket, for a mirrored folder)."""
+    folder = Path(folder)
+    remote = remote_of(folder)
+    if remote is not None:
+        fs, root = _filesystem(remote)
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(f"{root}/{DONE_MARKER}")
+    (folder / DONE_MARKER).unlink(missing_ok=True)
 
 
 def read_done(folder: str | Path) -> dict[str, Any]:
@@ -163,4 +228,232 @@ def probe_storage(path: str | Path) -> str:
         fs.delete_file(probe)
     except (OSError, ValueError) as e:  # pyarrow raises OSError for I/O and auth, ValueError for bad URIs
         raise StorageNotWritable(target, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+    return target
+
+
+# ------------------------------------------------------------------------------------------------
+# a run directory on object storage: the node-local mirror
+# ------------------------------------------------------------------------------------------------
+def run_root(run_dir: str | Path) -> Path:
+    """The local folder the stages work in: ``run_dir`` itself, or for a URI its node-local mirror."""
+    if not is_uri(run_dir):
+        return Path(run_dir).expanduser().resolve()
+    uri = str(run_dir).rstrip("/")
+    root = cache_root() / "mirrors" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    tag = root / MIRROR_TAG
+    if not tag.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_sibling(tag)
+        tmp.write_text(uri)
+        os.replace(tmp, tag)
+    return root
+
+
+def remote_of(path: str | Path) -> str | None:
+    """The URI that a path inside a mirror stands for; None for any other path."""
+    p = Path(path).expanduser().absolute()
+    for parent in (p, *p.parents):
+        tag = parent / MIRROR_TAG
+        if tag.is_file():
+            rel = p.relative_to(parent).as_posix()
+            uri = tag.read_text().strip()
+            return uri if rel == "." else f"{uri}/{rel}"
+    return None
+
+
+def local_path(location: str | Path, run_dir: str | Path) -> Path:
+    """Where ``location`` (a local path, or a URI inside the bucket-backed ``run_dir``, as
+    :func:`portable` made it on another node) lives in this node's mirror."""
+    loc = str(location)
+    if not is_uri(loc):
+        return Path(loc)
+    base = str(run_dir).rstrip("/")
+    if is_uri(base) and (loc == base or loc.startswith(base + "/")):
+        return run_root(base) / loc[len(base):].lstrip("/")
+    raise ValueError(f"{loc} is not inside the run directory {run_dir}")
+
+
+def exists(location: str | Path) -> bool:
+    """A local path exists, or a URI names an object or a prefix holding objects."""
+    if not is_uri(location):
+        return Path(location).exists()
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(str(location))
+    return fs.get_file_info(root).type != pafs.FileType.NotFound
+
+
+def portable(path: str | Path) -> str:
+    """What to hand a process on another node: the URI of a mirrored path, else the path unchanged."""
+    return remote_of(path) or str(path)
+
+
+def _filesystem(uri: str) -> tuple["pafs.FileSystem", str]:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    return fs, root.rstrip("/")
+
+
+def _read_remote(fs: "pafs.FileSystem", path: str) -> bytes:
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(path)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _remote_files(fs: "pafs.FileSystem", root: str) -> dict[str, int]:
+    """{relative path: size} of every object under ``root`` (empty when there is none)."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {i.path[len(root) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def _is_scratch(rel: str) -> bool:
+    # temporary siblings (.name.tmp-*) and lock files never leave the node
+    return any(part.startswith(".") and (".tmp-" in part or part.endswith(".lock")) for part in rel.split("/"))
+
+
+def _upload_file(fs: "pafs.FileSystem", local: Path, remote: str) -> None:
+    # One PUT (multipart for large files) that becomes visible only when complete: no partial objects.
+    with open(local, "rb") as src, fs.open_output_stream(remote) as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)
+
+
+def push(path: str | Path) -> None:
+    """Upload a file (or a folder's files) written in a mirror to the bucket; no-op elsewhere."""
+    path = Path(path)
+    remote = remote_of(path)
+    if remote is None or _is_scratch(path.as_posix()):
+        return
+    if path.is_dir():
+        upload_tree(path)
+    elif path.is_file():
+        fs, target = _filesystem(remote)
+        _upload_file(fs, path, target)
+
+
+def upload_tree(folder: str | Path, uri: str | None = None, *, last: str = DONE_MARKER) -> None:
+    """Upload every file under ``folder`` to ``uri`` (default: the folder's place in the bucket), the file
+    named ``last`` (the completion marker) last; files already there with the same size are skipped.
+    No-op for a local folder outside a mirror when no ``uri`` is given."""
+    folder = Path(folder)
+    uri = uri or remote_of(folder)
+    if uri is None or not folder.is_dir():
+        return
+    fs, root = _filesystem(uri)
+    there = _remote_files(fs, root)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    marker = folder / last
+    for f in [p for p in files if p != marker] + ([marker] if marker.is_file() else []):
+        rel = f.relative_to(folder).as_posix()
+        if _is_scratch(rel) or rel == MIRROR_TAG or (f != marker and there.get(rel) == f.stat().st_size):
+            continue
+        _upload_file(fs, f, f"{root}/{rel}")
+
+
+def _download(fs: "pafs.FileSystem", root: str, folder: Path) -> None:
+    """Replace ``folder`` with a copy of the objects under ``root`` (to a temporary sibling, then renamed)."""
+    files = _remote_files(fs, root)
+    if not files:
+        raise FileNotFoundError(f"nothing stored under {root}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        for rel in sorted(files):
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(f"{root}/{rel}") as src, open(dst, "wb") as out:
+                shutil.copyfileobj(src, out, 8 << 20)
+        if folder.exists():
+            old = _tmp_sibling(folder)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch(path: str | Path) -> Path:
+    """Make a mirrored file or folder present locally (from the bucket) if it is not; returns the path."""
+    path = Path(path)
+    remote = remote_of(path)
+    if remote is None or path.exists():
+        return path
+    fs, target = _filesystem(remote)
+    try:
+        data = _read_remote(fs, target)
+    except FileNotFoundError:
+        with file_lock(path.with_name(f".{path.name}.lock")):
+            if not path.exists():
+                _download(fs, target, path)  # a folder; FileNotFoundError when there is none either
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def fetch_partial(folder: str | Path) -> None:
+    """Download the files of a mirrored, unfinished folder that the bucket has and this node lacks (what
+    an interrupted run left, to resume from); no-op elsewhere."""
+    folder = Path(folder)
+    remote = remote_of(folder)
+    if remote is None:
+        return
+    fs, root = _filesystem(remote)
+    for rel, size in _remote_files(fs, root).items():
+        dst = folder / rel
+        if _is_scratch(rel) or (dst.is_file() and dst.stat().st_size == size):
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_sibling(dst)
+        with fs.open_input_stream(f"{root}/{rel}") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+        os.replace(tmp, dst)
+
+
+def fetch_children(folder: str | Path) -> list[Path]:
+    """The sub-folders of a mirrored folder as the bucket lists them (created locally, empty, so a
+    caller can ask :func:`is_complete` of each); plain local sub-folders elsewhere."""
+    import pyarrow.fs as pafs
+
+    folder = Path(folder)
+    remote = remote_of(folder)
+    if remote is not None:
+        fs, root = _filesystem(remote)
+        for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+            if info.type == pafs.FileType.Directory:
+                (folder / info.base_name).mkdir(parents=True, exist_ok=True)
+    return sorted(p for p in folder.glob("*") if p.is_dir()) if folder.is_dir() else []
+
+
+def local_copy(location: str | Path) -> Path:
+    """A local folder holding ``location``: a local path is returned as it is; a URI is fetched once per
+    node into ``<cache>/fetched/<digest>/``, the digest hashing the URI and every object's name, size
+    and modification time (what changes in the bucket is fetched again; concurrent callers fetch once)."""
+    if not is_uri(location):
+        return Path(location)
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(str(location))
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    listing = sorted((i.path, i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File)
+    if not listing:
+        raise FileNotFoundError(f"{location}: no objects stored there")
+    digest = hashlib.sha256(canonical_json([str(location), listing]).encode()).hexdigest()[:16]
+    target = cache_root() / "fetched" / digest
+    if (target / FETCHED_TAG).is_file():
+        return target
+    with file_lock(target.with_name(f".{target.name}.lock")):
+        if not (target / FETCHED_TAG).is_file():  # another process of this node fetched it meanwhile
+            _download(fs, root, target)
+            atomic_write_json(target / FETCHED_TAG, {"uri": str(location), "objects": len(listing)})
     return target

@@ -102,11 +102,12 @@ def build_demo_model(out_dir: str | Path, corpus_texts: Iterable[str], *, arch: 
     Reused when ``out_dir`` already holds one, so reruns of the tiny pipeline hit every stage cache.
     """
     out_dir = Path(out_dir)
-    if (out_dir / "model.safetensors").is_file():
+    if store.is_complete(out_dir) or (store.remote_of(out_dir) is None and (out_dir / "model.safetensors").is_file()):
         return out_dir
     with store.atomic_dir(out_dir, overwrite=True) as tmp:
         build_tokenizer(list(corpus_texts), tmp / "tokenizer", vocab_size=vocab_size, chat_template=True)
         build_model(arch, tmp / "tokenizer", tmp, seed=0)
+    store.mark_complete(out_dir, {"arch": arch, "vocab_size": vocab_size})  # in a bucket: uploaded, marker last
     return out_dir
 
 

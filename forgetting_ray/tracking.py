@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from .store import run_root
+
 log = logging.getLogger(__name__)
 
 SECRET_KEY = re.compile(r"(pass(word)?|secret|token|api[_-]?key|credential|auth)", re.I)
@@ -48,7 +50,7 @@ def resolve_tracking_uri(tracking_uri: str | None, run_dir: str | Path) -> str:
         return tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    db = Path(run_dir).resolve() / "mlflow.db"
+    db = run_root(run_dir) / "mlflow.db"  # a bucket run keeps its default store in the node-local mirror
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
 

@@ -25,4 +25,13 @@ def test_services_bound_to_localhost_and_setup_idempotent():
     assert "mlflow server --host 127.0.0.1" in head_cmds
     for cmd in raw["setup_commands"] + raw["head_setup_commands"]:
         # every command either guards itself or is naturally repeatable (pip install, mkdir -p)
-        assert any(g in cmd for g in ("||", "pip install", "mkdir -p")), cmd
+        assert any(g in cmd for g in ("||", "pip install", "mkdir -p", "' > ~/")), cmd  # '> file' overwrites
+
+
+def test_the_bucket_is_set_in_one_place_and_every_node_starts_ray_with_it():
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    text = (REPO / "cluster.yaml").read_text()
+    setters = [c for c in raw["setup_commands"] if "export FORGETTING_RAY_STORAGE=" in c]
+    assert len(setters) == 1 and text.count("FORGETTING_RAY_STORAGE=") == 1
+    for cmd in raw["head_start_ray_commands"][-1:] + raw["worker_start_ray_commands"][-1:]:
+        assert cmd.startswith("source ~/.forgetting-ray.env;") and "ray start" in cmd

@@ -31,7 +31,7 @@ from ..data.score_set import shard_name
 from ..data.table import IGNORE_INDEX
 from ..errors import UserError
 from ..models import load_tokenizer
-from ..store import atomic_write_text, is_complete, read_done
+from ..store import atomic_write_text, fetch_children, is_complete, read_done, run_root
 from ..tracking import Tracker
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,7 +86,7 @@ def find_partition(path: str | Path, rho: float | None = None) -> Path:
     if (path / INFO_FILE).is_file():
         return path
     root = path / "partition"
-    found = sorted((d for d in root.glob("*") if d.is_dir() and is_complete(d) and (d / INFO_FILE).is_file()),
+    found = sorted((d for d in fetch_children(root) if is_complete(d) and (d / INFO_FILE).is_file()),
                    key=lambda d: (d / "_SUCCESS.json").stat().st_mtime_ns)
     if rho is not None:
         found = [d for d in found if json.loads((d / INFO_FILE).read_text()).get("rho") == rho]
@@ -528,7 +528,7 @@ def main_report(cfg: "PipelineConfig", run_dir: str | Path | None = None, out: s
                 tracker: "Tracker | None" = None) -> Path:
     """CLI entry: the partition of ``cfg.selection.rho`` under ``run_dir`` (default ``cfg.run_dir``),
     or the given partition folder; default output ``<run_dir>/report/<partition key>.html``."""
-    src = Path(run_dir if run_dir is not None else cfg.run_dir)
+    src = Path(run_dir) if run_dir is not None else run_root(cfg.run_dir)
     part = find_partition(src, None if (src / INFO_FILE).is_file() else cfg.selection.rho)
     out_path = Path(out) if out is not None else part.parent.parent / "report" / f"{part.name}.html"
     path = build_report(part, out_path, tokenizer=load_tokenizer(cfg.model), samples=samples,

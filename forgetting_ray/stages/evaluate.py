@@ -30,12 +30,14 @@ from ..eval import runner
 from ..eval.base import check_input, input_fingerprint
 from ..eval.harness import run_lm_eval
 from ..eval.lm import ChatTemplateError, Engine
-from ..models import load_model, load_tokenizer
+from ..models import load_model, load_tokenizer, portable_model
 from ..ray_utils import check_actor_pool_cpus, init_ray
-from ..store import atomic_write_json, atomic_write_text, content_hash
+from ..store import atomic_write_json, atomic_write_text, content_hash, exists, is_uri, join_storage
 from ..tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
+
+EVAL_RESULTS_FILE = "results.json"
 
 
 class EvalConfigError(UserError, ValueError):
@@ -58,7 +60,12 @@ class EvalResult:
 
 
 def resolve_eval_model(model_path: str | Path) -> str:
-    """A model export folder holds the full model under ``merged/``: accept either."""
+    """A model export folder holds the full model under ``merged/``: accept either (a folder or a URI)."""
+    if is_uri(model_path):
+        merged = join_storage(model_path, "merged")
+        if not exists(join_storage(model_path, "config.json")) and exists(join_storage(merged, "config.json")):
+            return merged
+        return str(model_path)
     p = Path(model_path)
     if not (p / "config.json").is_file() and (p / "merged" / "config.json").is_file():
         return str(p / "merged")
@@ -113,7 +120,7 @@ def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[d
     out = ds.map_batches(
         EvalPredictor,
         fn_constructor_kwargs={
-            "model_cfg": config_to_dict(model_cfg),
+            "model_cfg": config_to_dict(portable_model(model_cfg)),  # the actors may run on other nodes
             "eval_cfg": config_to_dict(e),
             "threads": max(1, int(e.num_cpus_per_actor)),
         },
@@ -213,7 +220,7 @@ def _lm_eval(cfg: PipelineConfig, model_cfg: ModelConfig):
     e = cfg.eval
     task = ray.remote(run_lm_eval).options(num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
                                            name="lm_eval")
-    return ray.get(task.remote(cfg, model_cfg))
+    return ray.get(task.remote(cfg, portable_model(model_cfg)))
 
 
 def _write_samples(out_dir: Path, records: dict[str, list[dict[str, Any]]]) -> dict[str, Path]:
@@ -262,7 +269,7 @@ def run_eval(
         "wall_s": round(time.time() - t0, 2),
         "eval_config": config_to_dict(cfg.eval),
     }
-    path = atomic_write_json(out_dir / "results.json", result)  # written last: marks completion
+    path = atomic_write_json(out_dir / EVAL_RESULTS_FILE, result)  # written last: marks completion
     _log_mlflow(cfg, result, tracker)
     return EvalResult(out_dir=out_dir, results_path=path, metrics=metrics, headline=headline, average=average,
                       harness=harness, samples=samples)
@@ -271,7 +278,7 @@ def run_eval(
 def load_eval_result(out_dir: str | Path) -> EvalResult:
     """The :class:`EvalResult` of a finished evaluation folder (its ``results.json``)."""
     out_dir = Path(out_dir)
-    path = out_dir / "results.json"
+    path = out_dir / EVAL_RESULTS_FILE
     data = json.loads(path.read_text())
     return EvalResult(
         out_dir=out_dir,

@@ -260,9 +260,9 @@ def run_partition(cfg: PipelineConfig, train_table: Path, score_dir: Path) -> Pa
         summary = _summary(key, info, score_dir, train_table, rho, layout, th, applied, (s_min, s_max), edges)
         atomic_write_json(tmp / INFO_FILE, summary)
         score_histogram(applied.hist, edges, th.tau, tmp / HISTOGRAM_FILE, rho=rho, n_positive=th.k, n_total=th.n)
-        marker = {"stage": STAGE, "key": key, "n_tokens": th.n, "n_positive": th.k, "n_negative": th.n - th.k,
-                  "threshold": summary["threshold"]}
-        mark_complete(tmp, marker)
+    marker = {"stage": STAGE, "key": key, "n_tokens": th.n, "n_positive": th.k, "n_negative": th.n - th.k,
+              "threshold": summary["threshold"]}
+    mark_complete(out, marker)  # after the rename: on object storage the marker must be the last object
     log.info("partition: %d of %d response tokens positive (rho=%g, threshold %.6g) -> %s",
              th.k, th.n, rho, th.tau, out)
     return _result(out, key, marker)

@@ -296,7 +296,8 @@ def run_prepare(cfg: PipelineConfig) -> PrepareResult:
         write_token_table(tables["train"], tmp / TRAIN_FILE)
         write_token_table(tables["reference"], tmp / REFERENCE_FILE)
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
-        mark_complete(tmp, {"stage": STAGE, "key": key, **{k: v["content_hash"] for k, v in summaries.items()}})
+    # after the rename: on object storage the marker must be the last object written
+    mark_complete(out, {"stage": STAGE, "key": key, **{k: v["content_hash"] for k, v in summaries.items()}})
     counts = manifest["counts"]
     log.info(
         "prepare: wrote %s (train %d samples / %d tokens, reference %d / %d, dropped %s, "

@@ -52,7 +52,7 @@ from ..data.score_set import (
 )
 from ..data.table import IGNORE_INDEX, TokenTableError, read_token_table, token_table_hash
 from ..errors import UserError
-from ..models import load_model, load_tokenizer, resolve_model_path, tokenizer_fingerprint
+from ..models import load_model, load_tokenizer, portable_model, resolve_model_path, tokenizer_fingerprint
 from ..ray_utils import check_actor_pool_cpus, init_ray
 from ..scoring import token_nll
 from ..store import (
@@ -60,10 +60,15 @@ from ..store import (
     atomic_write_json,
     content_hash,
     file_sha256,
+    fetch_partial,
     is_complete,
+    local_copy,
     mark_complete,
+    portable,
     read_done,
+    run_root,
     stage_dir,
+    unmark_complete,
 )
 
 log = logging.getLogger(__name__)
@@ -75,7 +80,7 @@ SCORE_VERSION = 1
 # shard, exactly like a killed job: no cleanup, no marker.
 FAULT_ENV = "FORGETTING_RAY_SCORE_FAULT"
 FAULT_EXIT_CODE = 17
-_STAT_COLS = ("_padded_len", "_busy_s", "_actor")  # per-row actor bookkeeping, stripped before writing
+_STAT_COLS = ("_padded_len", "_busy_s", "_actor", "_node")  # per-row actor bookkeeping, stripped before writing
 
 
 class ScoreInputError(UserError, ValueError):
@@ -105,6 +110,7 @@ class ScoreResult:
     shards_scored: list[int] = field(default_factory=list)  # scored by this call
     shards_reused: list[int] = field(default_factory=list)  # finished before this call
     stats: dict[str, float] = field(default_factory=dict)  # wall_s, actor_busy_s, padded/real tokens
+    nodes: list[str] = field(default_factory=list)  # Ray node ids of the actors that scored (this call)
 
     def shard_paths(self) -> list[Path]:
         return [self.dir / shard_name(i) for i in range(self.n_shards)]
@@ -349,7 +355,7 @@ def _resolve_inputs(cfg: PipelineConfig, train_table: Path, reference_model: Pat
     base_path = resolve_model_path(cfg.model)
     fingerprint, pad_id = _check_tokenizers(cfg, table, train_table, ref, base_path)
 
-    memo_file = Path(cfg.run_dir) / STAGE / _SHA_MEMO_FILE
+    memo_file = run_root(cfg.run_dir) / STAGE / _SHA_MEMO_FILE
     memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
     table_hash = token_table_hash(table)
     dtype = _actor_dtype(cfg)
@@ -398,7 +404,10 @@ class ScoreActor:
         # transformers and peft take seconds to import: only the actors, which load models, pay for them.
         from transformers.utils import logging as hf_logging
 
+        import ray
+
         hf_logging.disable_progress_bar()  # one bar for the stage (driver), not one per actor
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, threads))  # its CPU share, not every core of the node
@@ -408,7 +417,7 @@ class ScoreActor:
         if ref["mode"] == "adapter":
             from peft import PeftModel
 
-            self.ref = PeftModel.from_pretrained(base, ref["path"], is_trainable=False).eval()
+            self.ref = PeftModel.from_pretrained(base, str(local_copy(ref["path"])), is_trainable=False).eval()
             self.base = None
         else:
             ref_cfg = ModelConfig(**{**base_cfg, "name_or_path": ref["path"], "tokenizer": None, "revision": None})
@@ -448,11 +457,11 @@ class ScoreActor:
                     base_vals[i], ref_vals[i] = b[j].numpy(), r[j].numpy()
                 padded[rows] = t["input_ids"].shape[1]
                 busy[rows] = (time.perf_counter() - t0) / len(rows)
-        return _score_table(batch.column("sample_id"), base_vals, ref_vals, padded, busy)
+        return _score_table(batch.column("sample_id"), base_vals, ref_vals, padded, busy, self.node_id)
 
 
 def _score_table(sample_ids: pa.ChunkedArray, base_vals: list, ref_vals: list, padded: np.ndarray,
-                 busy: np.ndarray) -> pa.Table:
+                 busy: np.ndarray, node_id: str = "") -> pa.Table:
     """An actor's answer: per-row lists of NLLs and scores, plus the per-row bookkeeping columns."""
     n = len(base_vals)
     offsets = np.concatenate([[0], np.cumsum([v.size for v in base_vals])]).astype(np.int32)
@@ -468,6 +477,7 @@ def _score_table(sample_ids: pa.ChunkedArray, base_vals: list, ref_vals: list, p
             "_padded_len": pa.array(padded),
             "_busy_s": pa.array(busy),
             "_actor": pa.array(np.full(n, os.getpid(), dtype=np.int64)),
+            "_node": pa.array([node_id] * n, pa.string()),
         }
     )
 
@@ -480,8 +490,9 @@ def _actor_kwargs(cfg: PipelineConfig, inp: _Inputs) -> dict[str, Any]:
     """What each :class:`ScoreActor` is built with (plain data: it travels to the actors)."""
     s = cfg.scoring
     return {
-        "base_cfg": config_to_dict(cfg.model.model_copy(update={"name_or_path": inp.base_path})),
-        "ref": {"mode": inp.ref.mode, "path": str(inp.ref.path)},
+        # locations that load on any node: URIs for what is in a bucket-backed run, alias names for aliases
+        "base_cfg": config_to_dict(portable_model(cfg.model.model_copy(update={"name_or_path": inp.base_path}))),
+        "ref": {"mode": inp.ref.mode, "path": portable(inp.ref.path)},
         "dtype": inp.dtype,
         "use_gpu": s.num_gpus_per_actor > 0,
         "threads": max(1, int(s.num_cpus_per_actor)),
@@ -505,7 +516,8 @@ def _stream_scores(cfg: PipelineConfig, table_path: Path, pending_ids: list[str]
     # one driver-side bar for the whole stage instead of one per operator
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = ctx.print_on_execution_start = False
     try:
-        ds = ray.data.read_parquet(str(table_path), columns=["sample_id", "input_ids", "labels"], num_cpus=0.25)
+        # Ray Data reads the table where it is stored (a bucket: every node reads it; no shared disk needed)
+        ds = ray.data.read_parquet(portable(table_path), columns=["sample_id", "input_ids", "labels"], num_cpus=0.25)
         # Small parquet files arrive as one block (STACK_NOTES Exp 3); blocks of shard_size rows feed every
         # actor and let shards complete (and be written) one after another.
         ds = ds.repartition(target_num_rows_per_block=n_blocks_rows)
@@ -595,6 +607,7 @@ class _Meter:
     def __init__(self, stats: dict[str, float]) -> None:
         self.stats = stats
         self.per_actor: dict[str, float] = {}  # busy seconds by actor pid: shows the pool is balanced
+        self.nodes: set[str] = set()
         self.tokens = 0
         self.t0 = time.perf_counter()
 
@@ -604,6 +617,7 @@ class _Meter:
         stats["real_tokens"] += float(real_tokens)
         busy_s = batch.column("_busy_s").to_numpy()
         stats["actor_busy_s"] += float(busy_s.sum())
+        self.nodes.update(batch.column("_node").unique().to_pylist())
         for pid, b in zip(*_sum_by(batch.column("_actor").to_numpy(), busy_s)):
             self.per_actor[str(pid)] = self.per_actor.get(str(pid), 0.0) + b
         self.tokens += real_tokens
@@ -652,10 +666,11 @@ def _reuse_complete(result: ScoreResult) -> bool:
         log.info("score: reusing cached scores at %s", out)
         result.cached = True
         result.shards_reused = list(range(result.n_shards))
-        result.stats = read_done(out).get("stats", {})
+        done = read_done(out)
+        result.stats, result.nodes = done.get("stats", {}), done.get("nodes", [])
         return True
     log.warning("score: %s is marked complete but shards are missing; rescoring them", out)
-    (out / "_SUCCESS.json").unlink()
+    unmark_complete(out)
     return False
 
 
@@ -698,6 +713,7 @@ def _score_pending(cfg: PipelineConfig, inp: _Inputs, pending: list[int], result
     if missing:
         raise RuntimeError(f"score: Ray Data returned no scores for shard(s) {missing[:10]} of {inp.out}")
     meter.finish(n_todo)
+    result.nodes = sorted(meter.nodes)
 
 
 def _mark_done(inp: _Inputs, result: ScoreResult, stats: dict[str, float]) -> None:
@@ -705,13 +721,15 @@ def _mark_done(inp: _Inputs, result: ScoreResult, stats: dict[str, float]) -> No
     mark_complete(inp.out, {"stage": STAGE, "key": inp.key, "n_samples": result.n_samples,
                             "n_shards": result.n_shards, "shard_size": result.shard_size,
                             "n_response_tokens": result.n_response_tokens, "table_hash": inp.table_hash,
-                            "reference_mode": inp.ref.mode, "dtype": inp.dtype, "stats": stats})
+                            "reference_mode": inp.ref.mode, "dtype": inp.dtype, "stats": stats,
+                            "nodes": result.nodes})
 
 
 def run_score(cfg: PipelineConfig, train_table: Path, reference_model: Path) -> ScoreResult:
     """Score every response token of ``train_table``; write ``<run_dir>/score/<key>/shard-*.parquet``."""
     t_start = time.perf_counter()
     inp = _resolve_inputs(cfg, train_table, reference_model)  # every bad input fails here, before any work
+    fetch_partial(inp.out)  # the shards an interrupted run (perhaps on another node) left in the bucket
     size = _open_layout(cfg, inp, reference_model)
     result = ScoreResult(inp.out, inp.key, len(inp.ids), math.ceil(len(inp.ids) / size), int(inp.n_resp.sum()),
                          size, inp.ref.mode)

@@ -24,17 +24,19 @@ import pyarrow.parquet as pq
 
 from ..config import FinetuneConfig, PipelineConfig, ReferenceConfig, TrainingConfig, config_to_dict
 from ..errors import UserError
-from ..models import load_tokenizer, resolve_model_path
+from ..models import load_tokenizer, portable_model_ref, resolve_model_path
 from ..ray_utils import default_storage_path, init_ray
 from ..store import (
     atomic_write_json,
     atomic_write_text,
     content_hash,
+    fetch,
     file_sha256,
     is_complete,
     join_storage,
     mark_complete,
     StorageNotWritable,
+    portable,
     probe_storage,
     stage_dir,
 )
@@ -77,6 +79,7 @@ class FinetuneResult:
     resumed_at: list[int] = field(default_factory=list)
     guardrail_events: list[dict[str, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)  # one row per optimizer step
+    nodes: list[str] = field(default_factory=list)  # Ray node id of each rank (of the last fit)
 
     @property
     def final_metrics(self) -> dict[str, Any]:
@@ -288,14 +291,14 @@ def _worker_job(cfg: PipelineConfig, stage: Stage, ft: ReferenceConfig | Trainin
         fingerprint_parts=run.parts,
         num_rows=inputs.plan.num_rows,
         table=inputs.table,
-        model_path=inputs.model_path,
-        tokenizer_path=inputs.tokenizer_path,
+        model_path=portable_model_ref(inputs.model_path),  # workers may run on nodes without the driver's files
+        tokenizer_path=portable_model_ref(inputs.tokenizer_path),
         pad_token_id=inputs.pad_token_id,
         trust_remote_code=cfg.model.trust_remote_code,
         use_gpu=res.use_gpu,
         torch_threads=max(1, int(res.cpus_per_worker)),
         chunk_size=cfg.scoring.chunk_size,
-        export_dir=str((out / "export").resolve()) if ft.export else None,
+        export_dir=portable((out / "export").resolve()) if ft.export else None,
         train_config={"stage": stage, "strategy": strategy_of(ft), "finetune": config_to_dict(ft),
                       "model": config_to_dict(cfg.model), "table": inputs.table, "table_hash": run.table_hash,
                       "key": run.key, "num_workers": res.num_workers},
@@ -339,7 +342,8 @@ def _finished(result: "Result", stage: str, key: str, out: Path, plan: DataPlan)
         stage=stage,
         key=key,
         out_dir=out,
-        export_dir=Path(rv["export_dir"]) if rv.get("export_dir") else None,
+        # rank 0 wrote it where the run is stored (perhaps a bucket): make it present here too
+        export_dir=fetch(out / "export") if rv.get("export_dir") else None,
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         total_steps=int(rv.get("total_steps", plan.total_steps)),
         global_step=int(state.get("global_step", 0)),
@@ -347,6 +351,7 @@ def _finished(result: "Result", stage: str, key: str, out: Path, plan: DataPlan)
         resumed_at=list(state.get("resumed_at", [])),
         guardrail_events=list(state.get("guardrail", {}).get("events", [])),
         metrics=list(rv.get("history", [])),
+        nodes=list(rv.get("nodes", [])),
     )
 
 
@@ -368,9 +373,9 @@ def load_result(out_dir: str | Path) -> FinetuneResult:
     lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
     metrics = [json.loads(x) for x in lines if x.strip()]
     return FinetuneResult(
-        stage=d["stage"], key=d["key"], out_dir=Path(d["out_dir"]),
-        export_dir=Path(d["export_dir"]) if d.get("export_dir") else None,
+        stage=d["stage"], key=d["key"], out_dir=out,  # where it is now (a mirror may sit elsewhere on each node)
+        export_dir=out / "export" if d.get("export_dir") else None,
         checkpoint_path=d.get("checkpoint_path"), total_steps=d["total_steps"], global_step=d["global_step"],
         stop_reason=d.get("stop_reason"), resumed_at=d.get("resumed_at", []),
-        guardrail_events=d.get("guardrail_events", []), metrics=metrics,
+        guardrail_events=d.get("guardrail_events", []), metrics=metrics, nodes=d.get("nodes", []),
     )

@@ -31,6 +31,7 @@ clean-up after stopped trials in :mod:`forgetting_ray.ray_internals`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -56,6 +57,7 @@ from ..scoring import token_nll
 from ..search import (
     OBJECTIVE_METRIC,
     ONLINE_METRIC,
+    SPACE_FILE,
     TRIAL_CPUS,
     TuneInputError,
     check_search_space,
@@ -69,7 +71,19 @@ from ..search import (
     space_spec,
     trial_config,
 )
-from ..store import atomic_path, atomic_write_json, content_hash, tree_sha256
+from ..store import (
+    atomic_path,
+    atomic_write_json,
+    content_hash,
+    fetch,
+    is_complete,
+    join_storage,
+    local_copy,
+    local_path,
+    portable,
+    run_root,
+    tree_sha256,
+)
 from ..tracking import Tracker
 from ..train.loop import DataPlan
 from .evaluate import eval_data_fingerprint, resolve_eval_model, run_eval
@@ -112,8 +126,9 @@ class TuneResult:
 # ------------------------------------------------------------------------------------------------
 def validation_nll(model_dir: str, val_table: str, *, model_cfg: dict[str, Any], batch_tokens: int,
                    chunk_size: int | None = None) -> dict[str, float]:
-    """Mean NLL of every response token of ``val_table`` under the model in ``model_dir``."""
-    path = resolve_eval_model(model_dir)
+    """Mean NLL of every response token of ``val_table`` under the model in ``model_dir`` (either may be a
+    URI: this may run as a GPU task on a node that sees the run only through its bucket)."""
+    path = resolve_eval_model(local_copy(model_dir))
     mc = ModelConfig.model_validate({**model_cfg, "name_or_path": path, "tokenizer": None, "revision": None})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(mc)
@@ -148,17 +163,18 @@ def _val_nll_objective(ctx: dict[str, Any], base: PipelineConfig, res: FinetuneR
         task = ray.remote(validation_nll).options(num_cpus=base.eval.num_cpus_per_actor,
                                                     num_gpus=base.eval.num_gpus_per_actor,
                                                     scheduling_strategy="DEFAULT")
-        v = ray.get(task.remote(str(res.export_dir), ctx["val_table"], **kwargs))
+        v = ray.get(task.remote(portable(res.export_dir), portable(ctx["val_table"]), **kwargs))
     else:  # on CPU here: the trial process has torch loaded and its fit has released the workers
-        v = validation_nll(str(res.export_dir), ctx["val_table"], **kwargs)
+        v = validation_nll(str(res.export_dir), str(ctx["val_table"]), **kwargs)
     return {**v, OBJECTIVE_METRIC: v["val_nll"]}
 
 
-def _eval_objective(ctx: dict[str, Any], cfg: PipelineConfig, res: FinetuneResult, folder: Path, trial_id: str,
-                    t: Any) -> dict[str, Any]:
+def _eval_objective(ctx: dict[str, Any], cfg: PipelineConfig, res: FinetuneResult, folder: Path,
+                    trial_id: str) -> dict[str, Any]:
     ecfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
         "limit": float(ctx["eval_limit"]), "limit_mode": "random"})})
-    ev = run_eval(ecfg, str(res.export_dir), folder / "eval" / trial_id, tracker=t)
+    # the trial reports its eval numbers through Tune; the driver logs them (MLflow is reached from there only)
+    ev = run_eval(ecfg, str(res.export_dir), folder / "eval" / trial_id, tracker=Tracker.disabled())
     out: dict[str, Any] = {f"eval.{k}": v for k, v in ev.headline.items()}
     # the mean over the tasks this search evaluates (ev.average is None unless all five ran)
     out["eval_mean"] = float(np.mean([ev.headline[task] for task in cfg.eval.tasks]))
@@ -173,15 +189,15 @@ def _report_callback_class():
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class TrialReportCallback(TuneReportCallback):
-        """Forwards rank 0's training reports to Tune with ``online_nll`` added; logs them to the trial's run.
+        """Forwards rank 0's training reports to Tune with ``online_nll`` added (the driver's
+        :class:`TrialTracker` logs them to MLflow).
 
         Runs in the Ray Train controller of the trial's fit.  ``online_nll`` is averaged over the last
         ``window`` reports, so one unlucky micro-batch does not decide a rung.
         """
 
-        def __init__(self, tracker: Any = None, window: int = 2):
+        def __init__(self, window: int = 2):
             super().__init__()
-            self.tracker = tracker
             self.recent: deque[float] = deque(maxlen=window)
 
         def after_report(self, run_context, metrics, checkpoint):
@@ -192,14 +208,70 @@ def _report_callback_class():
                 m["online_nll_step"] = value
             if self.recent:
                 m[ONLINE_METRIC] = float(np.mean(self.recent))
-            if self.tracker is not None:
-                try:
-                    self.tracker.log_metrics({k: v for k, v in m.items() if k != "step"}, step=int(m.get("step", 0)))
-                except Exception as e:  # noqa: BLE001 - a tracking hiccup must not kill the trial
-                    log.warning("trial metrics not logged to MLflow: %s", e)
             super().after_report(run_context, [m], checkpoint)
 
     return TrialReportCallback
+
+
+def _trial_output(location: str, cfg: PipelineConfig) -> Path:
+    """A trial's fine-tune folder, as the trial reported it, present on this node."""
+    out = local_path(location, cfg.run_dir)
+    if not is_complete(out):
+        raise RuntimeError(f"tune: the trial's output {location} is not complete")
+    return out
+
+
+_TUNE_AUTO_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid", "done",
+                   "time_since_restore", "iterations_since_restore", "step", "trained"}
+
+
+def _trial_tracker_class():
+    from ray.tune import Callback
+
+    class TrialTracker(Callback):
+        """The trials' MLflow runs, written from the driver as Tune hands it the trials' reports: the
+        tracking server need only be reachable from here (on a cluster, the head)."""
+
+        def __init__(self, parent: Tracker, base: PipelineConfig, report_every: int, score_key: str):
+            self.parent, self.base, self.report_every, self.score_key = parent, base, report_every, score_key
+            self.runs: dict[str, Tracker] = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            tid = trial.trial_id
+            if not self.parent.enabled or tid in self.runs:
+                return
+            t = self.parent.child(f"trial-{tid}", {"forgetting_ray.stage": "tune-trial", "forgetting_ray.trial_id": tid})
+            params = dict(trial.config or {})
+            _log_trial_params(t, tid, params, trial_config(self.base, params, report_every=self.report_every))
+            t.log_params({"score_key": self.score_key})
+            self.runs[tid] = t
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            t = self.runs.get(trial.trial_id)
+            if t is None:
+                return
+            t.log_metrics({k: v for k, v in result.items() if k not in _TUNE_AUTO_KEYS}, step=int(result.get("step", 0)))
+            if "partition_key" in result:  # the final report
+                t.log_params({"partition_key": result["partition_key"], "train_table": result["train_table_used"]})
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            t = self.runs.pop(trial.trial_id, None)
+            last = trial.last_result or {}
+            if t is None or OBJECTIVE_METRIC not in last:
+                return  # stopped by the scheduler: _close_stopped_runs marks its run KILLED
+            try:
+                res = load_result(_trial_output(last["out_dir"], self.base))
+                log_finetune_plots(t, res, trial_config(self.base, dict(trial.config or {})).training)
+                t.log_model_reference("trial", portable(res.export_dir), tree_sha256(res.export_dir), upload=False)
+            finally:
+                t.end("FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            t = self.runs.pop(trial.trial_id, None)
+            if t is not None:
+                t.end("FAILED")
+
+    return TrialTracker
 
 
 def _trial_tables(part: PartitionResult, val_ids: set[str], folder: Path) -> Path:
@@ -223,8 +295,8 @@ def _log_trial_params(t: Any, trial_id: str, params: dict[str, Any], cfg: Pipeli
                   "training.lr": cfg.training.lr, "training.strategy": cfg.training.strategy})
 
 
-def _train_trial(cfg: PipelineConfig, table: Path, folder: Path, trial_id: str, t: Any) -> FinetuneResult:
-    callbacks = [_report_callback_class()(t), pg_recorder_class()(trial_id)]
+def _train_trial(cfg: PipelineConfig, table: Path, folder: Path, trial_id: str) -> FinetuneResult:
+    callbacks = [_report_callback_class()(), pg_recorder_class()(trial_id)]
     res = run_finetune(cfg, "train", table, folder / "trials" / trial_id, callbacks=callbacks)
     if res.export_dir is None:
         raise RuntimeError(f"trial {trial_id} stopped without an export: {res.stop_reason}")
@@ -232,13 +304,13 @@ def _train_trial(cfg: PipelineConfig, table: Path, folder: Path, trial_id: str, 
 
 
 def _final_metrics(ctx: dict[str, Any], base: PipelineConfig, cfg: PipelineConfig, res: FinetuneResult,
-                   folder: Path, trial_id: str, t: Any) -> dict[str, Any]:
+                   folder: Path, trial_id: str) -> dict[str, Any]:
     """The trial's last report: the objective, and the online NLL of its last two training reports."""
     final: dict[str, Any] = {"step": res.total_steps, "trained": 1}
     if ctx["objective"] == "val_nll":
         final.update(_val_nll_objective(ctx, base, res))
     else:
-        final.update(_eval_objective(ctx, cfg, res, folder, trial_id, t))
+        final.update(_eval_objective(ctx, cfg, res, folder, trial_id))
     online = [online_nll(m) for m in res.metrics[-2:]]
     online = [x for x in online if x is not None]
     if online:
@@ -247,31 +319,25 @@ def _final_metrics(ctx: dict[str, Any], base: PipelineConfig, cfg: PipelineConfi
 
 
 def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """One trial: re-partition with its rho, train with its schedule, report the objective."""
+    """One trial: re-partition with its rho, train with its schedule, report the objective.
+
+    It may run on any node: the paths in ``ctx`` are portable (URIs when the run is in a bucket) and
+    map to this node's mirror; it writes no MLflow (the driver's :class:`TrialTracker` does)."""
     import ray.tune
 
     base = PipelineConfig.model_validate(ctx["cfg"])
     cfg = trial_config(base, params, report_every=ctx["report_every"])
     trial_id = ray.tune.get_context().get_trial_id()
-    folder = Path(ctx["dir"])
-    parent = ctx["tracker"]
-    t = parent.child(f"trial-{trial_id}", {"forgetting_ray.stage": "tune-trial", "forgetting_ray.trial_id": trial_id})
-    try:
-        _log_trial_params(t, trial_id, params, cfg)
-        part = run_partition(cfg, Path(ctx["train_table"]), Path(ctx["score_dir"]))
-        table = _trial_tables(part, set(ctx["val_ids"]), folder / "tables")
-        t.log_params({"partition_key": part.key, "score_key": ctx["score_key"], "train_table": str(table)})
-        res = _train_trial(cfg, table, folder, trial_id, t)
-        final = _final_metrics(ctx, base, cfg, res, folder, trial_id, t)
-        t.log_metrics({k: v for k, v in final.items() if k != "step"}, step=res.total_steps)
-        log_finetune_plots(t, res, cfg.training)
-        t.log_model_reference("trial", res.export_dir, tree_sha256(res.export_dir), upload=False)
-        t.end("FINISHED")
-        ray.tune.report({**final, "out_dir": str(res.out_dir), "partition_dir": str(part.dir),
-                         "train_table_used": str(table)})
-    except BaseException:
-        t.end("FAILED")
-        raise
+    here = {k: local_path(ctx[k], base.run_dir) for k in ("dir", "train_table", "score_dir", "val_table")}
+    folder = here["dir"]
+    ctx = {**ctx, "val_table": fetch(here["val_table"])}
+    part = run_partition(cfg, fetch(here["train_table"]), here["score_dir"])
+    table = _trial_tables(part, set(ctx["val_ids"]), folder / "tables")
+    res = _train_trial(cfg, table, folder, trial_id)
+    final = _final_metrics(ctx, base, cfg, res, folder, trial_id)
+    ray.tune.report({**final, "out_dir": portable(res.out_dir), "partition_dir": portable(part.dir),
+                     "partition_key": part.key, "train_table_used": portable(table),
+                     "node_id": ray.get_runtime_context().get_node_id()})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,8 +353,10 @@ def _open_search_folder(cfg: PipelineConfig, score: Any, objective: str, spec: d
               "eval": config_to_dict(cfg.eval) if objective == "eval_mean" else None,
               "eval_data": eval_data_fingerprint(cfg.eval) if objective == "eval_mean" else None}
     key = content_hash(shared)
-    folder = (Path(cfg.run_dir) / STAGE / key).resolve()
+    folder = run_root(cfg.run_dir) / STAGE / key
     folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        fetch(folder / SPACE_FILE)  # a search started from another node: its space is in the bucket
     check_search_space(folder, spec)  # before any compute
     atomic_write_json(folder / "inputs.json", shared)
     return key, folder
@@ -303,6 +371,8 @@ def _validation_split(tc: TuneConfig, train_table: Path, folder: Path) -> tuple[
         raise TuneInputError(f"tune.val_fraction={tc.val_fraction} selects none of the {len(ids)} samples of "
                              f"{train_table}; raise it")
     val_table = folder / VAL_FILE
+    with contextlib.suppress(FileNotFoundError):
+        fetch(val_table)  # written by an earlier run of this search, perhaps on another node
     if val_ids and not val_table.is_file():
         tbl = pq.read_table(train_table)
         with atomic_path(val_table) as tmp:
@@ -377,14 +447,15 @@ def _param_space(tc: TuneConfig) -> dict[str, Any]:
     return space
 
 
-def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_alg):
+def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_alg, trial_tracker):
     """Run the search (or resume an interrupted one in the same folder). Returns (result grid, experiment folder)."""
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": TRIAL_CPUS})
     reaper = reaper_class()()
-    run_config = tune.RunConfig(name="search", storage_path=str(folder / "ray"), verbose=1, callbacks=[reaper])
-    experiment = folder / "ray" / "search"
+    storage = portable(folder / "ray")  # trials on other nodes write there too: the bucket of a bucket run
+    run_config = tune.RunConfig(name="search", storage_path=storage, verbose=1, callbacks=[reaper, trial_tracker])
+    experiment = join_storage(storage, "search")
     if tune.Tuner.can_restore(str(experiment)):
         log.info("tune: resuming the search in %s", experiment)
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, param_space=_param_space(tc),
@@ -410,6 +481,7 @@ def _collect_trials(grid) -> list[dict[str, Any]]:
                        "status": status, "objective": m.get(OBJECTIVE_METRIC), "last_step": m.get("step"),
                        ONLINE_METRIC: m.get(ONLINE_METRIC), "out_dir": m.get("out_dir"),
                        "partition_dir": m.get("partition_dir"), "train_table": m.get("train_table_used"),
+                       "node_id": m.get("node_id"),
                        "error": str(r.error) if r.error else None})
     trials.sort(key=lambda x: x["trial_id"])
     return trials
@@ -445,9 +517,9 @@ def _finish(result: TuneResult, cfg: PipelineConfig, train_table: Path, score: A
     if best is None:
         raise RuntimeError(f"tune: no trial finished with an objective ({len(trials)} trials; see {experiment})")
     result.best_config = trial_config(cfg, best["config"])
-    result.best_train = load_result(best["out_dir"])
+    result.best_train = load_result(_trial_output(best["out_dir"], cfg))
     result.best_partition = run_partition(result.best_config, train_table, score.dir)  # cached by the trial
-    result.best_table = Path(best["train_table"])
+    result.best_table = fetch(local_path(best["train_table"], cfg.run_dir))
     tracker.log_metrics({"best_objective": best["objective"], "trials_stopped_early": result.n_stopped_early,
                          "trials_finished": sum(t["status"] == "finished" for t in trials)})
     tracker.log_params({f"best.{k}": v for k, v in sorted(best["config"].items())} | {"best.trial_id": best["trial_id"]})
@@ -486,14 +558,17 @@ def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> Tun
     concurrent = tc.max_concurrent_trials or default_max_concurrent(cfg, ray.cluster_resources())
     search_alg = _searcher(tc, mode, concurrent)
     tracker = tracker if tracker is not None else Tracker.disabled()
-    ctx = {"cfg": config_to_dict(cfg), "dir": str(folder), "train_table": str(Path(train_table).resolve()),
-           "score_dir": str(Path(score.dir).resolve()), "score_key": score.key, "val_ids": val_ids,
-           "val_table": str(val_table), "objective": objective, "eval_limit": tc.eval_limit,
-           "report_every": tc.report_every or cfg.training.report_every, "tracker": tracker}
+    report_every = tc.report_every or cfg.training.report_every
+    # portable locations: a trial may run on a node that sees the run only through its bucket
+    ctx = {"cfg": config_to_dict(cfg), "dir": portable(folder), "train_table": portable(Path(train_table).resolve()),
+           "score_dir": portable(Path(score.dir).resolve()), "score_key": score.key, "val_ids": val_ids,
+           "val_table": portable(val_table), "objective": objective, "eval_limit": tc.eval_limit,
+           "report_every": report_every}
     tracker.log_params({"tune.key": key, "tune.space_hash": space_hash(spec), "tune.objective_resolved": objective,
                         "tune.max_concurrent_trials_resolved": concurrent, "tune.total_steps": plan.total_steps,
                         "tune.val_samples": len(val_ids)})
-    grid, experiment = _fit(tc, folder, ctx, scheduler, search_alg)
+    trial_tracker = _trial_tracker_class()(tracker, cfg, report_every, score.key)
+    grid, experiment = _fit(tc, folder, ctx, scheduler, search_alg, trial_tracker)
 
     trials = _collect_trials(grid)
     _close_stopped_runs(tracker, trials)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..store import atomic_write_json, atomic_write_text, content_hash, file_sha256
+from ..aliases import alias_of_folder
+from ..store import atomic_write_json, atomic_write_text, content_hash, file_sha256, portable
 
 STATE_FILE = "forgetting_state.json"
 METRICS_FILE = "metrics.jsonl"
@@ -60,7 +61,8 @@ def model_identity(model_path: str | Path) -> dict[str, Any]:
         return {"name": str(model_path)}
     weights = sorted(f for f in p.iterdir() if f.suffix == ".safetensors" or f.name.endswith(".safetensors.index.json"))
     return {
-        "path": str(p.resolve()),
+        # where it is in the run, not on this node: a bucket run resumed from another head keeps its keys
+        "path": alias_of_folder(p) or portable(p.resolve()),
         "config_sha256": file_sha256(p / "config.json") if (p / "config.json").is_file() else None,
         "weights": {f.name: f.stat().st_size for f in weights},
     }

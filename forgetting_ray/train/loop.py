@@ -38,7 +38,8 @@ from ..config import FinetuneConfig, ReferenceConfig, TrainingConfig
 from ..constants import IGNORE_INDEX
 from ..data.collate import collate
 from ..losses import classes_from_labels, forgetting_loss, lambda_schedule
-from ..models import load_tokenizer
+from ..models import load_tokenizer, resolve_model_path
+from ..store import cache_root, content_hash, is_uri, upload_tree
 from .checkpoint import TrainState, checkpoint_tag, read_state, write_state
 from .deepspeed_setup import DDPRunner, Runner, create_runner
 from .export import export_model
@@ -385,10 +386,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     while state.global_step < w.plan.total_steps and state.stop_reason is None:
         _train_epoch(w, state, history, guard)
     export_dir = _export(w, w.job.export_dir) if state.stop_reason is None and w.job.export_dir else None
+    nodes = _worker_nodes(w)
     if w.rank != 0:
         return None
-    return {"state": state.to_json(), "history": history, "export_dir": export_dir,
+    return {"state": state.to_json(), "history": history, "export_dir": export_dir, "nodes": nodes,
             "total_steps": w.plan.total_steps, "dropped_rows_per_epoch": w.plan.dropped_rows_per_epoch()}
+
+
+def _worker_nodes(w: _Worker) -> list[str]:
+    """The Ray node id of every rank, in rank order (recorded with the result: where the fit ran)."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id()
+    if w.world == 1 or not dist.is_initialized():
+        return [mine]
+    nodes: list[Any] = [None] * w.world
+    dist.all_gather_object(nodes, mine)
+    return nodes
 
 
 def _set_up(job: FinetuneJob) -> _Worker:
@@ -405,7 +419,8 @@ def _set_up(job: FinetuneJob) -> _Worker:
     lambda_of_step = job.lambda_of_step(plan.total_steps)
     mult = loss_multiplier(job.normalization, ft.grad_accum, world)
     device = _device(job.use_gpu)
-    runner = create_runner(job.model_path, ft, world_size=world, total_steps=plan.total_steps, device=device,
+    # an alias converts, a URI is fetched once per node; a hub id or shared path loads as it is
+    runner = create_runner(resolve_model_path(job.model_path), ft, world_size=world, total_steps=plan.total_steps, device=device,
                            chunk_size=job.chunk_size, trust_remote_code=job.trust_remote_code)
     return _Worker(job, plan, runner, rank, world, device, lambda_of_step, mult)
 
@@ -566,9 +581,16 @@ def _report_checkpoint(w: _Worker, state: TrainState, history: list[dict[str, An
 
 
 def _export(w: _Worker, export_dir: str) -> str:
-    """Collective on every rank: export gathers ZeRO-3 partitions, rank 0 writes and validates."""
+    """Collective on every rank: export gathers ZeRO-3 partitions, rank 0 writes and validates.
+
+    To a bucket (``export_dir`` a URI), rank 0 writes and validates in a node-local staging folder and
+    then uploads it, the manifest last."""
     ft = w.job.finetune
-    out = export_model(w.runner.export_handle(), load_tokenizer(w.job.tokenizer_path), Path(export_dir),
-                       lora=ft.lora.enabled, dtype=ft.export_dtype, base_model_path=w.job.model_path,
-                       train_config=w.job.train_config)
-    return str(out)
+    local = cache_root() / "staging" / content_hash(export_dir) if is_uri(export_dir) else Path(export_dir)
+    export_model(w.runner.export_handle(), load_tokenizer(w.job.tokenizer_path), local,
+                 lora=ft.lora.enabled, dtype=ft.export_dtype, base_model_path=w.job.model_path,
+                 train_config=w.job.train_config)
+    if is_uri(export_dir) and w.rank == 0:
+        upload_tree(local, export_dir, last="manifest.json")
+        shutil.rmtree(local, ignore_errors=True)
+    return export_dir

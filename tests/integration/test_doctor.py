@@ -43,7 +43,8 @@ def test_sound_config_passes_every_check(ray_cluster, tiny_llama, tmp_path, caps
     assert rc == 0, lines["_out"]
     for name in ("resources", "storage", "model", "masks", "memory plan", "job working dir"):
         assert lines[name].startswith("[PASS]"), lines["_out"]
-    assert "writable from 1 node" in lines["storage"]
+    assert "writable from the driver and 0 worker node(s)" in lines["storage"]  # one node: the driver's
+    assert "autoscaler" not in lines  # asked only with --request-resources
     assert "response tokens" in lines["masks"]
 
 
@@ -65,7 +66,7 @@ def test_each_problem_is_reported_with_a_fix(ray_cluster, tiny_llama, tmp_path, 
     out = lines["_out"]
     assert "evaluation actors take 2 of 2 CPUs" in lines["resources"]
     assert "-> lower scoring/eval concurrency" in out
-    assert "-> set resources.storage_path" in out
+    assert "-> set run_dir (and resources.storage_path)" in out
     assert "-> point model.name_or_path" in out
     assert "fix: resources, storage, model" in out
 
@@ -79,3 +80,16 @@ def test_memory_plan_fails_when_the_model_cannot_fit(ray_cluster, tiny_llama, tm
     assert rc == 1
     assert lines["memory plan"].startswith("[FAIL]") and "RAM per node" in lines["memory plan"], lines["_out"]
     assert "see `forgetting-ray plan`" in lines["_out"]
+
+
+def test_request_resources_waits_for_the_stage_bundles_and_names_what_is_missing(ray_cluster, tiny_llama,
+                                                                                 tmp_path, capsys):
+    rc = main(["doctor", _write_config(tmp_path, tiny_llama), "--request-resources", "--wait", "5"])
+    lines = _lines(capsys)
+    assert rc == 0 and lines["autoscaler"].startswith("[PASS]"), lines["_out"]
+    assert "2 bundles (1.5 CPU, 0 GPU)" in lines["autoscaler"]  # 1 train worker x 1 CPU + 1 scorer x 0.5
+    gpu = _write_config(tmp_path, tiny_llama, resources__use_gpu=True, resources__num_workers=2)
+    rc = main(["doctor", gpu, "--request-resources", "--wait", "1"])
+    lines = _lines(capsys)
+    assert rc == 1 and lines["autoscaler"].startswith("[FAIL]"), lines["_out"]
+    assert "GPU 0 of 2" in lines["autoscaler"] and "max_workers" in lines["_out"]
