@@ -522,12 +522,6 @@ class ResourcesConfig(Section):
     storage_path: str | None = Field(
         None, description="Ray Train storage (shared across nodes); None = <run_dir>/ray_storage."
     )
-    pending_timeout_s: float | None = Field(
-        1800.0, gt=0,
-        description="A stage whose Ray tasks, actors or worker placement groups wait this long for resources is "
-        "stopped with what is pending (an autoscaler that cannot add the node); None waits forever. Not applied "
-        "to a Tune search, whose queued trials wait by design.",
-    )
 
 
 STORAGE_ENV = "FORGETTING_RAY_STORAGE"

@@ -19,7 +19,7 @@ from .config import PipelineConfig, config_to_dict, dump_config, flatten
 from .data.readers import read_records, resolve_inputs
 from .data.sources import FileSource
 from .models import portable_model
-from .ray_utils import check_run_dir, pending_watchdog
+from .ray_utils import check_run_dir
 from .report.html import main_report
 from .report.plots import log_finetune_plots
 from .runcard import RunCard
@@ -73,8 +73,7 @@ def use_tiny_model(cfg: PipelineConfig) -> PipelineConfig:
 def _timed(result: PipelineResult, name: str, tracker: Tracker, fn, *args, **kwargs):
     """Run one stage as an MLflow child run and record its wall time."""
     start = time.perf_counter()
-    timeout = None if name == "tune" else args[0].resources.pending_timeout_s  # queued trials wait by design
-    with tracker.stage(name) as t, pending_watchdog(name, timeout):
+    with tracker.stage(name) as t:
         out = fn(t, *args, **kwargs)
         result.seconds[name] = time.perf_counter() - start
         t.log_metrics({"stage_seconds": result.seconds[name]})

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import _thread
-import contextlib
 import logging
 import os
-import threading
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import UserError
 from .store import StorageNotWritable, is_uri, join_storage, probe_storage, run_root
@@ -183,70 +179,3 @@ def check_run_dir(run_dir: str | Path, ray_address: str | None = None) -> None:
                           "do not see: set run_dir to a bucket URI (s3://bucket/prefix, gs://, abfs://) or to a "
                           "mount every node shares (NFS, EFS)")
 
-
-class ResourcesPendingError(UserError, RuntimeError):
-    """A stage's Ray tasks, actors or placement groups waited longer than resources.pending_timeout_s."""
-
-
-def pending_demands(ray) -> dict[str, str]:
-    """{id: "what (resources)"} of this job's tasks and actors waiting for a node, and of its pending
-    placement groups (Ray Train's worker groups), from Ray's state API."""
-    from ray.util.state import list_placement_groups, list_tasks
-
-    job = ray.get_runtime_context().get_job_id()
-    out = {}
-    for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT"), ("job_id", "=", job)], limit=1000,
-                        detail=True, raise_on_missing_output=False):  # detail: required_resources
-        out[t.task_id] = f"{t.func_or_class_name or t.name} {t.required_resources or {}}"
-    for pg in list_placement_groups(filters=[("state", "=", "PENDING")], limit=1000, raise_on_missing_output=False):
-        if pg.creator_job_id == job:
-            bundles = [b.get("unit_resources", b) if isinstance(b, dict) else b for b in pg.bundles or []]
-            out[pg.placement_group_id] = f"placement group {pg.name or pg.placement_group_id[:8]} {bundles}"
-    return out
-
-
-@contextlib.contextmanager
-def pending_watchdog(stage: str, timeout_s: float | None, *, poll_s: float = 10.0) -> Iterator[None]:
-    """Stop ``stage`` when one of its resource demands stays pending for ``timeout_s`` (an autoscaler that
-    cannot add the node, a bundle no node type holds): raise :class:`ResourcesPendingError` naming what
-    waits, instead of hanging.  ``None`` waits forever.  Watches only once Ray is up."""
-    import ray
-
-    if not timeout_s:
-        yield
-        return
-    stop, stuck = threading.Event(), {}
-
-    def watch() -> None:
-        since: dict[str, float] = {}
-        while not stop.wait(poll_s):
-            if not ray.is_initialized():
-                continue
-            try:
-                pending = pending_demands(ray)
-            except Exception as e:  # noqa: BLE001 - a state API hiccup must not stop the run
-                logging.getLogger(__name__).debug("pending-demand check failed: %s", e)
-                continue
-            now = time.monotonic()
-            since = {k: since.get(k, now) for k in pending}
-            late = {k: pending[k] for k, t0 in since.items() if now - t0 >= timeout_s}
-            if late:
-                stuck.update(late)
-                _thread.interrupt_main()  # the driver sits in ray.get / fit: stop it there
-                return
-
-    thread = threading.Thread(target=watch, name=f"pending-watchdog-{stage}", daemon=True)
-    thread.start()
-    try:
-        yield
-    except KeyboardInterrupt:
-        if not stuck:
-            raise
-        what = "; ".join(sorted(stuck.values())[:5])
-        raise ResourcesPendingError(
-            f"{stage}: waited more than {timeout_s:g} s for resources no node provides: {what}. Lower the "
-            "stage's resources (resources.num_workers / cpus_per_worker / use_gpu, scoring.* or eval.* "
-            "concurrency and num_*_per_actor), add a node type that holds them, or raise "
-            "resources.pending_timeout_s when an autoscaler needs longer") from None
-    finally:
-        stop.set()

@@ -98,9 +98,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces ``path`` in one rename, on error it is removed."""
-    path = Path(path)
+def _swapped_in_dir(path: Path, overwrite: bool) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -117,6 +115,13 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``path`` in one rename, on error it is removed."""
+    with _swapped_in_dir(Path(path), overwrite) as tmp:
+        yield tmp
     push(path)
 
 
@@ -283,9 +288,25 @@ def exists(location: str | Path) -> bool:
     return fs.get_file_info(root).type != pafs.FileType.NotFound
 
 
+def _fetched_uri(path: str | Path) -> str | None:
+    """The URI a path inside a :func:`local_copy` folder was fetched from; None for any other path."""
+    p = Path(path).expanduser().absolute()
+    fetched = cache_root() / "fetched"
+    if not p.is_relative_to(fetched) or p == fetched:
+        return None
+    copy = fetched / p.relative_to(fetched).parts[0]
+    tag = copy / FETCHED_TAG
+    if not tag.is_file():
+        return None
+    rel = p.relative_to(copy).as_posix()
+    uri = json.loads(tag.read_text())["uri"].rstrip("/")
+    return uri if rel == "." else f"{uri}/{rel}"
+
+
 def portable(path: str | Path) -> str:
-    """What to hand a process on another node: the URI of a mirrored path, else the path unchanged."""
-    return remote_of(path) or str(path)
+    """What to hand a process on another node (or name a model by in a key): the URI of a mirrored or
+    fetched path, else the path unchanged."""
+    return remote_of(path) or _fetched_uri(path) or str(path)
 
 
 def _filesystem(uri: str) -> tuple["pafs.FileSystem", str]:
@@ -360,24 +381,12 @@ def _download(fs: "pafs.FileSystem", root: str, folder: Path) -> None:
     files = _remote_files(fs, root)
     if not files:
         raise FileNotFoundError(f"nothing stored under {root}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with _swapped_in_dir(folder, overwrite=True) as tmp:
         for rel in sorted(files):
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             with fs.open_input_stream(f"{root}/{rel}") as src, open(dst, "wb") as out:
                 shutil.copyfileobj(src, out, 8 << 20)
-        if folder.exists():
-            old = _tmp_sibling(folder)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fetch(path: str | Path) -> Path:

@@ -190,3 +190,13 @@ def test_an_unreachable_bucket_run_dir_is_one_clear_error(bucket, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(RunDirError, match="not writable"):
         check_run_dir(f"s3://{bucket[0]}/run")
+
+
+def test_a_fetched_copy_travels_as_the_uri_it_came_from(bucket, tmp_path, monkeypatch):
+    name, s3 = bucket
+    s3.put_object(Bucket=name, Key="models/m/merged/config.json", Body=b"{}")
+    _node(monkeypatch, tmp_path, "head")
+    copy = local_copy(f"s3://{name}/models/m")
+    assert portable(copy) == f"s3://{name}/models/m"
+    assert portable(copy / "merged") == f"s3://{name}/models/m/merged"
+    assert portable(tmp_path / "head" / "fetched") == str(tmp_path / "head" / "fetched")
