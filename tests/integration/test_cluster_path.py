@@ -7,9 +7,7 @@ Checked: the jobs succeed; every stage output is in the bucket and nothing is wr
 runs (the head works in a mirror under its own cache); the score actors, the train workers and the
 trials ran on the worker nodes (their node ids are recorded in the stage outputs and the run card);
 MLflow holds the parent, stage and trial runs with per-step metrics; a resubmission reuses every
-stage from the bucket.  Last (the cluster loses a node): killing the worker node that holds the
-training worker mid-fit lets Ray Train restart the worker group on the other node from the bucket
-checkpoint, and the fit ends with the weights of the uninterrupted run.
+stage from the bucket.
 """
 
 from __future__ import annotations
@@ -17,12 +15,10 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from typing import TYPE_CHECKING
 
 import mlflow
-import torch
-from safetensors.torch import load as load_safetensors
+import pytest
 
 if TYPE_CHECKING:  # the fixtures come in through pytest_plugins
     from .multinode import MultinodeCluster, S3Server
@@ -41,8 +37,9 @@ def _stage_keys(s3: "S3Server", prefix: str) -> dict[str, set[str]]:
                                                                      "train")}
 
 
+@pytest.mark.timeout(2400)  # about 8.5 min alone on 2 cores; three jobs, each a full Ray job start-up
 def test_pipeline_and_tune_on_three_nodes_with_a_bucket_and_mlflow_on_the_head(
-        multinode_cluster: "MultinodeCluster", s3_server: "S3Server", mlflow_server: str, tmp_path):
+        multinode_cluster: "MultinodeCluster", s3_server: "S3Server", mlflow_server: str):
     cluster, s3 = multinode_cluster, s3_server
     run_dir = f"s3://{s3.bucket}/runs/demo"
     args = ["--config", "examples/demo.yaml", "--tiny", f"run_dir={run_dir}",
@@ -66,7 +63,7 @@ def test_pipeline_and_tune_on_three_nodes_with_a_bucket_and_mlflow_on_the_head(
     assert not re.search(r"(?<![\w/])runs/demo/", logs.replace(run_dir, "")), "a local runs/demo path was used"
 
     # where the work ran: on the worker nodes, each fetching the models into its own cache
-    card = first_card = json.loads(s3.read("runs/demo/run_card.json"))
+    card = json.loads(s3.read("runs/demo/run_card.json"))
     assert card["run_dir"] == run_dir and card["status"] == "FINISHED"
     workers = set(cluster.worker_node_ids)
     assert card["scores"]["nodes"] and set(card["scores"]["nodes"]) <= workers
@@ -110,38 +107,3 @@ def test_pipeline_and_tune_on_three_nodes_with_a_bucket_and_mlflow_on_the_head(
     for r in trials:
         assert "val_nll" in r.data.metrics and "search.rho" in r.data.params
         assert len(client.get_metric_history(r.info.run_id, "loss")) >= 2  # per-step, as the trial ran
-
-    # a local run_dir is checked from every worker node before any compute (here they share the disk)
-    local = tmp_path / "local-run"
-    status, logs = cluster.submit([sys.executable, "jobs/pipeline.py", "--stage", "prepare", "--config",
-                                   "examples/demo.yaml", f"run_dir={local}", f"model.name_or_path={run_dir}/tiny_model",
-                                   "tracking.enabled=false"], timeout_s=600)
-    assert status == "SUCCEEDED" and (local / "prepare").is_dir(), logs[-6000:]
-
-    # a lost machine: kill the worker node holding the training worker once the bucket has a checkpoint
-    failover = f"s3://{s3.bucket}/runs/failover"
-    same_model_and_data = ["--config", "examples/demo.yaml", f"run_dir={failover}", f"model.name_or_path={run_dir}/tiny_model",
-                           f"tracking.tracking_uri={mlflow_server}", "tracking.experiment_name=cluster-failover",
-                           *FITS_TWO_ONE_CPU_NODES, "baselines=[]", "training.checkpoint_every=4"]
-    job = cluster.start([sys.executable, "jobs/pipeline.py", "--stage", "train", *same_model_and_data])
-    deadline = time.monotonic() + 900
-    while not any("/checkpoint_" in k for k in s3.list("runs/failover/ray_storage/train-")):
-        assert time.monotonic() < deadline, cluster.wait(job, 1)[1][-6000:]
-        time.sleep(1)
-    victim = cluster.node_of("RayTrainWorker")
-    assert victim in workers
-    cluster.kill_node(victim)
-    status, logs = cluster.wait(job, 900)
-    assert status == "SUCCEEDED", logs[-8000:]
-    card = json.loads(s3.read("runs/failover/run_card.json"))
-    (survivor,) = workers - {victim}
-    assert card["models"]["train"]["nodes"] == [survivor]
-    key = card["models"]["train"]["key"]
-    assert json.loads(s3.read(f"runs/failover/train/{key}/result.json"))["resumed_at"] == [4]
-
-    def weights(prefix: str) -> dict[str, torch.Tensor]:
-        return load_safetensors(s3.read(f"{prefix}/export/merged/model.safetensors"))
-
-    uninterrupted_key = first_card["models"]["train"]["key"]
-    a, b = weights(f"runs/demo/train/{uninterrupted_key}"), weights(f"runs/failover/train/{key}")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
