@@ -79,3 +79,16 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_flatten():
     flat = flatten(config_to_dict(PipelineConfig()))
     assert flat["training.lora.r"] == 64 and flat["selection.rho"] == 0.7
+
+
+def test_a_relative_run_dir_lands_under_the_clusters_storage(monkeypatch, tmp_path):
+    from forgetting_ray.config import STORAGE_ENV, PipelineConfig
+
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    assert PipelineConfig(run_dir="runs/x").run_dir == "runs/x"
+    monkeypatch.setenv(STORAGE_ENV, "s3://bucket/prefix/")
+    assert PipelineConfig(run_dir="runs/x").run_dir == "s3://bucket/prefix/runs/x"
+    assert PipelineConfig(run_dir=str(tmp_path)).run_dir == str(tmp_path)  # an absolute path stays
+    assert PipelineConfig(run_dir="gs://other/run").run_dir == "gs://other/run"
+    again = PipelineConfig.model_validate(PipelineConfig(run_dir="runs/x").model_dump())
+    assert again.run_dir == "s3://bucket/prefix/runs/x"  # a dumped config (a trial's) is not joined twice
