@@ -49,6 +49,9 @@ def test_pipeline_and_tune_on_three_nodes_with_a_bucket_and_mlflow_on_the_head(
 
     status, logs = cluster.submit(pipeline, timeout_s=1200)
     assert status == "SUCCEEDED", logs[-8000:]
+    assert "| model | asdiv | boolq | logiqa | truthfulqa | tydiqa | mean |" in logs  # the job's comparison table
+    for row in ("| base |", "| sft |", "| forgetting |"):
+        assert row in logs
 
     # every stage in the bucket, each with its completion marker; the driver worked in the head's mirror
     done = _stage_keys(s3, "runs/demo/")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,3 +69,15 @@ def test_tiny_pipeline_runs_through_evaluation_in_a_clone_with_nothing_beside_it
     assert set(tasks) == {"truthfulqa", "boolq", "logiqa", "tydiqa", "asdiv"}
     assert all(t["n"] == 3 for t in tasks.values())
     assert "| forgetting |" in log
+    assert f"mlflow ui --backend-store-uri sqlite:///{run_dir}/mlflow.db" in log
+    for stage in ("prepare", "score", "partition"):
+        assert any((d / "_SUCCESS.json").is_file() for d in (run_dir / stage).iterdir()), stage
+
+    # the audit page of that run, from the run folder alone (the tokenizer is the one the run scored with)
+    page = tmp_path / "audit.html"
+    proc = subprocess.run([sys.executable, "-m", "forgetting_ray.cli", "report", str(run_dir), "--out", str(page),
+                           "--n-random", "3"], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    html = page.read_text()
+    assert "FORGETTING partition audit" in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(\s*["']?(https?:)?//|@import""", html)  # no network asset
