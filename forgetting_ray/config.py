@@ -522,6 +522,12 @@ class ResourcesConfig(Section):
     storage_path: str | None = Field(
         None, description="Ray Train storage (shared across nodes); None = <run_dir>/ray_storage."
     )
+    placement_timeout_s: float = Field(
+        1800.0, gt=0,
+        description="How long a stage waits for Ray to place its training workers, scoring/eval actors (until "
+        "their models are loaded) or Tune trials before it stops, naming what was pending: on an autoscaling "
+        "cluster this covers node start-up; on a fixed cluster what cannot fit is refused before it starts.",
+    )
 
 
 STORAGE_ENV = "FORGETTING_RAY_STORAGE"

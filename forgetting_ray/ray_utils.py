@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import UserError
 from .store import StorageNotWritable, is_uri, join_storage, probe_storage, run_root
@@ -13,6 +15,10 @@ from .store import StorageNotWritable, is_uri, join_storage, probe_storage, run_
 
 class RunDirError(UserError, OSError):
     """``run_dir`` cannot hold the run: an unreachable bucket, or a local folder other nodes do not see."""
+
+
+class PlacementTimeout(UserError, RuntimeError):
+    """Workers, actors or trials that Ray did not place within ``resources.placement_timeout_s``."""
 
 # Passed to every Ray worker: DeepSpeed must pick the CPU accelerator without guessing on CPU
 # boxes, its JIT ops must land in one shared cache, nothing may reach for a model hub, and a bucket
@@ -134,6 +140,69 @@ def check_actor_pool_cpus(ray, section: str, pool: Any, *, ray_address: str | No
     if ray_address is None:
         raise error(problem)
     logging.getLogger(__name__).warning("%s (continuing: an autoscaler may add nodes)", problem)
+
+
+def describe_nodes(ray) -> str:
+    """Every alive node's CPUs and GPUs, for an error saying where nothing fitted."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    return ", ".join(f"{n['NodeManagerAddress']}:{n['NodeID'][:8]} {n['Resources'].get('CPU', 0):g} CPU "
+                     f"{n['Resources'].get('GPU', 0):g} GPU" for n in nodes) or "no alive node"
+
+
+def check_worker_group(ray, res: Any, *, error: type[Exception], held_cpus: float = 0.0) -> None:
+    """Refuse a Ray Train worker group that the alive nodes cannot hold, counted per node (each worker is one
+    bundle of resources.cpus_per_worker CPUs, and a GPU on GPU): it would wait forever.  ``held_cpus``: what the
+    calling process already holds on one node (a Tune trial).  Joined by address: only a warning (an autoscaler
+    may add nodes; resources.placement_timeout_s bounds that wait)."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    cpus = sorted((float(n["Resources"].get("CPU", 0.0)) for n in nodes), reverse=True)
+    if cpus:
+        cpus[0] = max(0.0, cpus[0] - held_cpus)
+    fits = spread_actors(cpus, res.num_workers, res.cpus_per_worker) is not None
+    if res.use_gpu:
+        fits = fits and sum(int(n["Resources"].get("GPU", 0.0)) for n in nodes) >= res.num_workers
+    if fits:
+        return
+    problem = (f"training needs resources.num_workers={res.num_workers} workers of resources.cpus_per_worker="
+               f"{res.cpus_per_worker:g} CPU{' and 1 GPU' if res.use_gpu else ''} each, each on one node"
+               + (f" (beside the {held_cpus:g} CPU its trial holds)" if held_cpus else "")
+               + f"; the cluster has {describe_nodes(ray)}: lower resources.num_workers or "
+               "resources.cpus_per_worker, or add nodes")
+    if res.ray_address is None:
+        raise error(problem)
+    logging.getLogger(__name__).warning("%s (continuing: an autoscaler may add nodes)", problem)
+
+
+def placement_timeout_error(what: str, setting: str, timeout_s: float, ray) -> PlacementTimeout:
+    """The one error for a demand still pending after ``resources.placement_timeout_s``."""
+    return PlacementTimeout(
+        f"{what} not placed within resources.placement_timeout_s={timeout_s:g} s; the cluster has "
+        f"{describe_nodes(ray)}. Lower {setting}, add nodes (or let the autoscaler finish: `ray status` shows "
+        "pending nodes), or raise resources.placement_timeout_s")
+
+
+@contextmanager
+def bounded_actor_start(section: str, pool: Any, timeout_s: float) -> Iterator[None]:
+    """Ray Data waits for an actor pool's actors forever by default: wait at most ``timeout_s`` for all of them
+    to be placed and constructed (their models loaded), then stop with what was pending."""
+    import ray
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = ctx.wait_for_min_actors_s
+    ctx.wait_for_min_actors_s = max(1, math.ceil(timeout_s))
+    try:
+        yield
+    except ray.exceptions.GetTimeoutError as e:
+        if "starting actors" not in str(e):
+            raise
+        gpus = f" and {pool.num_gpus_per_actor:g} GPU" if pool.num_gpus_per_actor else ""
+        raise placement_timeout_error(
+            f"{POOL_NAMES.get(section, section)} ({section}.concurrency={pool.concurrency} of "
+            f"{pool.num_cpus_per_actor:g} CPU{gpus} each)",
+            f"{section}.concurrency or {section}.num_cpus_per_actor", timeout_s, ray) from None
+    finally:
+        ctx.wait_for_min_actors_s = saved
 
 
 def _path_exists(path: str) -> bool:

@@ -49,3 +49,34 @@ def test_a_trial_counts_its_evaluation_pool_and_the_ray_data_task():
     assert default_max_concurrent(demo, {"CPU": 8}) == 3
     val = load_config("examples/demo.yaml", ["tune.enabled=true", "tune.objective=val_nll"])
     assert trial_cpus(val) == pytest.approx(1.1)  # training's one worker CPU is the peak
+
+
+class _Nodes:
+    """What check_worker_group reads of a cluster: ``ray.nodes()``."""
+
+    def __init__(self, *resources: dict[str, float]):
+        self._nodes = [{"Alive": True, "NodeID": f"{i:056x}", "NodeManagerAddress": "10.0.0.1", "Resources": r}
+                       for i, r in enumerate(resources)]
+
+    def nodes(self):
+        return self._nodes
+
+
+def test_a_worker_group_is_counted_per_node_and_refused_before_it_waits():
+    from forgetting_ray.config import ResourcesConfig
+    from forgetting_ray.ray_utils import check_worker_group
+
+    two_small = _Nodes({"CPU": 0}, {"CPU": 1}, {"CPU": 1})  # a head without CPUs, two 1-CPU workers
+    check_worker_group(two_small, ResourcesConfig(num_workers=2, cpus_per_worker=1), error=ValueError)
+    with pytest.raises(ValueError) as e:  # 2 CPUs in all, but no node holds a 2-CPU worker
+        check_worker_group(two_small, ResourcesConfig(num_workers=1, cpus_per_worker=2), error=ValueError)
+    assert "resources.num_workers=1" in str(e.value) and "resources.cpus_per_worker=2" in str(e.value)
+    assert "0 CPU" in str(e.value) and "1 CPU" in str(e.value)  # where: every node's resources
+    with pytest.raises(ValueError, match="beside the 0.1 CPU its trial holds"):  # a trial's own share counts
+        check_worker_group(_Nodes({"CPU": 1}), ResourcesConfig(num_workers=1, cpus_per_worker=1), error=ValueError,
+                           held_cpus=0.1)
+    with pytest.raises(ValueError, match="1 GPU"):
+        check_worker_group(_Nodes({"CPU": 8, "GPU": 1}), ResourcesConfig(num_workers=2, use_gpu=True), error=ValueError)
+    # joined by address: an autoscaler may add the nodes, and placement_timeout_s bounds the wait
+    check_worker_group(two_small, ResourcesConfig(num_workers=1, cpus_per_worker=2, ray_address="10.0.0.1:6379"),
+                       error=ValueError)

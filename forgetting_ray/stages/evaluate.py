@@ -31,7 +31,7 @@ from ..eval.base import check_input, input_fingerprint
 from ..eval.harness import run_lm_eval
 from ..eval.lm import ChatTemplateError, Engine
 from ..models import load_model, load_tokenizer, portable_model
-from ..ray_utils import check_actor_pool_cpus, init_ray
+from ..ray_utils import bounded_actor_start, check_actor_pool_cpus, init_ray
 from ..store import atomic_write_json, atomic_write_text, content_hash, exists, is_uri, join_storage
 from ..tracking import Tracker, resolve_tracking_uri
 
@@ -113,6 +113,17 @@ def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[d
     init_ray(cfg.resources.ray_address)
     e = cfg.eval
     _check_cpu_budget(cfg, ray)
+    with bounded_actor_start("eval", e, cfg.resources.placement_timeout_s):  # before the Dataset copies the context
+        answers = _predict(e, model_cfg, requests)
+    missing = [i for i, a in enumerate(answers) if a is None]
+    if missing:
+        raise RuntimeError(f"Ray eval returned no answer for {len(missing)} request(s), e.g. #{missing[0]}")
+    return answers
+
+
+def _predict(e: Any, model_cfg: ModelConfig, requests: list[dict[str, Any]]) -> list[Any]:
+    import ray
+
     ds = ray.data.from_items([{"idx": i, "request": json.dumps(r)} for i, r in enumerate(requests)])
     # Small inputs arrive as one block and would feed a single actor (STACK_NOTES Exp 3): split them.
     per_call = e.batch_size * 4
@@ -134,9 +145,6 @@ def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[d
     answers: list[Any] = [None] * len(requests)
     for row in out:
         answers[int(row["idx"])] = json.loads(row["answer"])
-    missing = [i for i, a in enumerate(answers) if a is None]
-    if missing:
-        raise RuntimeError(f"Ray eval returned no answer for {len(missing)} request(s), e.g. #{missing[0]}")
     return answers
 
 

@@ -53,7 +53,7 @@ from ..data.score_set import (
 from ..data.table import IGNORE_INDEX, TokenTableError, read_token_table, token_table_hash
 from ..errors import UserError
 from ..models import load_model, load_tokenizer, portable_model, resolve_model_path, tokenizer_fingerprint
-from ..ray_utils import check_actor_pool_cpus, init_ray
+from ..ray_utils import bounded_actor_start, check_actor_pool_cpus, init_ray
 from ..scoring import token_nll
 from ..store import (
     atomic_path,
@@ -506,6 +506,13 @@ def _actor_kwargs(cfg: PipelineConfig, inp: _Inputs) -> dict[str, Any]:
 def _stream_scores(cfg: PipelineConfig, table_path: Path, pending_ids: list[str] | None, actor_kwargs: dict,
                    n_blocks_rows: int) -> Iterator[pa.Table]:
     """Ray Data pipeline: read -> blocks of shard_size rows -> sort by length -> actor pool."""
+    # a Dataset copies the Ray Data context when it is built: the bound on the actors' start is set before
+    with bounded_actor_start("scoring", cfg.scoring, cfg.resources.placement_timeout_s):
+        yield from _scores_dataset(cfg, table_path, pending_ids, actor_kwargs, n_blocks_rows)
+
+
+def _scores_dataset(cfg: PipelineConfig, table_path: Path, pending_ids: list[str] | None, actor_kwargs: dict,
+                    n_blocks_rows: int) -> Iterator[pa.Table]:
     # Importing ray takes seconds: only a run that has shards to score pays for it.
     import ray
     from ray.data import DataContext

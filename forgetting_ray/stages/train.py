@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from ..config import FinetuneConfig, PipelineConfig, ReferenceConfig, TrainingConfig, config_to_dict
 from ..errors import UserError
 from ..models import load_tokenizer, portable_model_ref, resolve_model_path
-from ..ray_utils import default_storage_path, init_ray
+from ..ray_utils import check_worker_group, default_storage_path, init_ray, placement_timeout_error
 from ..store import (
     atomic_write_json,
     atomic_write_text,
@@ -208,7 +208,8 @@ def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: 
         read_state(ft.resume_from, run.parts)  # a foreign checkpoint fails here, before any worker starts
     storage = check_storage(cfg.resources.storage_path or default_storage_path(cfg.run_dir))
 
-    init_ray(cfg.resources.ray_address)
+    ray = init_ray(cfg.resources.ray_address)
+    check_worker_group(ray, cfg.resources, error=FinetuneInputError)
     datasets = _datasets(inputs, ft)
     job = _worker_job(cfg, stage, ft, inputs, run, out, join_storage(storage, run.run_name), inject_fault)
     result = _fit(cfg, ft, job, datasets, storage, run.run_name, callbacks)
@@ -313,6 +314,9 @@ def _fit(cfg: PipelineConfig, ft: FinetuneConfig, job: FinetuneJob, datasets: di
     from ray.train.torch import TorchTrainer
 
     res = cfg.resources
+    # Ray Train retries a worker group it could not place forever (controller_failure_limit -1): bound the wait
+    # to one start attempt of placement_timeout_s; the variable reaches the controller (Ray propagates it)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{res.placement_timeout_s:g}"
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # every worker must see the rows in the same, fixed order
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
@@ -325,13 +329,25 @@ def _fit(cfg: PipelineConfig, ft: FinetuneConfig, job: FinetuneJob, datasets: di
             name=run_name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=ft.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=ft.max_failures),
+            failure_config=FailureConfig(max_failures=ft.max_failures, controller_failure_limit=0),
             callbacks=list(callbacks or []),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
     )
-    return trainer.fit()
+    from ray.train import ControllerError
+
+    try:
+        return trainer.fit()
+    except ControllerError as e:
+        if type(e.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
+            raise
+        import ray
+
+        gpu = " and 1 GPU" if res.use_gpu else ""
+        raise placement_timeout_error(f"{run_name}: {res.num_workers} training worker(s) of "
+                                      f"{res.cpus_per_worker:g} CPU{gpu} each", "resources.num_workers or "
+                                      "resources.cpus_per_worker", res.placement_timeout_s, ray) from None
 
 
 def _finished(result: "Result", stage: str, key: str, out: Path, plan: DataPlan) -> FinetuneResult:

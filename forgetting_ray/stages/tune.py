@@ -35,6 +35,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,15 @@ from ..constants import IGNORE_INDEX
 from ..data.collate import collate
 from ..models import load_model, load_tokenizer
 from ..ray_internals import pg_recorder_class, reaper_class
-from ..ray_utils import alive_node_cpus, describe_pool_problem, init_ray, starves_ray_data
+from ..ray_utils import (
+    PlacementTimeout,
+    alive_node_cpus,
+    check_worker_group,
+    describe_pool_problem,
+    init_ray,
+    placement_timeout_error,
+    starves_ray_data,
+)
 from ..report.plots import log_finetune_plots
 from ..scoring import token_nll
 from ..search import (
@@ -447,14 +456,17 @@ def _param_space(tc: TuneConfig) -> dict[str, Any]:
     return space
 
 
-def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_alg, trial_tracker):
+def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_alg, trial_tracker,
+         placement_timeout_s: float):
     """Run the search (or resume an interrupted one in the same folder). Returns (result grid, experiment folder)."""
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": TRIAL_CPUS})
     reaper = reaper_class()()
     storage = portable(folder / "ray")  # trials on other nodes write there too: the bucket of a bucket run
-    run_config = tune.RunConfig(name="search", storage_path=storage, verbose=1, callbacks=[reaper, trial_tracker])
+    watch = _pending_watch_class()(placement_timeout_s)
+    run_config = tune.RunConfig(name="search", storage_path=storage, verbose=1,
+                                callbacks=[reaper, trial_tracker, watch])
     experiment = join_storage(storage, "search")
     if tune.Tuner.can_restore(str(experiment)):
         log.info("tune: resuming the search in %s", experiment)
@@ -466,9 +478,41 @@ def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_al
             tune_config=tune.TuneConfig(num_samples=tc.num_samples, scheduler=scheduler, search_alg=search_alg,
                                         reuse_actors=False),  # a stopped trial's fit must die with its actor
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except Exception as e:  # Tune wraps what a callback raises; the placement timeout is the user's to fix
+        cause = e
+        while cause is not None and not isinstance(cause, PlacementTimeout):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
     reaper.join()
     return grid, experiment
+
+
+def _pending_watch_class():
+    from ray.tune import Callback
+
+    class PendingTrialWatch(Callback):
+        """Tune keeps a trial it cannot place PENDING forever: when trials are pending and none runs for longer
+        than resources.placement_timeout_s, stop the search, naming the demand."""
+
+        def __init__(self, timeout_s: float):
+            self.timeout_s, self.idle_since = timeout_s, None
+
+        def on_step_begin(self, iteration, trials, **info):
+            if any(t.status == "RUNNING" for t in trials) or not any(t.status == "PENDING" for t in trials):
+                self.idle_since = None
+                return
+            self.idle_since = self.idle_since or time.monotonic()
+            if time.monotonic() - self.idle_since > self.timeout_s:
+                import ray
+
+                raise placement_timeout_error(f"Tune trials (each holding {TRIAL_CPUS:g} CPU while its fit runs)",
+                                              "tune.max_concurrent_trials", self.timeout_s, ray)
+
+    return PendingTrialWatch
 
 
 def _collect_trials(grid) -> list[dict[str, Any]]:
@@ -554,6 +598,7 @@ def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> Tun
 
     init_ray(cfg.resources.ray_address)
     _check_trial_eval_fits(cfg, objective, ray)
+    check_worker_group(ray, cfg.resources, error=TuneInputError, held_cpus=TRIAL_CPUS)
     scheduler = _scheduler(tc, plan)
     concurrent = tc.max_concurrent_trials or default_max_concurrent(cfg, ray.cluster_resources())
     search_alg = _searcher(tc, mode, concurrent)
@@ -568,7 +613,7 @@ def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> Tun
                         "tune.max_concurrent_trials_resolved": concurrent, "tune.total_steps": plan.total_steps,
                         "tune.val_samples": len(val_ids)})
     trial_tracker = _trial_tracker_class()(tracker, cfg, report_every, score.key)
-    grid, experiment = _fit(tc, folder, ctx, scheduler, search_alg, trial_tracker)
+    grid, experiment = _fit(tc, folder, ctx, scheduler, search_alg, trial_tracker, cfg.resources.placement_timeout_s)
 
     trials = _collect_trials(grid)
     _close_stopped_runs(tracker, trials)
