@@ -325,6 +325,14 @@ def _read_remote(fs: "pafs.FileSystem", path: str) -> bytes:
         return f.read()
 
 
+def read_text(location: str | Path) -> str:
+    """A file's text from a local path or a URI; FileNotFoundError when it is not there."""
+    if not is_uri(location):
+        return Path(location).read_text()
+    fs, path = _filesystem(str(location))
+    return _read_remote(fs, path).decode()
+
+
 def _remote_files(fs: "pafs.FileSystem", root: str) -> dict[str, int]:
     """{relative path: size} of every object under ``root`` (empty when there is none)."""
     import pyarrow.fs as pafs

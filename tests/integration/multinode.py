@@ -152,6 +152,11 @@ class S3Server:
     def read(self, key: str) -> bytes:
         return self._client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
+    def delete(self, prefix: str) -> None:
+        """Remove every object under ``prefix``."""
+        for key in self.list(prefix):
+            self._client().delete_object(Bucket=self.bucket, Key=key)
+
     def _client(self):
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
                             aws_secret_access_key="testing", region_name="us-east-1")
@@ -214,6 +219,9 @@ class MultinodeCluster:
     worker_pids: list[subprocess.Popen] = field(default_factory=list)  # `ray start --block` of each worker node
     head_node_id: str = ""
     worker_node_ids: list[str] = field(default_factory=list)  # in the order of worker_pids
+    # a folder the head (and this test) see and the last worker node does not: it runs in a mount namespace of
+    # its own with an empty tmpfs there, as a machine without the head's local disk would
+    head_only: Path | None = None
 
     def node_ids(self) -> dict[str, dict]:
         """Every node the cluster knows, dead ones included: ``{node_id_hex: {"cpus": float, "alive": bool}}``."""
@@ -232,23 +240,54 @@ class MultinodeCluster:
 
         A job still running after ``timeout_s`` is stopped, so its status then reads STOPPED.
         """
+        return self.wait(self.start(entrypoint_args, env_vars), timeout_s)
+
+    def start(self, entrypoint_args: list[str], env_vars: dict[str, str] | None = None) -> str:
+        """Submit with the Ray CLI, as a user does, and return the job id without waiting for the job."""
+        job_id = f"test-{uuid.uuid4().hex[:12]}"
+        runtime_env = {"env_vars": env_vars or {}, "excludes": [".git", ".venv", "runs", ".cache"]}
+        cmd = [str(BIN / "ray"), "job", "submit", "--no-wait", "--address", self.address, "--submission-id", job_id,
+               "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint_args]
+        out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        if out.returncode:  # the CLI never got the job in, e.g. a bad runtime env
+            pytest.fail(f"ray job submit failed:\n{(out.stdout + out.stderr)[-6000:]}")
+        return job_id
+
+    def wait(self, job_id: str, timeout_s: float) -> tuple[str, str]:
+        """``(status, logs)`` once the job has ended; a job still running after ``timeout_s`` is stopped first."""
         from ray.job_submission import JobSubmissionClient
 
-        job_id = f"test-{uuid.uuid4().hex[:12]}"  # known before the CLI answers, so a hung job can be stopped
-        runtime_env = {"env_vars": env_vars or {}, "excludes": [".git", ".venv", "runs", ".cache"]}
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.address, "--submission-id", job_id,
-               "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint_args]
         client = JobSubmissionClient(self.address)
-        try:
-            out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            client.stop_job(job_id)
-            return str(client.get_job_status(job_id)), client.get_job_logs(job_id)
-        try:
-            status = client.get_job_status(job_id)
-        except RuntimeError:  # the CLI never got the job in, e.g. a bad runtime env
-            pytest.fail(f"ray job submit failed:\n{(out.stdout + out.stderr)[-6000:]}")
-        return str(status), client.get_job_logs(job_id)
+        deadline = time.monotonic() + timeout_s
+        while not client.get_job_status(job_id).is_terminal():
+            if time.monotonic() > deadline:
+                client.stop_job(job_id)
+                deadline = float("inf")
+            time.sleep(2)
+        return str(client.get_job_status(job_id)), client.get_job_logs(job_id)
+
+    def node_of(self, actor_class: str) -> str:
+        """The node id of the (first) alive actor of class ``actor_class``, e.g. ``RayTrainWorker``."""
+        out = subprocess.run([sys.executable, "-c", _ACTOR_NODE_PY, self.address, actor_class], env=_env(),
+                             capture_output=True, text=True, timeout=60)
+        if out.returncode:
+            raise RuntimeError(f"finding a {actor_class} actor failed:\n{out.stderr[-4000:]}")
+        return out.stdout.strip().splitlines()[-1]
+
+    def kill_node(self, node_id: str) -> None:
+        """SIGKILL the worker node ``node_id`` (its raylet and everything it started): a lost machine."""
+        proc = self.worker_pids[self.worker_node_ids.index(node_id)]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+
+
+_ACTOR_NODE_PY = """
+import sys
+from ray.util.state import list_actors
+actors = list_actors(address=sys.argv[1], filters=[("class_name", "=", sys.argv[2]), ("state", "=", "ALIVE")],
+                     raise_on_missing_output=False)
+print(actors[0].node_id if actors else "")
+"""
 
 
 def _worker_node_cmd(gcs_address: str, temp_dir: Path, used: set[int]) -> list[str]:
@@ -271,8 +310,9 @@ def multinode_cluster(s3_server: S3Server) -> Iterator[MultinodeCluster]:
     cluster = MultinodeCluster(address=f"http://127.0.0.1:{dash}", gcs_address=f"127.0.0.1:{gcs}",
                                head_cache=root / "head-cache",
                                worker_caches=[root / f"node{i}-cache" for i in range(WORKER_NODES)])
-    for cache in (cluster.head_cache, *cluster.worker_caches):
-        cache.mkdir()
+    cluster.head_only = root / "head-only"
+    for folder in (cluster.head_cache, *cluster.worker_caches, cluster.head_only):
+        folder.mkdir()
     base_env = {k: v for k, v in _env().items() if k != "MLFLOW_TRACKING_URI"}  # jobs pass their own
     base_env |= s3_server.env
     procs: list[subprocess.Popen] = []
@@ -299,7 +339,11 @@ def multinode_cluster(s3_server: S3Server) -> Iterator[MultinodeCluster]:
             # gives up: one more try, on fresh ports
             for may_retry in (True, False):
                 temp_dir = Path(tempfile.mkdtemp(prefix=f"w{i}-", dir=root))
-                procs.append(_start(_worker_node_cmd(cluster.gcs_address, temp_dir, used), env, log))
+                cmd = _worker_node_cmd(cluster.gcs_address, temp_dir, used)
+                if i == len(cluster.worker_caches) - 1:
+                    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           f'mount -t tmpfs none "{cluster.head_only}" && exec "$@"', "sh", *cmd]
+                procs.append(_start(cmd, env, log))
                 # polled from its log, not with node_ids(): starting a Python per poll starves that raylet of CPU
                 if _wait_until(lambda: _started(log), procs[-1], log, f"ray worker node {i}", 120, may_retry):
                     break

@@ -280,7 +280,9 @@ def test_guardrail_backoff_stop_and_state_roundtrip():
 
 def test_parse_fault():
     assert parse_fault(None) is None
-    assert parse_fault("rank=1,after_step=3,marker=/tmp/m") == {"rank": 1, "after_step": 3, "marker": "/tmp/m"}
+    assert parse_fault("rank=1,after_step=3,marker=/tmp/m") == {"rank": 1, "after_step": 3, "marker": "/tmp/m",
+                                                                "hold_s": 0.0}
+    assert parse_fault("rank=0,after_step=4,marker=/tmp/m,hold_s=90")["hold_s"] == 90.0
     with pytest.raises(ValueError, match="lacks marker"):
         parse_fault("rank=1,after_step=3")
 
