@@ -90,15 +90,24 @@ def _prepare(t: Tracker, cfg: PipelineConfig):
 
 
 def _finetune(t: Tracker, cfg: PipelineConfig, stage: str, table: Path, card=None, name: str | None = None):
-    res = run_finetune(cfg, stage, table)
-    _log_finetune(t, cfg, res, card, name or stage)
+    logged: set[int] = set()
+
+    def log_step(row: dict) -> None:  # live, from this process, while the fit runs
+        step = int(row.get("step", 0))
+        if step not in logged:  # a worker restarted from a checkpoint repeats the steps after it
+            t.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+            logged.add(step)
+
+    res = run_finetune(cfg, stage, table, on_step=log_step if t.enabled else None)
+    _log_finetune(t, cfg, res, card, name or stage, logged)
     return res
 
 
-def _log_finetune(t: Tracker, cfg: PipelineConfig, res, card, name: str) -> None:
-    """Step metrics, plots and the export (by URI and hash) of a finished fine-tune."""
+def _log_finetune(t: Tracker, cfg: PipelineConfig, res, card, name: str, logged: set[int] = frozenset()) -> None:
+    """Step metrics (those not logged live), plots and the export (by URI and hash) of a finished fine-tune."""
     for row in res.metrics:
-        t.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row.get("step", 0)))
+        if int(row.get("step", 0)) not in logged:
+            t.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row.get("step", 0)))
     t.log_params({"key": res.key, "total_steps": res.total_steps})
     if res.stop_reason:
         t.set_tags({"guardrail.stop_reason": res.stop_reason})

@@ -7,7 +7,7 @@ import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import UserError
 from .store import StorageNotWritable, is_uri, join_storage, probe_storage, run_root
@@ -203,6 +203,65 @@ def bounded_actor_start(section: str, pool: Any, timeout_s: float) -> Iterator[N
             f"{section}.concurrency or {section}.num_cpus_per_actor", timeout_s, ray) from None
     finally:
         ctx.wait_for_min_actors_s = saved
+
+
+class _StepRelay:
+    """A mailbox actor: rank 0 puts each optimizer step's metrics, the driver takes them."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def put(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def take(self) -> list[dict[str, Any]]:
+        rows, self.rows = self.rows, []
+        return rows
+
+
+@contextmanager
+def step_relay(on_step: Callable[[dict[str, Any]], None] | None, poll_s: float = 1.0) -> Iterator[str | None]:
+    """While a fit runs, hand every step's metrics to ``on_step`` in this (the driver) process, as they come:
+    the MLflow server need only be reachable from the driver, and a long run shows its curves live.
+
+    Yields the name of a relay actor for rank 0 to send to (None, and no actor, without ``on_step``); a
+    failing ``on_step`` (MLflow down) is logged once and never stops the fit."""
+    if on_step is None:
+        yield None
+        return
+    import threading
+    import uuid
+
+    import ray
+
+    name = f"forgetting-ray-steps-{uuid.uuid4().hex[:12]}"
+    relay = ray.remote(num_cpus=0)(_StepRelay).options(name=name).remote()
+    stop, failed = threading.Event(), []
+
+    def drain() -> None:
+        for row in ray.get(relay.take.remote()):
+            try:
+                on_step(row)
+            except Exception as e:  # noqa: BLE001 - live metrics are a view; the fit goes on
+                if not failed:
+                    logging.getLogger(__name__).warning("live step metrics not logged: %s", e)
+                failed.append(e)
+
+    def pump() -> None:
+        while not stop.wait(poll_s):
+            drain()
+
+    thread = threading.Thread(target=pump, name="step-relay", daemon=True)
+    thread.start()
+    try:
+        yield name
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            drain()  # the last steps
+        finally:
+            ray.kill(relay)
 
 
 def _path_exists(path: str) -> bool:

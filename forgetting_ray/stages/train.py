@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from ..config import FinetuneConfig, PipelineConfig, ReferenceConfig, TrainingConfig, config_to_dict
 from ..errors import UserError
 from ..models import load_tokenizer, portable_model_ref, resolve_model_path
-from ..ray_utils import check_worker_group, default_storage_path, init_ray, placement_timeout_error
+from ..ray_utils import check_worker_group, default_storage_path, init_ray, placement_timeout_error, step_relay
 from ..store import (
     atomic_write_json,
     atomic_write_text,
@@ -187,7 +187,8 @@ class _RunIdentity:
 
 
 def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: str | Path | None = None, *,
-                 inject_fault: str | None = None, callbacks: list[Any] | None = None) -> FinetuneResult:
+                 inject_fault: str | None = None, callbacks: list[Any] | None = None,
+                 on_step: Callable[[dict[str, Any]], None] | None = None) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``table`` with Ray Train; ``stage`` picks cfg.reference or cfg.training.
 
     The reference stage is plain SFT; the train stage uses ``cfg.training.strategy``.  Rerunning with
@@ -195,7 +196,8 @@ def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: 
     its latest checkpoint in Ray storage.  ``inject_fault`` (recovery tests; default
     $FORGETTING_RAY_INJECT_FAULT): ``rank=R,after_step=K,marker=PATH`` makes rank R exit once after step K.
     ``callbacks``: Ray Train ``UserCallback``s for the fit (a Tune trial passes one that forwards each
-    report to Tune, so ASHA can stop it early).
+    report to Tune, so ASHA can stop it early).  ``on_step``: called in this process with each optimizer
+    step's metrics while the fit runs (the pipeline logs them to MLflow live); not called for a finished run.
     """
     ft = _finetune_config(cfg, stage)
     inputs = _check_inputs(cfg, ft, table)
@@ -211,8 +213,9 @@ def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: 
     ray = init_ray(cfg.resources.ray_address)
     check_worker_group(ray, cfg.resources, error=FinetuneInputError)
     datasets = _datasets(inputs, ft)
-    job = _worker_job(cfg, stage, ft, inputs, run, out, join_storage(storage, run.run_name), inject_fault)
-    result = _fit(cfg, ft, job, datasets, storage, run.run_name, callbacks)
+    with step_relay(on_step) as relay:
+        job = _worker_job(cfg, stage, ft, inputs, run, out, join_storage(storage, run.run_name), inject_fault, relay)
+        result = _fit(cfg, ft, job, datasets, storage, run.run_name, callbacks)
 
     finished = _finished(result, stage, run.key, out, inputs.plan)
     _write_outputs(finished)
@@ -281,7 +284,8 @@ def _datasets(inputs: _Inputs, ft: FinetuneConfig) -> dict[str, Any]:
 
 
 def _worker_job(cfg: PipelineConfig, stage: Stage, ft: ReferenceConfig | TrainingConfig, inputs: _Inputs,
-                run: _RunIdentity, out: Path, run_storage: str, inject_fault: str | None) -> FinetuneJob:
+                run: _RunIdentity, out: Path, run_storage: str, inject_fault: str | None,
+                relay: str | None = None) -> FinetuneJob:
     res = cfg.resources
     fault = parse_fault(inject_fault or os.environ.get(FAULT_ENV))
     if fault:
@@ -304,6 +308,7 @@ def _worker_job(cfg: PipelineConfig, stage: Stage, ft: ReferenceConfig | Trainin
                       "model": config_to_dict(cfg.model), "table": inputs.table, "table_hash": run.table_hash,
                       "key": run.key, "num_workers": res.num_workers},
         fault=fault,
+        step_relay=relay,
     )
 
 

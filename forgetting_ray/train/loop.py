@@ -39,7 +39,7 @@ from ..constants import IGNORE_INDEX
 from ..data.collate import collate
 from ..losses import classes_from_labels, forgetting_loss, lambda_schedule
 from ..models import load_tokenizer, resolve_model_path
-from ..store import cache_root, content_hash, is_uri, upload_tree
+from ..store import cache_root, content_hash, is_uri, join_storage, read_text, upload_tree
 from .checkpoint import TrainState, checkpoint_tag, read_state, write_state
 from .deepspeed_setup import DDPRunner, Runner, create_runner
 from .export import export_model
@@ -48,7 +48,7 @@ COLUMNS_WITH_CLASS = ("input_ids", "labels", "token_class")
 COLUMNS_NO_CLASS = ("input_ids", "labels")
 MAX_BACKOFFS = 10  # lambda multiplier 2**-10 ~ 1e-3: halving further cannot rescue a run
 GUARDRAIL_CODES = {"none": 0, "backoff": 1, "stop": 2}  # metrics stay numeric (MLflow); reasons go to events
-FAULT_ENV = "FORGETTING_RAY_INJECT_FAULT"  # "rank=1,after_step=3,marker=/path" (tests of recovery)
+FAULT_ENV = "FORGETTING_RAY_INJECT_FAULT"  # "rank=1,after_step=3,marker=/path[,hold_s=S]" (tests of recovery)
 
 
 # ------------------------------------------------------------------------------------------
@@ -219,19 +219,21 @@ class Guardrail:
 
 
 def parse_fault(text: str | None) -> dict[str, Any] | None:
-    """``rank=1,after_step=3,marker=/tmp/x`` -> dict (a one-shot crash for recovery tests)."""
+    """``rank=1,after_step=3,marker=/tmp/x`` -> dict (a one-shot crash for recovery tests); with ``hold_s=S``
+    the rank holds still for S seconds instead of exiting (a window for a test to kill its node)."""
     if not text:
         return None
     kv = dict(item.split("=", 1) for item in text.split(",") if item)
     try:
-        return {"rank": int(kv["rank"]), "after_step": int(kv["after_step"]), "marker": kv["marker"]}
+        return {"rank": int(kv["rank"]), "after_step": int(kv["after_step"]), "marker": kv["marker"],
+                "hold_s": float(kv.get("hold_s", 0))}
     except KeyError as e:
         raise ValueError(f"{FAULT_ENV}={text!r} lacks {e.args[0]} (want rank=..,after_step=..,marker=..)") from None
 
 
-def _has_registered_checkpoint(run_storage: Path) -> bool:
+def _has_registered_checkpoint(run_storage: str) -> bool:
     try:
-        snapshot = json.loads((run_storage / "checkpoint_manager_snapshot.json").read_text())
+        snapshot = json.loads(read_text(join_storage(run_storage, "checkpoint_manager_snapshot.json")))
     except (OSError, ValueError):  # not written yet, or caught mid-write
         return False
     return bool(snapshot.get("checkpoint_results"))
@@ -247,11 +249,14 @@ def _maybe_crash(fault: dict[str, Any] | None, rank: int, step_done: int) -> Non
     # 2 s); crash after that, so the test exercises a resume and not a restart from scratch.
     deadline = time.monotonic() + 60
     while fault.get("run_storage") and time.monotonic() < deadline and not _has_registered_checkpoint(
-        Path(fault["run_storage"])
+        fault["run_storage"]
     ):
         time.sleep(0.2)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"crashed after step {step_done}\n")
+    marker.write_text(f"{'held' if fault.get('hold_s') else 'crashed'} after step {step_done}\n")
+    if fault.get("hold_s"):
+        time.sleep(fault["hold_s"])
+        return
     os._exit(1)
 
 
@@ -294,6 +299,7 @@ class FinetuneJob(BaseModel):
     export_dir: str | None = None  # None: no export
     train_config: dict[str, Any]  # recorded in the export manifest
     fault: dict[str, Any] | None = None  # parse_fault's one-shot crash (recovery tests)
+    step_relay: str | None = None  # named actor rank 0 sends each step's metrics to (ray_utils.step_relay)
 
     @field_validator("finetune", mode="before")
     @classmethod
@@ -375,6 +381,7 @@ class _Worker:
     device: torch.device
     lambda_of_step: Callable[[int], float]
     loss_multiplier: float
+    relay: Any = None  # rank 0's handle on the driver's step relay
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -422,7 +429,8 @@ def _set_up(job: FinetuneJob) -> _Worker:
     # an alias converts, a URI is fetched once per node; a hub id or shared path loads as it is
     runner = create_runner(resolve_model_path(job.model_path), ft, world_size=world, total_steps=plan.total_steps, device=device,
                            chunk_size=job.chunk_size, trust_remote_code=job.trust_remote_code)
-    return _Worker(job, plan, runner, rank, world, device, lambda_of_step, mult)
+    relay = ray.get_actor(job.step_relay) if job.step_relay and rank == 0 else None
+    return _Worker(job, plan, runner, rank, world, device, lambda_of_step, mult, relay)
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -471,6 +479,8 @@ def _train_epoch(w: _Worker, state: TrainState, history: list[dict[str, Any]], g
         metrics = _train_step(w, state, batches, epoch)
         _apply_guardrail(w, guard, state, step, metrics)
         history.append(metrics)
+        if w.relay is not None:
+            w.relay.put.remote(metrics)  # fire and forget: the driver logs it to MLflow while the fit runs
         last = state.global_step >= w.plan.total_steps or state.stop_reason is not None
         _report(w, state, history, metrics, last=last)
         _maybe_crash(w.job.fault, w.rank, state.global_step)

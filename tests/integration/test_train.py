@@ -7,6 +7,7 @@ things.  Weights are fp32 on CPU, so a resumed run must match an uninterrupted o
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -209,3 +210,33 @@ def test_smollm2_lora_smoke_step(ray_cluster, tmp_path, smollm2_dir):
     result = run_finetune(cfg, "train", tmp_path / "t.parquet")
     (m,) = result.metrics
     assert result.global_step == 1 and np.isfinite(m["loss"]) and m["n_pos"] > 0 and m["grad_norm"] > 0
+
+
+def test_step_metrics_reach_mlflow_while_the_fit_runs(ray_cluster, tmp_path, tables, tiny_llama, monkeypatch):
+    """The pipeline's driver logs each step as rank 0 sends it: an MLflow query made while the fit is held
+    after step 2 sees steps 1-2; at the end every step is in MLflow exactly once."""
+    from mlflow.tracking import MlflowClient
+
+    from forgetting_ray.pipeline import _finetune
+    from forgetting_ray.tracking import Tracker
+    from forgetting_ray.train.loop import FAULT_ENV
+
+    cfg = make_cfg(tmp_path, tiny_llama, deepspeed={"enabled": False}, max_steps=4, checkpoint_every=2)
+    held = tmp_path / "held-after-step-2"
+    monkeypatch.setenv(FAULT_ENV, f"rank=0,after_step=2,marker={held},hold_s=20")
+    tracker = Tracker.start(f"sqlite:///{tmp_path / 'mlflow.db'}", "live", "train")
+    client = MlflowClient(tracker.uri)
+    with ThreadPoolExecutor(1) as pool:
+        fit = pool.submit(_finetune, tracker, cfg, "train", tables["train"])
+        while not held.exists():
+            assert not fit.done(), fit.result()
+            time.sleep(0.5)
+        seen: list[int] = []
+        deadline = time.monotonic() + 15
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            seen = [m.step for m in client.get_metric_history(tracker.run_id, "loss")]
+        assert not fit.done() and sorted(seen) == [1, 2]  # live: the fit has not ended
+        result = fit.result()
+    steps = [m.step for m in client.get_metric_history(tracker.run_id, "loss")]
+    assert sorted(steps) == [row["step"] for row in result.metrics] == [1, 2, 3, 4]
