@@ -86,7 +86,17 @@ def _prepare(t: Tracker, cfg: PipelineConfig):
     t.log_params({"key": prep.key, "cached": prep.cached})
     t.log_metrics(flatten(prep.read_manifest().get("counts", {})))
     t.log_artifact(prep.manifest_path)
+    log_splits(t, prep)
     return prep
+
+
+def log_splits(t: Tracker, prep) -> None:
+    """The training and reference splits as MLflow datasets (name, content hash, location, rows)."""
+    sets = prep.read_manifest().get("sets", {})
+    for split, path in (("train", prep.train_path), ("reference", prep.reference_path)):
+        info = sets.get(split, {})
+        t.log_dataset(f"{split}-split", info.get("content_hash", prep.key), portable(Path(path).resolve()),
+                      context="training" if split == "train" else "reference", num_rows=info.get("n_samples"))
 
 
 def _finetune(t: Tracker, cfg: PipelineConfig, stage: str, table: Path, card=None, name: str | None = None):
@@ -186,6 +196,7 @@ def run_pipeline(cfg: PipelineConfig, *, until: str | None = None) -> PipelineRe
     status = "FAILED"
     try:
         prep = _timed(result, "prepare", tracker, _prepare, cfg)
+        log_splits(tracker, prep)  # the parent run's row in the runs table shows the data it trained on
         card.add_data(prep)
         if last >= STAGES.index("reference"):
             ref = _timed(result, "reference", tracker, _finetune, cfg, "reference", prep.reference_path, card)

@@ -7,6 +7,7 @@ the same tree.  Only the process that owns the tracker logs; Ray Train loops log
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -74,6 +75,12 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
         ) from None
 
 
+# MLflow 3 opens an experiment without this tag on its GenAI overview ("Traces: 0"); tagged as model
+# development, the experiment opens on its runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+
+
 @dataclass
 class Tracker:
     """A handle on one MLflow run; picklable (holds ids, not clients)."""
@@ -105,7 +112,12 @@ class Tracker:
         check_reachable(uri)
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+        if exp is None:
+            exp_id = client.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
+        else:
+            exp_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # a kind the user chose in the UI stays
+                client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
         run = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
         return cls(uri=uri, experiment_id=exp_id, run_id=run.info.run_id, _client=client)
 
@@ -167,6 +179,18 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str, num_rows: int | None = None) -> None:
+        """Record a dataset this run read (the runs table's Dataset column): by name, content digest and
+        where it is, never its rows."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="s3" if source.startswith("s3://") else "local",
+                          source=json.dumps({"uri": source}),
+                          profile=json.dumps({"num_rows": num_rows}) if num_rows is not None else None)
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
     def log_dict(self, obj: Any, name: str) -> None:
         if self.enabled:

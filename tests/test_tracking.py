@@ -61,3 +61,25 @@ def test_disabled_tracker_is_inert():
     with t.stage("x") as s:
         s.log_metrics({"a": 1})
     assert s is t
+
+
+def test_experiment_opens_on_its_runs_and_lists_the_datasets(tmp_path):
+    """MLflow 3 opens an untagged experiment on its GenAI overview; ours is tagged as model development, and
+    the runs carry their datasets by digest (the runs table's Dataset column)."""
+    from mlflow.tracking import MlflowClient
+
+    from forgetting_ray.tracking import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = Tracker.start(uri, "exp", "pipeline")
+    run.log_dataset("train-split", "ab" * 32, str(tmp_path / "train.parquet"), context="training", num_rows=12)
+    client = MlflowClient(uri)
+    assert client.get_experiment(run.experiment_id).tags[EXPERIMENT_KIND_TAG] == MODEL_DEVELOPMENT
+    (inp,) = client.get_run(run.run_id).inputs.dataset_inputs
+    assert inp.dataset.name == "train-split" and inp.dataset.digest == ("ab" * 32)[:36]
+    assert str(tmp_path / "train.parquet") in inp.dataset.source and '"num_rows": 12' in inp.dataset.profile
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+    # a kind the user picked in the UI is kept
+    client.set_experiment_tag(run.experiment_id, EXPERIMENT_KIND_TAG, "genai_development")
+    Tracker.start(uri, "exp", "again")
+    assert client.get_experiment(run.experiment_id).tags[EXPERIMENT_KIND_TAG] == "genai_development"

@@ -148,6 +148,16 @@ def _predict(e: Any, model_cfg: ModelConfig, requests: list[dict[str, Any]]) -> 
     return answers
 
 
+def _log_benchmarks(cfg: PipelineConfig, result: dict[str, Any], tracker: Any) -> None:
+    """Each benchmark subset as an MLflow dataset: its files' content and the subset taken (limit)."""
+    fingerprints = eval_data_fingerprint(cfg.eval)
+    for name, metrics in result["tasks"].items():
+        sources = [str(getattr(inp, "path", inp)) for inp in runner.get_task(name).files(cfg.eval)]
+        digest = content_hash({"data": fingerprints.get(name), "limit": cfg.eval.limit})
+        tracker.log_dataset(name, digest, sources[0] if len(sources) == 1 else json.dumps(sources), context="eval",
+                            num_rows=int(metrics.get("n", 0)))
+
+
 def _log_mlflow(cfg: PipelineConfig, result: dict[str, Any], tracker: Any = None) -> None:
     if not cfg.tracking.enabled:
         return
@@ -156,6 +166,7 @@ def _log_mlflow(cfg: PipelineConfig, result: dict[str, Any], tracker: Any = None
         flat["eval.average"] = result["average"]
     if tracker is not None:
         tracker.log_metrics(flat)
+        _log_benchmarks(cfg, result, tracker)
         return
     import mlflow
 
@@ -168,6 +179,7 @@ def _log_mlflow(cfg: PipelineConfig, result: dict[str, Any], tracker: Any = None
         run.log_params({"eval.model": result["model"], "eval.harness": result["harness"],
                         "eval.limit": cfg.eval.limit, "eval.tasks": ",".join(result["tasks"])})
         run.log_metrics(flat)
+        _log_benchmarks(cfg, result, run)
     finally:
         run.end()
 

@@ -140,6 +140,10 @@ def test_run_eval_local_writes_results_and_logs_mlflow(tiny_llama, tmp_path):
     assert run.data.metrics["eval.boolq.acc"] == pytest.approx(saved["tasks"]["boolq"]["acc"])
     assert run.data.metrics["eval.average"] == pytest.approx(saved["average"])
     assert run.info.status == "FINISHED"
+    # each benchmark subset is listed as a dataset of the run (its files' content and the limit)
+    inputs = {i.dataset.name: i for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert set(inputs) == set(saved["tasks"])
+    assert '"num_rows": 2' in inputs["boolq"].dataset.profile and "boolq" in inputs["boolq"].dataset.source
 
 
 def test_run_eval_rejects_unknown_harness_and_task(tiny_llama, tmp_path):
