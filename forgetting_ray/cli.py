@@ -124,6 +124,14 @@ def _cmd_report(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from .reproduce import format_comparison, reproduce
+
+    checks, inputs, into = reproduce(args.run, args.into)
+    print(format_comparison(args.run, into, checks, inputs))
+    return 0 if all(c.matches for c in checks) else 1
+
+
 COMMANDS: dict[str, tuple[Callable[[PipelineConfig, argparse.Namespace], int], str]] = {
     "config": (_cmd_config, "print the resolved config (or --reference: the field reference)"),
     "run": (_run_until(None), "run every stage in order (each skipped when its output exists)"),
@@ -137,6 +145,8 @@ COMMANDS: dict[str, tuple[Callable[[PipelineConfig, argparse.Namespace], int], s
     "eval": (_cmd_eval, "evaluate a model (--model PATH, default the configured base) on the benchmark suite"),
     "doctor": (_cmd_doctor, "pre-flight checks: storage, resources, model, masks, memory plan, upload size"),
     "report": (_cmd_report, "self-contained HTML page of the scores and classes of a run (RUN = run or partition folder)"),
+    "reproduce": (_cmd_reproduce, "rerun a finished run from its run card into a new folder and compare every "
+                  "stage's content hashes (exit 1 when one differs)"),
 }
 
 
@@ -148,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "report":
             p.add_argument("run", help="run directory (newest partition of selection.rho) or a partition folder")
+        if name == "reproduce":
+            p.add_argument("run", help="run_dir of a finished run (a folder or a bucket URI)")
+            p.add_argument("--into", help="where to rerun it (default <RUN>-reproduced; must not hold a run)")
         p.add_argument("config", nargs="?", default=None, help="YAML config file (defaults when omitted)")
         p.add_argument("overrides", nargs="*", help="dotted overrides such as training.lr=2e-5")
         if name == "config":

@@ -192,7 +192,7 @@ def run_pipeline(cfg: PipelineConfig, *, until: str | None = None) -> PipelineRe
     check_run_dir(cfg.run_dir, cfg.resources.ray_address)  # an unusable run_dir fails before any compute
     result = PipelineResult(tracker=start_tracking(cfg))
     tracker = result.tracker
-    card = RunCard(cfg)
+    card = RunCard(cfg, until=until)
     status = "FAILED"
     try:
         prep = _timed(result, "prepare", tracker, _prepare, cfg)
@@ -233,7 +233,8 @@ def run_pipeline(cfg: PipelineConfig, *, until: str | None = None) -> PipelineRe
         if last >= STAGES.index("eval") and cfg.eval.enabled:
             paths = {"base": cfg.model.name_or_path} if cfg.eval_base_model else {}
             paths.update({name: str(r.export_dir) for name, r in models.items()})
-            _timed(result, "eval", tracker, _evaluate, train_cfg, paths)
+            evals = _timed(result, "eval", tracker, _evaluate, train_cfg, paths)
+            card.add_stage("eval", {name: {"headline": r.headline, "average": r.average} for name, r in evals.items()})
         status = "FINISHED"
         return result
     finally:

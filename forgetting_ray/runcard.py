@@ -17,6 +17,7 @@ from typing import Any
 
 from .config import PipelineConfig, config_to_dict
 from .store import atomic_write_json, content_hash, file_sha256, portable, remote_of, run_root, tree_sha256
+from .tracking import redact
 from .train.checkpoint import model_identity
 
 PACKAGES = ("forgetting-ray", "torch", "ray", "transformers", "deepspeed", "peft", "accelerate", "datasets",
@@ -46,6 +47,13 @@ def hash_path(path: str | Path | None) -> str | None:
     return None
 
 
+def redacted(obj: Any, prefix: str = "") -> Any:
+    """A config dict with secrets hidden (the card is a file and an MLflow artifact)."""
+    if isinstance(obj, dict):
+        return {k: redacted(v, f"{prefix}{k}.") for k, v in obj.items()}
+    return redact(prefix.rstrip("."), obj)
+
+
 def seeds(cfg: PipelineConfig) -> dict[str, int]:
     return {"seed": cfg.seed, "data.split_seed": cfg.data.split_seed, "reference.seed": cfg.reference.seed,
             "training.seed": cfg.training.seed, "eval.seed": cfg.eval.seed, "tune.seed": cfg.tune.seed}
@@ -54,11 +62,13 @@ def seeds(cfg: PipelineConfig) -> dict[str, int]:
 class RunCard:
     """Accumulates a run's lineage stage by stage; ``write`` puts it on disk (atomically)."""
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, until: str | None = None):
         self.card: dict[str, Any] = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run_dir": portable(run_root(cfg.run_dir)),
             "config_hash": content_hash(config_to_dict(cfg), length=64),
+            "config": redacted(config_to_dict(cfg)),  # what `forgetting-ray reproduce` reruns
+            "until": until,
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "packages": package_versions(),
@@ -79,7 +89,10 @@ class RunCard:
         if export_dir is None:
             return
         uri = remote_of(export_dir) or Path(export_dir).resolve().as_uri()
-        self.card["models"][name] = {"uri": uri, "sha256": sha256 or hash_path(export_dir), **extra}
+        # the weights alone: the export's manifest also names where the run kept its table
+        weights = tree_sha256(export_dir, "*.safetensors") if Path(export_dir).is_dir() else None
+        self.card["models"][name] = {"uri": uri, "sha256": sha256 or hash_path(export_dir), "weights_sha256": weights,
+                                     **extra}
 
     def add_scores(self, score: Any) -> None:
         shards = {p.name: file_sha256(p) for p in score.shard_paths() if p.is_file()}

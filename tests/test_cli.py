@@ -49,7 +49,7 @@ def test_plan_command_prints_the_memory_table(capsys):
 
 def test_every_stage_has_a_sub_command():
     names = set(build_parser()._subparsers._group_actions[0].choices)
-    assert {"run", "prepare", "reference", "score", "partition", "train", "eval", "tune", "doctor", "report",
+    assert {"run", "prepare", "reference", "score", "partition", "train", "eval", "tune", "doctor", "report", "reproduce",
             "plan", "submit", "config"} <= names
 
 

@@ -81,3 +81,16 @@ def test_tiny_pipeline_runs_through_evaluation_in_a_clone_with_nothing_beside_it
     html = page.read_text()
     assert "FORGETTING partition audit" in html
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(\s*["']?(https?:)?//|@import""", html)  # no network asset
+
+    # `reproduce`: the same run again from its run card, into a new folder; every stage's hashes match
+    again = run_dir.parent / "tiny-again"
+    proc = subprocess.run([sys.executable, "-m", "forgetting_ray.cli", "reproduce", str(run_dir), "--into", str(again)],
+                          cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "inputs: the same packages, base model, Python and seeds" in out
+    table = [line for line in out.splitlines() if line.startswith("| ") and line.endswith(" |")][1:]
+    stages = {line.split(" | ")[0].strip("| ") for line in table}
+    assert {"prepare", "reference", "score", "partition", "train", "eval"} <= stages, out[-3000:]
+    assert all(line.endswith("| yes |") for line in table) and "hashes matches" in out
+    assert (again / "run_card.json").is_file() and not (again / "tiny_model").exists()  # the original's model
