@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 import mlflow
 import pytest
-import torch
 from safetensors.torch import load as load_safetensors
 
 if TYPE_CHECKING:  # the fixtures come in through pytest_plugins
