@@ -22,7 +22,9 @@ from .store import run_root
 
 log = logging.getLogger(__name__)
 
-SECRET_KEY = re.compile(r"(pass(word)?|secret|token|api[_-]?key|credential|auth)", re.I)
+# whole words of a key's last segment: "hub.token" and "aws_secret_access_key" are secrets, "batch_tokens" and
+# "tokenizer" are not
+SECRET_KEY = re.compile(r"(^|[_-])(pass(word)?|secret|token|api[_-]?key|credentials?|auth)($|[_-])", re.I)
 URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:]+)(:(?P<pw>[^/@]*))?@", re.I)
 MAX_PARAM_LEN = 6000  # MLflow's limit for a param value
 
@@ -79,6 +81,12 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 # development, the experiment opens on its runs table.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_DEVELOPMENT = "custom_model_development"
+
+
+def experiment_url(ui: str, experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI.  MLflow 3.17's UI picks its view from a global workflow
+    switch (GenAI by default) rather than from the experiment's kind tag; the URL selects machine learning."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 @dataclass

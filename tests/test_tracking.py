@@ -54,6 +54,10 @@ def test_redact():
     assert redact("aws_secret_access_key", "x") == "***"
     assert redact("uri", "postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
     assert redact("uri", "http://h:5000") == "http://h:5000"
+    assert redact("hub.token", "hf_x") == redact("hf_token", "x") == redact("api_key", "x") == "***"
+    # counts and paths whose names merely contain a secret-looking word stay readable
+    assert redact("scoring.batch_tokens", 4096) == 4096 and redact("eval.asdiv_max_new_tokens", 8) == 8
+    assert redact("model.tokenizer", "/models/tok") == "/models/tok"
 
 
 def test_disabled_tracker_is_inert():
