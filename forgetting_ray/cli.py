@@ -9,20 +9,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
+from pathlib import Path
 from typing import Callable
 
 from .config import PipelineConfig, config_reference_markdown, dump_config, load_config
+from .console import log_to_file, setup_console
 from .errors import UserError
 
 log = logging.getLogger("forgetting_ray")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def _log_file(cfg: PipelineConfig) -> Path:
+    """Every record of this run, Ray's and the libraries' included, in ``<run_dir>/logs/driver.log``."""
+    from .store import run_root
+
+    return log_to_file(run_root(cfg.run_dir) / "logs")
 
 
 def _cmd_config(cfg: PipelineConfig, args: argparse.Namespace) -> int:
@@ -36,6 +38,7 @@ def _run_until(stage: str | None) -> Callable[[PipelineConfig, argparse.Namespac
     def handler(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         from .pipeline import run_pipeline, summarize, use_tiny_model
 
+        _log_file(cfg)
         if getattr(args, "tiny", False):
             cfg = use_tiny_model(cfg)
         result = run_pipeline(cfg, until=stage)
@@ -51,6 +54,7 @@ def _cmd_eval(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from .stages.evaluate import format_table, run_eval
     from .store import run_root
 
+    _log_file(cfg)
     model = args.model or cfg.model.name_or_path
     out = Path(args.out) if args.out else run_root(cfg.run_dir) / "eval" / Path(model).name
     result = run_eval(cfg, model, out, harness=args.harness)
@@ -80,6 +84,7 @@ def _cmd_tune(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline, use_tiny_model
     from .stages.tune import STAGE, format_tune_summary
 
+    _log_file(cfg)
     if args.tiny:
         cfg = use_tiny_model(cfg)
     cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"enabled": True})})
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:
         args.overrides = list(getattr(args, "overrides", None) or []) + rest
-    _setup_logging(args.verbose)
+    setup_console(args.verbose)
     _split_config_arg(args)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -226,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # bad input: the message says what to change; no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a failure: its tail here (a worker's traceback included), all of it in the log file
+        logging.getLogger("failure").info("the run failed", exc_info=True)  # the file only (quiet console)
+        tail = "".join(traceback.format_exception(e)).rstrip().splitlines()[-25:]
+        logs = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+        print("\n".join(tail) + (f"\nfull log: {logs[0]}" if logs else ""), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

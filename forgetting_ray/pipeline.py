@@ -32,7 +32,7 @@ from .stages.train import run_finetune
 from .stages.tune import run_tune
 from .store import file_sha256, is_complete, portable, run_root, tree_sha256
 from .tiny import build_demo_model, corpus_lines
-from .tracking import Tracker, resolve_tracking_uri
+from .tracking import Tracker, experiment_url, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,13 @@ def use_tiny_model(cfg: PipelineConfig) -> PipelineConfig:
 def _timed(result: PipelineResult, name: str, tracker: Tracker, fn, *args, **kwargs):
     """Run one stage as an MLflow child run and record its wall time."""
     start = time.perf_counter()
+    log.info("== %s", name)
     with tracker.stage(name) as t:
         out = fn(t, *args, **kwargs)
         result.seconds[name] = time.perf_counter() - start
         t.log_metrics({"stage_seconds": result.seconds[name]})
+    where = getattr(out, "export_dir", None) or getattr(out, "dir", None) or getattr(out, "folder", None)
+    log.info("== %s done in %.1f s%s", name, result.seconds[name], f": {where}" if where else "")
     result.outputs[name] = out
     return out
 
@@ -283,5 +286,10 @@ def summarize(cfg: PipelineConfig, result: PipelineResult) -> str:
     if "eval" in result.outputs:
         out += ["", comparison_table(result.outputs["eval"])]
     if result.tracker is not None and result.tracker.enabled:
-        out += ["", "MLflow UI:", f"  mlflow ui --backend-store-uri {result.tracker.uri} --host 127.0.0.1 --port 5000"]
+        t = result.tracker
+        ui = t.uri if t.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        out += ["", "MLflow UI:"]
+        if ui != t.uri:
+            out.append(f"  mlflow ui --backend-store-uri {t.uri} --host 127.0.0.1 --port 5000")
+        out.append(f"  {experiment_url(ui, t.experiment_id)}")
     return "\n".join(out)

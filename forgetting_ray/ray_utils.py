@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .console import quiet, route_ray_logs
 from .errors import UserError
 from .store import StorageNotWritable, is_uri, join_storage, probe_storage, run_root
 
@@ -55,8 +56,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": worker_env()}
+    kwargs.setdefault("log_to_driver", not quiet())  # quiet CLI runs: workers' output stays in Ray's logs
+    route_ray_logs()  # before init too: Ray logs its own start
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+        ray.init(address=address, runtime_env=runtime_env, **kwargs)
     else:
         ray.init(
             num_cpus=num_cpus,
@@ -65,6 +68,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
             runtime_env=runtime_env,
             **kwargs,
         )
+    route_ray_logs()
     return ray
 
 
@@ -233,19 +237,32 @@ def step_relay(on_step: Callable[[dict[str, Any]], None] | None, poll_s: float =
     import uuid
 
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     name = f"forgetting-ray-steps-{uuid.uuid4().hex[:12]}"
-    relay = ray.remote(num_cpus=0)(_StepRelay).options(name=name).remote()
-    stop, failed = threading.Event(), []
+    # on the driver's node: a worker node lost mid-fit must not take the relay with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    relay = ray.remote(num_cpus=0)(_StepRelay).options(name=name, scheduling_strategy=here).remote()
+    stop, problems = threading.Event(), []
+
+    def warn_once(what: str, e: Exception) -> None:
+        if not problems:
+            logging.getLogger(__name__).warning("live step metrics: %s (%s); the rest are logged after the fit", what, e)
+        problems.append(e)
 
     def drain() -> None:
-        for row in ray.get(relay.take.remote()):
+        if problems and isinstance(problems[0], ray.exceptions.RayActorError):
+            return  # the relay is gone: the steps come back with the fit's result instead
+        try:
+            rows = ray.get(relay.take.remote())
+        except ray.exceptions.RayActorError as e:
+            warn_once("the relay actor died", e)
+            return
+        for row in rows:
             try:
                 on_step(row)
             except Exception as e:  # noqa: BLE001 - live metrics are a view; the fit goes on
-                if not failed:
-                    logging.getLogger(__name__).warning("live step metrics not logged: %s", e)
-                failed.append(e)
+                warn_once("not logged", e)
 
     def pump() -> None:
         while not stop.wait(poll_s):
@@ -258,10 +275,8 @@ def step_relay(on_step: Callable[[dict[str, Any]], None] | None, poll_s: float =
     finally:
         stop.set()
         thread.join()
-        try:
-            drain()  # the last steps
-        finally:
-            ray.kill(relay)
+        drain()  # the last steps
+        ray.kill(relay)
 
 
 def _path_exists(path: str) -> bool:

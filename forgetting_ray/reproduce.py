@@ -53,12 +53,15 @@ def read_card(run: str) -> dict[str, Any]:
 def outputs(card: dict[str, Any]) -> dict[tuple[str, str], Any]:
     """(stage, what) -> the content hash or result the card records for it."""
     out: dict[tuple[str, str], Any] = {("prepare", f"data.{k}"): v for k, v in card.get("data", {}).items()}
+    # content only: a stage's cache key names where its inputs were (the reference export's folder is in the
+    # run's own folder), so it differs between two folders holding the same bytes
     scores = card.get("scores") or {}
-    for k in ("key", "shards_sha256", "n_response_tokens"):
+    for k in ("shards_sha256", "n_response_tokens"):
         if k in scores:
             out[("score", f"scores.{k}")] = scores[k]
     for k, v in (card.get("stages", {}).get("partition") or {}).items():
-        out[("partition", f"partition.{k}")] = v
+        if k != "key":
+            out[("partition", f"partition.{k}")] = v
     for name, model in card.get("models", {}).items():
         if name != "base":
             out[("reference" if name == "reference" else "train", f"{name}.weights")] = model.get("weights_sha256")

@@ -213,13 +213,32 @@ def run_finetune(cfg: PipelineConfig, stage: Stage, table: str | Path, out_dir: 
     ray = init_ray(cfg.resources.ray_address)
     check_worker_group(ray, cfg.resources, error=FinetuneInputError)
     datasets = _datasets(inputs, ft)
-    with step_relay(on_step) as relay:
+    with step_relay(_with_progress(on_step, f"{stage} {run.key}", inputs.plan.total_steps)) as relay:
         job = _worker_job(cfg, stage, ft, inputs, run, out, join_storage(storage, run.run_name), inject_fault, relay)
         result = _fit(cfg, ft, job, datasets, storage, run.run_name, callbacks)
 
     finished = _finished(result, stage, run.key, out, inputs.plan)
     _write_outputs(finished)
     return finished
+
+
+def _with_progress(on_step: Callable[[dict[str, Any]], None] | None, desc: str,
+                   total: int) -> Callable[[dict[str, Any]], None] | None:
+    """``on_step`` that also moves a progress bar of optimizer steps (loss and lambda beside it)."""
+    if on_step is None:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", mininterval=1.0, dynamic_ncols=True)
+
+    def step(row: dict[str, Any]) -> None:
+        on_step(row)
+        bar.update(max(0, int(row.get("step", 0)) - bar.n))
+        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", lam=f"{row.get('lambda', 0.0):.3g}", refresh=False)
+        if bar.n >= total:
+            bar.close()
+
+    return step
 
 
 def _finetune_config(cfg: PipelineConfig, stage: Stage) -> ReferenceConfig | TrainingConfig:

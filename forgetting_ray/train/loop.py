@@ -429,7 +429,12 @@ def _set_up(job: FinetuneJob) -> _Worker:
     # an alias converts, a URI is fetched once per node; a hub id or shared path loads as it is
     runner = create_runner(resolve_model_path(job.model_path), ft, world_size=world, total_steps=plan.total_steps, device=device,
                            chunk_size=job.chunk_size, trust_remote_code=job.trust_remote_code)
-    relay = ray.get_actor(job.step_relay) if job.step_relay and rank == 0 else None
+    relay = None
+    if job.step_relay and rank == 0:
+        try:
+            relay = ray.get_actor(job.step_relay)
+        except ValueError:  # the driver's relay is gone: its steps reach the driver with the result instead
+            relay = None
     return _Worker(job, plan, runner, rank, world, device, lambda_of_step, mult, relay)
 
 

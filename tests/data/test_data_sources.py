@@ -140,11 +140,11 @@ def test_uncached_hub_dataset_offline_is_one_clear_error(tmp_path, capsys, monke
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     rc = main(["prepare", "examples/demo.yaml", f"run_dir={tmp_path}/run", "tracking.enabled=false",
                "data.train_files=[hf://datasets/nobody/nothing-here]"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "Traceback" not in err[0]
-    assert err[0].startswith("error: hf://datasets/nobody/nothing-here [train]: dataset 'nobody/nothing-here' is "
-                             "not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it")
-    assert "hf download --repo-type dataset nobody/nothing-here" in err[0]
+    *before, err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and before == ["== prepare"]  # the stage's start line, then one error line, no traceback
+    assert err.startswith("error: hf://datasets/nobody/nothing-here [train]: dataset 'nobody/nothing-here' is "
+                          "not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it")
+    assert "hf download --repo-type dataset nobody/nothing-here" in err
     assert not os.path.exists(tmp_path / "run" / "prepare")
 
 

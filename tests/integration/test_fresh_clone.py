@@ -69,6 +69,16 @@ def test_tiny_pipeline_runs_through_evaluation_in_a_clone_with_nothing_beside_it
     assert set(tasks) == {"truthfulqa", "boolq", "logiqa", "tydiqa", "asdiv"}
     assert all(t["n"] == 3 for t in tasks.values())
     assert "| forgetting |" in log
+    # the console: a line per stage start and end, progress bars, the table; no warning, traceback or worker
+    # output (those are in the run's log file)
+    lines = proc.stdout.split("\n") + proc.stderr.split("\n")  # \r-updated progress bars count once
+    assert len(lines) <= 60, log
+    assert not re.search(r"Warning|Traceback|\(\w+ pid=\d+\)|View run", log), log
+    for stage in ("prepare", "reference", "score", "partition", "train", "eval"):
+        assert f"== {stage}\n" in proc.stderr and re.search(rf"== {stage} done in [\d.]+ s", proc.stderr), stage
+    assert re.search(r"train \w+: 100%.*loss=", proc.stderr)  # the optimizer-step bar
+    driver_log = (run_dir / "logs" / "driver.log").read_text()
+    assert "ray" in driver_log and "== train" in driver_log
     assert f"mlflow ui --backend-store-uri sqlite:///{run_dir}/mlflow.db" in log
     for stage in ("prepare", "score", "partition"):
         assert any((d / "_SUCCESS.json").is_file() for d in (run_dir / stage).iterdir()), stage
