@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import PipelineConfig
 from .errors import UserError
+from .pipeline import run_pipeline
 from .runcard import CARD_FILE
 from .store import exists, join_storage, read_text
 
@@ -113,8 +114,6 @@ def format_comparison(run: str, into: str, checks: list[Check], inputs: list[str
 
 def reproduce(run: str, into: str | None = None) -> tuple[list[Check], list[str], str]:
     """Rerun RUN's card into ``into`` (default ``<RUN>-reproduced``); (checks, changed inputs, into)."""
-    from .pipeline import run_pipeline
-
     run = run.rstrip("/")
     original = read_card(run)
     into = (into or f"{run}-reproduced").rstrip("/")
