@@ -140,10 +140,7 @@ def check_actor_pool_cpus(ray, section: str, pool: Any, *, ray_address: str | No
     nodes = alive_node_cpus(ray)
     if not starves_ray_data(pool, nodes):
         return
-    problem = describe_pool_problem(section, pool, nodes)
-    if ray_address is None:
-        raise error(problem)
-    logging.getLogger(__name__).warning("%s (continuing: an autoscaler may add nodes)", problem)
+    refuse_or_warn(describe_pool_problem(section, pool, nodes), ray_address, error)
 
 
 def describe_nodes(ray) -> str:
@@ -158,13 +155,13 @@ def check_worker_group(ray, res: Any, *, error: type[Exception], held_cpus: floa
     bundle of resources.cpus_per_worker CPUs, and a GPU on GPU): it would wait forever.  ``held_cpus``: what the
     calling process already holds on one node (a Tune trial).  Joined by address: only a warning (an autoscaler
     may add nodes; resources.placement_timeout_s bounds that wait)."""
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    cpus = sorted((float(n["Resources"].get("CPU", 0.0)) for n in nodes), reverse=True)
+    cpus = sorted(alive_node_cpus(ray), reverse=True)
     if cpus:
         cpus[0] = max(0.0, cpus[0] - held_cpus)
     fits = spread_actors(cpus, res.num_workers, res.cpus_per_worker) is not None
     if res.use_gpu:
-        fits = fits and sum(int(n["Resources"].get("GPU", 0.0)) for n in nodes) >= res.num_workers
+        gpus = sum(int(n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n["Alive"])
+        fits = fits and gpus >= res.num_workers
     if fits:
         return
     problem = (f"training needs resources.num_workers={res.num_workers} workers of resources.cpus_per_worker="
@@ -172,7 +169,13 @@ def check_worker_group(ray, res: Any, *, error: type[Exception], held_cpus: floa
                + (f" (beside the {held_cpus:g} CPU its trial holds)" if held_cpus else "")
                + f"; the cluster has {describe_nodes(ray)}: lower resources.num_workers or "
                "resources.cpus_per_worker, or add nodes")
-    if res.ray_address is None:
+    refuse_or_warn(problem, res.ray_address, error)
+
+
+def refuse_or_warn(problem: str, ray_address: str | None, error: type[Exception]) -> None:
+    """A demand no alive node can hold: an error on a cluster this run started; joined by address, a warning
+    (an autoscaler may add nodes, and resources.placement_timeout_s bounds the wait)."""
+    if ray_address is None:
         raise error(problem)
     logging.getLogger(__name__).warning("%s (continuing: an autoscaler may add nodes)", problem)
 
