@@ -1,26 +1,35 @@
-"""GPU check: a few bf16 training steps of a 1B-shaped random Llama with the FORGETTING loss.
+"""GPU check: forgetting-ray's own stages on the GPUs it finds, at a real model shape.
 
-Builds Llama-3.2-1B's architecture (forgetting_ray.plan.ARCHITECTURES, random init, nothing is
-downloaded), runs the training kernel of the package (``token_nll`` + ``forgetting_loss`` with random
-token classes, AdamW) and prints tokens/s, model FLOPs utilisation and peak memory next to the
-planner's activation estimate.
+What runs (nothing is downloaded; the shipped FLAN CoT corpus, a random model of Llama-3.2-1B's shape by default,
+with a small BPE tokenizer trained on the corpus):
 
-    python bench/gpu_check.py                      # on a machine with a CUDA GPU
-    python bench/gpu_check.py --gradient-checkpointing --batch 4
-    python bench/gpu_check.py --cpu-smoke          # tiny shape on CPU: checks the script itself
+1. prepare -> reference: Ray Train + DeepSpeed ZeRO-3 in bf16 over NCCL, one worker per GPU, LoRA SFT;
+2. score: Ray Data, one scoring actor per GPU (base and reference models, bf16);
+3. partition, then train with FORGETTING twice on the same scores: LoRA, then a full fine-tune (ZeRO-3,
+   activation checkpointing on); each export is written as safetensors and validated by the train stage.
 
-MFU = 6 * N * tokens/s / peak bf16 FLOP/s (dense), with N the parameters that take part in matmuls
-(the input embedding only when it is tied to the output head).  "MFU+attn" adds the attention
-matmuls, 12 * layers * hidden * seq per token (PaLM, appendix B).  Peaks come from PEAK_BF16 by GPU
-name; pass --peak-tflops for others.
+It reports, per fine-tune: tokens/s (all GPUs, median over the steps after the first few), MFU and rank 0's peak
+GPU memory against `plan`'s estimate; for scoring, tokens/s.  MFU = 6 * N * tokens/s / (GPUs * peak bf16 FLOP/s),
+with N the parameters in matmuls (PaLM, appendix B; "+attn" adds 12 * layers * hidden * seq per token).  Peaks
+come from PEAK_BF16 by GPU name; pass --peak-tflops for others.
+
+    python bench/gpu_check.py                        # every GPU Ray sees on this machine
+    python bench/gpu_check.py --address auto         # a running Ray cluster's GPUs (multi-node ZeRO-3)
+    python bench/gpu_check.py --cpu-rehearsal        # tiny shape, the CPU standing in for one GPU (gloo):
+                                                     # checks this script and the GPU configuration's code path
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 # Dense bf16 tensor-core peaks (vendor datasheets); first substring match of the device name wins.
 PEAK_BF16: list[tuple[str, float]] = [
@@ -35,9 +44,10 @@ PEAK_BF16: list[tuple[str, float]] = [
     ("L40S", 362e12),
     ("L4", 121e12),
 ]
-SMOKE_SHAPE = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
-                   tie_word_embeddings=True)
+REHEARSAL_SHAPE = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
+                       tie_word_embeddings=True)
+WARMUP_STEPS = 3  # not timed: kernel selection, the allocator, DeepSpeed's first gathers
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -49,125 +59,178 @@ def peak_flops(device_name: str) -> float | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama-3.2-1b", help="architecture from forgetting_ray.plan (default llama-3.2-1b)")
-    p.add_argument("--batch", type=int, default=2, help="sequences per step (default 2, the paper's per-GPU batch)")
-    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations")
+    p.add_argument("--model", default="llama-3.2-1b", help="shape from forgetting_ray.plan (default llama-3.2-1b)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: start one on this machine)")
+    p.add_argument("--gpus", type=int, default=None, help="training workers / scoring actors (default: every GPU)")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per GPU per micro-batch (default 8)")
+    p.add_argument("--max-length", type=int, default=1024, help="data.max_length (default 1024)")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per fine-tune (default 20)")
+    p.add_argument("--samples", type=int, default=2000, help="corpus samples to prepare (default 2000)")
+    p.add_argument("--run-dir", default=None, help="where the run goes (default: a folder under /tmp)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s if the GPU is not in the table")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny shape on CPU in fp32 (checks the script, no MFU)")
+    p.add_argument("--cpu-rehearsal", action="store_true",
+                   help="tiny shape, one CPU worker standing in for a GPU (resources.cpu_stands_in_for_gpu)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return p.parse_args(argv)
+
+
+def build_model(shape: dict, out: Path, corpus: list[str], on_gpu: bool) -> Path:
+    """A random model of ``shape`` (safetensors, bf16 on a GPU) with a BPE tokenizer trained on ``corpus``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from forgetting_ray import tiny
+
+    if (out / "config.json").is_file():
+        return out
+    tiny.build_tokenizer(corpus, out / "tokenizer", vocab_size=512, chat_template=True)
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    arch = dict(shape)
+    cfg = AutoConfig.for_model(arch.pop("model_type"), **arch, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda" if on_gpu else "cpu"):  # a 1B random init on the CPU takes longer than the check
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def pipeline_config(args: argparse.Namespace, run_dir: Path, model: Path, workers: int):
+    from forgetting_ray.config import PipelineConfig
+
+    gpu = not args.cpu_rehearsal
+    finetune = {"max_steps": args.steps, "micro_batch_size": args.micro_batch, "grad_accum": 1, "lr": 1e-4,
+                "warmup_ratio": 0.0, "report_every": 5, "gradient_checkpointing": True,
+                "deepspeed": {"enabled": True, "zero_stage": 3}, "lora": {"enabled": True, "r": 64, "alpha": 16},
+                "export_dtype": "bfloat16" if gpu else "float32"}
+    return PipelineConfig.model_validate({
+        "run_dir": str(run_dir),
+        "model": {"name_or_path": str(model), "dtype": "auto", "attn_implementation": "sdpa"},
+        "data": {"train_files": [str(REPO / "examples/data/flan_v2_cot_full/*.tsv")], "max_samples": args.samples,
+                 "max_length": args.max_length, "reference_fraction": 0.25},
+        "reference": finetune,
+        "training": {**finetune, "strategy": "forgetting"},
+        "scoring": {"concurrency": workers, "num_gpus_per_actor": 1, "num_cpus_per_actor": 1 if gpu else 0.5,
+                    "batch_tokens": 32768 if gpu else 2048},
+        "eval": {"enabled": False},
+        "baselines": [],
+        "resources": {"ray_address": args.address, "num_workers": workers, "use_gpu": True,
+                      "cpus_per_worker": 2 if gpu else 1, "cpu_stands_in_for_gpu": args.cpu_rehearsal},
+        "tracking": {"enabled": False, "system_metrics": True},  # rank 0's GPU memory with each step
+    })
+
+
+def fine_tune_figures(name: str, res, shape, cfg, workers: int, peak: float | None) -> dict:
+    """tokens/s, MFU and rank 0's peak memory against the plan, from the fit's step metrics."""
+    from forgetting_ray.plan import plan
+
+    rows = res.metrics[WARMUP_STEPS:] or res.metrics
+    tokens_s = statistics.median(r["tokens_per_s"] for r in rows)
+    mean_seq = statistics.mean(r["n_tokens"] for r in rows) / (cfg.training.micro_batch_size * workers)
+    n_matmul = shape.params - (0 if shape.tied_embeddings else shape.embedding_params)
+    flops = {"6N": 6 * n_matmul, "6N+attn": 6 * n_matmul + 12 * shape.num_layers * shape.hidden_size * mean_seq}
+    ft = cfg.training
+    est = plan(cfg.model.name_or_path, num_nodes=1, gpus_per_node=workers, lora=ft.lora.enabled, zero_stage=3,
+               offload="none", micro_batch_size=ft.micro_batch_size, seq_len=cfg.data.max_length, lora_r=ft.lora.r,
+               lora_targets=ft.lora.target_modules, gradient_checkpointing=ft.gradient_checkpointing, attention="sdpa")
+    peak_gib = max((r.get("system/rank0_gpu_peak_gib", 0.0) for r in res.metrics), default=0.0)
+    return {
+        "fine_tune": name, "steps": res.global_step, "export": str(res.export_dir),
+        "tokens_per_s": tokens_s, "mean_tokens_per_sequence": mean_seq,
+        "mfu": {k: (f * tokens_s / (workers * peak) if peak else None) for k, f in flops.items()},
+        "peak_gpu_gib_rank0": peak_gib or None,
+        "plan_gpu_gib": est.gpu_total_bytes / 2**30,
+        "final_loss": res.final_metrics.get("loss"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False). This check measures GPU "
-              "throughput; run it on a GPU node, or pass --cpu-smoke to exercise the script on CPU.", file=sys.stderr)
-        return 2
+    from forgetting_ray.config import config_to_dict
+    from forgetting_ray.plan import lookup_architecture, model_shape
+    from forgetting_ray.ray_utils import init_ray
+    from forgetting_ray.stages.partition import run_partition
+    from forgetting_ray.stages.prepare import run_prepare
+    from forgetting_ray.stages.score import run_score
+    from forgetting_ray.stages.train import run_finetune
+    from forgetting_ray.tiny import corpus_lines
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from forgetting_ray.losses import forgetting_loss
-    from forgetting_ray.plan import activation_bytes, lookup_architecture, model_shape
-    from forgetting_ray.scoring import token_nll
-
-    if args.cpu_smoke:
-        arch = dict(SMOKE_SHAPE)
-        args.batch, args.seq, args.steps, args.warmup = 2, 64, 2, 1
-        device, dtype, name = torch.device("cpu"), torch.float32, "cpu (smoke)"
+    if args.cpu_rehearsal:
+        shape_cfg, device_name = dict(REHEARSAL_SHAPE), "cpu (rehearsal)"
+        args.micro_batch, args.max_length = min(args.micro_batch, 2), min(args.max_length, 256)
+        ray = init_ray(args.address, num_cpus=2, num_gpus=1)  # one GPU slot the CPU stands in for
     else:
         found = lookup_architecture(args.model)
         if found is None:
             print(f"gpu_check: unknown --model {args.model!r}", file=sys.stderr)
             return 2
-        arch = dict(found[1])
-        device, dtype = torch.device("cuda"), torch.bfloat16
-        name = torch.cuda.get_device_name(device)
-    model_type = arch.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, **arch)
-    shape = model_shape(cfg)
+        shape_cfg = dict(found[1])
+        ray = init_ray(args.address)
+        if not ray.cluster_resources().get("GPU"):
+            print("gpu_check: the Ray cluster has no GPUs. Run it on a GPU machine (or --address a GPU cluster), "
+                  "or pass --cpu-rehearsal to check the script on the CPU.", file=sys.stderr)
+            return 2
+        device_name = ray.get(ray.remote(num_gpus=1)(lambda: __import__("torch").cuda.get_device_name(0)).remote())
+    workers = args.gpus or int(ray.cluster_resources().get("GPU", 1))
+    run_dir = Path(args.run_dir or f"/tmp/forgetting-ray-gpu-check-{args.model if not args.cpu_rehearsal else 'rehearsal'}")
+    corpus = corpus_lines(sorted((REPO / "examples/data/flan_v2_cot_full").glob("*.tsv")))
+    model = build_model(shape_cfg, run_dir / "model", corpus, on_gpu=not args.cpu_rehearsal and torch.cuda.is_available())
+    shape = model_shape(str(model))
+    cfg = pipeline_config(args, run_dir, model, workers)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (None if args.cpu_rehearsal else peak_flops(device_name))
 
-    torch.manual_seed(0)
-    with torch.device(device):  # initialise on the GPU: a 1B random init on CPU takes longer than the check
-        # bf16 weights, as DeepSpeed's bf16 mode computes
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    vocab = cfg.vocab_size
+    timings: dict[str, float] = {}
 
-    def batch():
-        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
-        labels = ids.clone()
-        labels[:, : args.seq // 10] = -100  # a prompt: not scored
-        cls = torch.where(torch.rand(ids.shape, generator=g) < 0.7, 1, -1).to(torch.int8) * (labels != -100)
-        return ids.to(device), labels.to(device), cls.to(device)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    times, last, act_saved, states = [], None, 0, 0
-    for step in range(args.warmup + args.steps):
-        ids, labels, cls = batch()
-        sync()
-        before = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # weights + AdamW states
+    def timed(name, fn, *a, **kw):
         t0 = time.perf_counter()
-        nll = token_nll(model, ids, torch.ones_like(ids), labels)
-        last = forgetting_loss(nll, cls, lam=0.1)
-        saved = torch.cuda.memory_allocated() - before if device.type == "cuda" else 0  # what backward will read
-        last.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            act_saved, states = max(act_saved, saved), before
-    if last is None or not torch.isfinite(last.loss.detach()):
-        print(f"gpu_check: loss is not finite ({last.loss if last else None})", file=sys.stderr)
-        return 1
+        out = fn(*a, **kw)
+        timings[name] = time.perf_counter() - t0
+        print(f"gpu_check: {name} done in {timings[name]:.1f} s", flush=True)
+        return out
 
-    step_s = statistics.median(times)
-    tokens_s = args.batch * args.seq / step_s
-    n_matmul = shape.params - (0 if shape.tied_embeddings else shape.embedding_params)
-    flops_tok = 6 * n_matmul
-    flops_tok_attn = flops_tok + 12 * shape.num_layers * shape.hidden_size * args.seq
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else (None if args.cpu_smoke else peak_flops(name))
-    est_act = activation_bytes(shape, micro_batch_size=args.batch, seq_len=args.seq, lora=False, lora_r=0,
-                               gradient_checkpointing=args.gradient_checkpointing, attention="sdpa")
+    prep = timed("prepare", run_prepare, cfg)
+    ref = timed("reference (LoRA SFT)", run_finetune, cfg, "reference", prep.reference_path)
+    scores = timed("score", run_score, cfg, prep.train_path, ref.export_dir)
+    part = timed("partition", run_partition, cfg, prep.train_path, scores.dir)
+    lora = timed("train (LoRA)", run_finetune, cfg, "train", part.train_path)
+    full_cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"lora": cfg.training.lora.model_copy(update={"enabled": False})})})
+    full = timed("train (full)", run_finetune, full_cfg, "train", part.train_path)
 
-    def mfu(f: float) -> str:
-        return f"{f * tokens_s / peak:.1%}" if peak else "n/a"
-
-    gib = 2**30
-    rows = [
-        ("device", name),
-        ("model", f"{args.model if not args.cpu_smoke else 'tiny llama'}: {shape.params / 1e6:,.1f}M params "
-                  f"({n_matmul / 1e6:,.1f}M in matmuls), {shape.num_layers} layers, hidden {shape.hidden_size}"),
-        ("precision", f"{str(dtype).replace('torch.', '')} weights, AdamW, forgetting loss (lambda 0.1)"),
-        ("batch", f"{args.batch} x {args.seq} tokens, gradient checkpointing "
-                  f"{'on' if args.gradient_checkpointing else 'off'}"),
-        ("steps", f"{args.steps} timed after {args.warmup} warmup; median {step_s * 1e3:,.1f} ms/step "
-                  f"(min {min(times) * 1e3:,.1f}, max {max(times) * 1e3:,.1f})"),
-        ("tokens/s", f"{tokens_s:,.0f}"),
-        ("model TFLOP/s", f"{flops_tok * tokens_s / 1e12:,.2f} (6N), {flops_tok_attn * tokens_s / 1e12:,.2f} (6N+attn)"),
-        ("peak bf16", f"{peak / 1e12:,.0f} TFLOP/s" if peak else "n/a (CPU or GPU not in PEAK_BF16; use --peak-tflops)"),
-        ("MFU", f"{mfu(flops_tok)} (6N), {mfu(flops_tok_attn)} (6N+attn)"),
-        ("loss", f"{float(last.loss.detach()):.4f} (pos NLL {float(last.pos_nll):.3f}, neg NLL {float(last.neg_nll):.3f})"),
-    ]
-    if device.type == "cuda":
-        rows.append(("memory", f"peak {torch.cuda.max_memory_allocated() / gib:.1f} GiB allocated; weights + AdamW "
-                               f"{states / gib:.1f} GiB; activations after forward {act_saved / gib:.2f} GiB vs plan "
-                               f"estimate {est_act / gib:.2f} GiB (ratio {act_saved / est_act:.2f})"))
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    figures = {
+        "device": device_name, "gpus": workers, "model": args.model if not args.cpu_rehearsal else "tiny llama",
+        "params": shape.params, "peak_bf16_tflops": peak / 1e12 if peak else None, "stage_seconds": timings,
+        "score_tokens_per_s": scores.stats.get("real_tokens", 0.0) / max(scores.stats.get("score_s", 0.0), 1e-9),
+        "fine_tunes": [fine_tune_figures("LoRA r64", lora, shape, cfg, workers, peak),
+                       fine_tune_figures("full", full, shape, full_cfg, workers, peak)],
+        "config": config_to_dict(cfg),
+    }
+    print(report(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
     return 0
+
+
+def report(f: dict) -> str:
+    def pct(x):
+        return f"{x:.1%}" if x is not None else "n/a"
+
+    lines = [f"device        {f['device']} x {f['gpus']}",
+             f"model         {f['model']}: {f['params'] / 1e6:,.1f}M params, random weights",
+             f"peak bf16     {f['peak_bf16_tflops']:,.0f} TFLOP/s per GPU" if f["peak_bf16_tflops"] else
+             "peak bf16     n/a (CPU, or a GPU not in PEAK_BF16: --peak-tflops)",
+             "stages        " + ", ".join(f"{k} {v:.1f} s" for k, v in f["stage_seconds"].items()),
+             f"scoring       {f['score_tokens_per_s']:,.0f} tokens/s (base + reference NLL, all actors)"]
+    for t in f["fine_tunes"]:
+        mem = (f"rank-0 peak {t['peak_gpu_gib_rank0']:.1f} GiB vs plan {t['plan_gpu_gib']:.1f} GiB"
+               if t["peak_gpu_gib_rank0"] else f"plan {t['plan_gpu_gib']:.1f} GiB (no GPU memory measured)")
+        lines.append(f"{t['fine_tune']:<13} {t['tokens_per_s']:,.0f} tokens/s, MFU {pct(t['mfu']['6N'])} (6N) "
+                     f"{pct(t['mfu']['6N+attn'])} (6N+attn), {mem}, {t['steps']} steps, loss {t['final_loss']:.3f}, "
+                     f"export {t['export']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

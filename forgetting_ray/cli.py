@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable
 
 from .config import PipelineConfig, config_reference_markdown, dump_config, load_config
-from .console import log_to_file, setup_console
+from .console import close_log_file, current_log_file, log_to_file, setup_console
 from .errors import UserError
 
 log = logging.getLogger("forgetting_ray")
@@ -25,6 +26,25 @@ def _log_file(cfg: PipelineConfig) -> Path:
     from .store import run_root
 
     return log_to_file(run_root(cfg.run_dir) / "logs")
+
+
+def _keep_logs(since: float) -> None:
+    """After a run (finished or failed): this job's Ray workers' logs beside ``driver.log``, under
+    ``logs/workers/<time>/``, and for a bucket ``run_dir`` the logs folder in the bucket too."""
+    from .ray_utils import collect_worker_logs
+    from .store import push
+
+    path = current_log_file()
+    if path is None:
+        return
+    folder = path.parent / "workers" / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        files = collect_worker_logs(folder, since)
+        if files:
+            log.info("worker logs: %s (%d files)", folder, len(files))
+        push(path.parent)
+    except Exception as e:  # noqa: BLE001 - the run's own outcome stands; the logs are a convenience
+        log.warning("the run's logs were not all kept: %s", e)
 
 
 def _cmd_config(cfg: PipelineConfig, args: argparse.Namespace) -> int:
@@ -81,7 +101,7 @@ def _cmd_submit(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 def _cmd_tune(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """``forgetting-ray tune CONFIG``: prepare -> reference -> score -> partition -> tune; prints the summary."""
-    from .pipeline import run_pipeline, use_tiny_model
+    from .pipeline import run_pipeline, summarize, use_tiny_model
     from .stages.tune import STAGE, format_tune_summary
 
     _log_file(cfg)
@@ -90,6 +110,7 @@ def _cmd_tune(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"enabled": True})})
     result = run_pipeline(cfg, until=STAGE)
     print(format_tune_summary(result.outputs[STAGE]))
+    print(summarize(cfg, result))
     return 0
 
 
@@ -183,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--harness", choices=["native", "lm-eval"], default=None, help="evaluation backend")
         if name == "doctor":
             p.add_argument("--gpu-memory-gib", type=float, default=None,
-                           help="GPU memory for the plan check (default: what the cluster's GPUs report, else 80)")
+                           help="GPU memory for the plan check (default: read from the cluster's GPUs by a Ray task)")
             p.add_argument("--request-resources", action="store_true",
                            help="first ask the autoscaler for the training and scoring bundles and wait for them")
             p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for requested resources")
@@ -224,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(getattr(args, "overrides", None) or []) + rest
     setup_console(args.verbose)
     _split_config_arg(args)
+    started = time.time()
     try:
         cfg = load_config(args.config, args.overrides)
         handler, _ = COMMANDS[args.command]
@@ -234,9 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a failure: its tail here (a worker's traceback included), all of it in the log file
         logging.getLogger("failure").info("the run failed", exc_info=True)  # the file only (quiet console)
         tail = "".join(traceback.format_exception(e)).rstrip().splitlines()[-25:]
-        logs = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-        print("\n".join(tail) + (f"\nfull log: {logs[0]}" if logs else ""), file=sys.stderr)
+        path = current_log_file()
+        print("\n".join(tail) + (f"\nfull log: {path}" if path else ""), file=sys.stderr)
         return 1
+    finally:
+        _keep_logs(started)
+        close_log_file()  # the next command in this process (a test session) starts its own
 
 
 if __name__ == "__main__":

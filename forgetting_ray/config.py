@@ -510,6 +510,15 @@ class TrackingConfig(Section):
     upload_models: bool = Field(
         False, description="Upload checkpoints/exports as artifacts (large); by default only URIs and hashes."
     )
+    system_metrics: bool = Field(
+        False,
+        description="Also log system metrics: the driver node's CPU, memory, disk, network and GPUs on the pipeline "
+        "run (MLflow's monitor, system/*), and with each optimizer step the rank-0 training worker's CPU, memory "
+        "and GPU memory (system/rank0_*).",
+    )
+    system_metrics_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between two samples of the driver node's system metrics."
+    )
 
 
 class ResourcesConfig(Section):
@@ -521,6 +530,12 @@ class ResourcesConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Ray Train worker.")
     storage_path: str | None = Field(
         None, description="Ray Train storage (shared across nodes); None = <run_dir>/ray_storage."
+    )
+    cpu_stands_in_for_gpu: bool = Field(
+        False,
+        description="For tests and CPU-only rehearsals: a stage configured for GPUs (resources.use_gpu, "
+        "scoring/eval num_gpus_per_actor) that sees no CUDA device runs on the CPU instead of failing, over gloo. "
+        "Off: such a stage stops with an error naming the setting.",
     )
     placement_timeout_s: float = Field(
         1800.0, gt=0,

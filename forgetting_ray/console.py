@@ -61,6 +61,18 @@ def log_to_file(folder: str | Path) -> Path:
     return path
 
 
+def current_log_file() -> Path | None:
+    """The file :func:`log_to_file` writes to in this process, if any."""
+    for h in logging.getLogger().handlers:
+        if getattr(h, "_forgetting_ray", False) and isinstance(h, logging.FileHandler):
+            return Path(h.baseFilename)
+    return None
+
+
+def close_log_file() -> None:
+    _drop_own_handlers(logging.FileHandler)
+
+
 def _drop_own_handlers(kind: type[logging.Handler]) -> None:
     """Remove the root handlers of ``kind`` this module added (others, e.g. pytest's, stay)."""
     root = logging.getLogger()

@@ -16,7 +16,15 @@ from .data.readers import read_records, resolve_inputs
 from .data.render import Renderer
 from .models import load_tokenizer, resolve_model_path
 from .plan import plan
-from .ray_utils import alive_node_cpus, default_storage_path, describe_pool_problem, init_ray, starves_ray_data
+from .ray_utils import (
+    alive_node_cpus,
+    cluster_gpus,
+    default_storage_path,
+    describe_pool_problem,
+    init_ray,
+    smallest_gpu_gib,
+    starves_ray_data,
+)
 from .store import is_uri, join_storage, probe_storage
 from .submit import SubmitError, check_upload
 
@@ -180,9 +188,17 @@ def check_memory_plan(cfg: PipelineConfig, gpu_memory_gib: float | None = None) 
     fix = ("enable gradient_checkpointing, LoRA, a higher ZeRO stage or offload, lower micro_batch_size / "
            "data.max_length, or add GPUs (see `forgetting-ray plan`)")
     if r.use_gpu:
-        limit = gpu_memory_gib or 80.0
+        if gpu_memory_gib:
+            limit, source = gpu_memory_gib, "--gpu-memory-gib"
+        else:
+            read = smallest_gpu_gib(cluster_gpus(ray))
+            if read is None:
+                return Check("memory plan", WARN, f"{summary}; no GPU node is up to read the GPUs' memory from",
+                             "rerun when the GPU nodes are up (or with --request-resources), or pass --gpu-memory-gib")
+            limit, source = read
         if not est.fits(limit):
-            return Check("memory plan", FAIL, f"{summary}: over the {limit:g} GiB of a GPU", fix)
+            return Check("memory plan", FAIL, f"{summary}: over the {limit:.1f} GiB of a GPU ({source})", fix)
+        summary += f"; fits the {limit:.1f} GiB of a GPU ({source})"
         host_need = est.cpu_per_node_bytes / 2**30
     else:  # on CPU the "device" memory is host memory too
         host_need = est.cpu_per_node_bytes / 2**30 + per_worker * workers_per_node

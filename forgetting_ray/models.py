@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import aliases
 from .config import ModelConfig
-from .errors import ModelLoadError
+from .errors import ModelLoadError, UserError
 from .store import is_uri, local_copy, portable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,6 +93,31 @@ def tokenizer_fingerprint(tok: "PreTrainedTokenizerBase") -> str:
     h.update(str(getattr(tok, "chat_template", None) or "").encode())
     h.update(str(tok.eos_token).encode())
     return h.hexdigest()[:16]
+
+
+class NoGPUVisible(UserError, RuntimeError):
+    """A stage configured for GPUs runs in a process that sees no CUDA device."""
+
+
+def stage_device(wants_gpu: bool, setting: str, *, cpu_stands_in: bool = False) -> "torch.device":
+    """The device a stage's process computes on.  One that asked for a GPU (``setting``) and sees no CUDA device
+    fails: computing on the CPU instead would look like a run and take days.  ``cpu_stands_in``
+    (resources.cpu_stands_in_for_gpu) runs the GPU configuration's code path on the CPU instead."""
+    import torch
+
+    if not wants_gpu:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if cpu_stands_in:
+        return torch.device("cpu")
+    import os
+
+    raise NoGPUVisible(
+        f"{setting} asks for GPUs but this process sees no CUDA device (torch {torch.__version__}, CUDA build "
+        f"{torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+        f"install a CUDA build of torch on the GPU nodes, or set {setting} off to run on CPUs "
+        "(resources.cpu_stands_in_for_gpu: true rehearses the GPU configuration on CPUs)")
 
 
 def resolve_dtype(name: str, device: "torch.device | str | None" = None) -> "torch.dtype":

@@ -9,6 +9,7 @@ same rows at the best rho.  The parent MLflow run carries the config, the run ca
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from .stages.train import run_finetune
 from .stages.tune import run_tune
 from .store import file_sha256, is_complete, portable, run_root, tree_sha256
 from .tiny import build_demo_model, corpus_lines
-from .tracking import Tracker, experiment_url, resolve_tracking_uri
+from .tracking import Tracker, compare_runs_url, experiment_url, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -197,47 +198,11 @@ def run_pipeline(cfg: PipelineConfig, *, until: str | None = None) -> PipelineRe
     tracker = result.tracker
     card = RunCard(cfg, until=until)
     status = "FAILED"
+    monitor = (tracker.system_metrics(cfg.tracking.system_metrics_interval_s) if cfg.tracking.system_metrics
+               else contextlib.nullcontext())
     try:
-        prep = _timed(result, "prepare", tracker, _prepare, cfg)
-        log_splits(tracker, prep)  # the parent run's row in the runs table shows the data it trained on
-        card.add_data(prep)
-        if last >= STAGES.index("reference"):
-            ref = _timed(result, "reference", tracker, _finetune, cfg, "reference", prep.reference_path, card)
-        if last >= STAGES.index("score"):
-            scores = _timed(result, "score", tracker, _score, cfg, prep.train_path, ref.export_dir)
-            card.add_scores(scores)
-        if last >= STAGES.index("partition"):
-            part = _timed(result, "partition", tracker, _partition, cfg, prep.train_path, scores.dir)
-            card.add_stage("partition", {"key": part.key, "rho": cfg.selection.rho, "threshold": part.threshold})
-            tracker.log_artifact(part.histogram_path, "plots")
-        train_cfg, train_table, tuned = cfg, None, None
-        if cfg.tune.enabled and last >= STAGES.index("tune"):
-            tuned = _timed(result, "tune", tracker, _tune, cfg, prep.train_path, scores)
-            card.add_stage("tune", {"key": tuned.key, "space_hash": tuned.space_hash, "objective": tuned.objective,
-                                    "best": tuned.best, "dir": str(tuned.dir)})
-            card.add_model("tune-best", tuned.best_export_dir, trial=tuned.best["trial_id"])
-            train_cfg, train_table = tuned.best_config, tuned.best_table
-            _log_plots(tracker, Path(tuned.best_train.out_dir) / "plots")
-        if last >= STAGES.index("train"):
-            train_table = train_table or part.train_path
-            models = {}  # table order: baselines first, the configured strategy last
-            for strategy in cfg.baselines:
-                if strategy == train_cfg.training.strategy:
-                    continue
-                variant = train_cfg.model_copy(update={"training": train_cfg.training.model_copy(update={"strategy": strategy})})
-                models[strategy] = _timed(result, f"train-{strategy}", tracker, _finetune, variant, "train",
-                                          train_table, card, f"train-{strategy}")
-            if tuned is not None:  # the best trial is the forgetting model: log it, do not retrain it
-                models[train_cfg.training.strategy] = _timed(result, "train", tracker, _adopt_best, train_cfg, tuned, card)
-            else:
-                models[cfg.training.strategy] = _timed(result, "train", tracker, _finetune, cfg, "train",
-                                                       train_table, card, "train")
-                _log_plots(tracker, Path(models[cfg.training.strategy].out_dir) / "plots")
-        if last >= STAGES.index("eval") and cfg.eval.enabled:
-            paths = {"base": cfg.model.name_or_path} if cfg.eval_base_model else {}
-            paths.update({name: str(r.export_dir) for name, r in models.items()})
-            evals = _timed(result, "eval", tracker, _evaluate, train_cfg, paths)
-            card.add_stage("eval", {name: {"headline": r.headline, "average": r.average} for name, r in evals.items()})
+        with monitor:
+            _run_stages(cfg, result, card, last)
         status = "FINISHED"
         return result
     finally:
@@ -249,6 +214,51 @@ def run_pipeline(cfg: PipelineConfig, *, until: str | None = None) -> PipelineRe
                 tracker.log_artifact(result.run_card)
             finally:
                 tracker.end(status)
+
+
+def _run_stages(cfg: PipelineConfig, result: PipelineResult, card: RunCard, last: int) -> None:
+    """The stages up to index ``last`` of STAGES, each an MLflow child run of ``result.tracker``."""
+    tracker = result.tracker
+    prep = _timed(result, "prepare", tracker, _prepare, cfg)
+    log_splits(tracker, prep)  # the parent run's row in the runs table shows the data it trained on
+    card.add_data(prep)
+    if last >= STAGES.index("reference"):
+        ref = _timed(result, "reference", tracker, _finetune, cfg, "reference", prep.reference_path, card)
+    if last >= STAGES.index("score"):
+        scores = _timed(result, "score", tracker, _score, cfg, prep.train_path, ref.export_dir)
+        card.add_scores(scores)
+    if last >= STAGES.index("partition"):
+        part = _timed(result, "partition", tracker, _partition, cfg, prep.train_path, scores.dir)
+        card.add_stage("partition", {"key": part.key, "rho": cfg.selection.rho, "threshold": part.threshold})
+        tracker.log_artifact(part.histogram_path, "plots")
+    train_cfg, train_table, tuned = cfg, None, None
+    if cfg.tune.enabled and last >= STAGES.index("tune"):
+        tuned = _timed(result, "tune", tracker, _tune, cfg, prep.train_path, scores)
+        card.add_stage("tune", {"key": tuned.key, "space_hash": tuned.space_hash, "objective": tuned.objective,
+                                "best": tuned.best, "dir": str(tuned.dir)})
+        card.add_model("tune-best", tuned.best_export_dir, trial=tuned.best["trial_id"])
+        train_cfg, train_table = tuned.best_config, tuned.best_table
+        _log_plots(tracker, Path(tuned.best_train.out_dir) / "plots")
+    if last >= STAGES.index("train"):
+        train_table = train_table or part.train_path
+        models = {}  # table order: baselines first, the configured strategy last
+        for strategy in cfg.baselines:
+            if strategy == train_cfg.training.strategy:
+                continue
+            variant = train_cfg.model_copy(update={"training": train_cfg.training.model_copy(update={"strategy": strategy})})
+            models[strategy] = _timed(result, f"train-{strategy}", tracker, _finetune, variant, "train",
+                                      train_table, card, f"train-{strategy}")
+        if tuned is not None:  # the best trial is the forgetting model: log it, do not retrain it
+            models[train_cfg.training.strategy] = _timed(result, "train", tracker, _adopt_best, train_cfg, tuned, card)
+        else:
+            models[cfg.training.strategy] = _timed(result, "train", tracker, _finetune, cfg, "train",
+                                                   train_table, card, "train")
+            _log_plots(tracker, Path(models[cfg.training.strategy].out_dir) / "plots")
+    if last >= STAGES.index("eval") and cfg.eval.enabled:
+        paths = {"base": cfg.model.name_or_path} if cfg.eval_base_model else {}
+        paths.update({name: str(r.export_dir) for name, r in models.items()})
+        evals = _timed(result, "eval", tracker, _evaluate, train_cfg, paths)
+        card.add_stage("eval", {name: {"headline": r.headline, "average": r.average} for name, r in evals.items()})
 
 
 def _log_plots(tracker: Tracker, folder: Path) -> None:
@@ -292,4 +302,7 @@ def summarize(cfg: PipelineConfig, result: PipelineResult) -> str:
         if ui != t.uri:
             out.append(f"  mlflow ui --backend-store-uri {t.uri} --host 127.0.0.1 --port 5000")
         out.append(f"  {experiment_url(ui, t.experiment_id)}")
+        trial_runs = getattr(result.outputs.get("tune"), "trial_runs", None)
+        if trial_runs:
+            out.append(f"  the Tune trials side by side: {compare_runs_url(ui, t.experiment_id, list(trial_runs.values()))}")
     return "\n".join(out)

@@ -36,6 +36,7 @@ from typing import Any, Literal
 from .aliases import ALIASES as MODEL_ALIASES
 from .config import PipelineConfig, load_config
 from .errors import UserError
+from .ray_utils import cluster_gpus, init_ray, smallest_gpu_gib
 
 GIB = 2**30
 RUNTIME_ALLOWANCE_BYTES = 2 * GIB  # CUDA context + NCCL buffers + allocator fragmentation
@@ -468,7 +469,10 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ckpt = p.add_mutually_exclusive_group()
     ckpt.add_argument("--gradient-checkpointing", dest="ckpt", action="store_true", default=None)
     ckpt.add_argument("--no-gradient-checkpointing", dest="ckpt", action="store_false")
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory for the 'fits' column (default 80)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="GPU memory for the 'fits' column (default: read from the GPUs of the Ray cluster at "
+                        "--address / $RAY_ADDRESS; without either, no 'fits' column)")
+    p.add_argument("--address", default=None, help="Ray cluster whose GPUs' memory fills the 'fits' column")
     p.add_argument("--section", choices=("training", "reference"), default="training",
                    help="which fine-tune section of a YAML to plan (default training)")
     p.add_argument("--json", action="store_true", help="print the chosen plan as JSON instead of the table")
@@ -515,8 +519,23 @@ def run_plan(args: argparse.Namespace) -> int:
             for lo, st, off in grid]
     if chosen not in rows:
         rows.insert(0, chosen)
-    print(plan_table(rows, gpu_memory_gib=args.gpu_memory_gib, mark=chosen))
+    print(plan_table(rows, gpu_memory_gib=args.gpu_memory_gib or _cluster_gpu_gib(args.address), mark=chosen))
     return 0
+
+
+def _cluster_gpu_gib(address: str | None) -> float | None:
+    """The smallest GPU memory of the Ray cluster at ``address`` (or $RAY_ADDRESS); None without a cluster."""
+    import os
+
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        return None
+    read = smallest_gpu_gib(cluster_gpus(init_ray(address)))
+    if read is None:
+        print("plan: the Ray cluster has no GPU node up to read the GPUs' memory from; pass --gpu-memory-gib",
+              file=sys.stderr)
+        return None
+    print(f"plan: GPU memory read from the cluster: {read[1]}", file=sys.stderr)
+    return read[0]
 
 
 def main_plan(argv: list[str] | None = None) -> int:

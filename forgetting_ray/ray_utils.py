@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .console import quiet, route_ray_logs
 from .errors import UserError
-from .store import StorageNotWritable, is_uri, join_storage, probe_storage, run_root
+from .store import StorageNotWritable, atomic_write_text, is_uri, join_storage, probe_storage, run_root
 
 
 class RunDirError(UserError, OSError):
@@ -212,6 +213,21 @@ def bounded_actor_start(section: str, pool: Any, timeout_s: float) -> Iterator[N
         ctx.wait_for_min_actors_s = saved
 
 
+@contextmanager
+def ray_data_bars_off() -> Iterator[None]:
+    """Ray Data draws a bar per operator and prints its plan: off, so a stage shows one bar of its own on the
+    driver.  Set before the Dataset is built (it copies the context)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start)
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = ctx.print_on_execution_start = False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start = saved
+
+
 class _StepRelay:
     """A mailbox actor: rank 0 puts each optimizer step's metrics, the driver takes them."""
 
@@ -325,3 +341,131 @@ def check_run_dir(run_dir: str | Path, ray_address: str | None = None) -> None:
                           "do not see: set run_dir to a bucket URI (s3://bucket/prefix, gs://, abfs://) or to a "
                           "mount every node shares (NFS, EFS)")
 
+
+
+# ------------------------------------------------------------------------------------------------
+# the workers' logs, into the run folder
+# ------------------------------------------------------------------------------------------------
+def own_job_lines(text: str, job_id: str) -> tuple[str | None, str]:
+    """The lines a Ray worker's log holds for ``job_id``, and the first actor or task name among them.
+
+    A worker serves several jobs over its life; Ray marks each switch with ``:job_id:<hex>`` and
+    ``:actor_name:``/``:task_name:`` lines (its own log streaming reads them too)."""
+    name, current, kept = None, None, []
+    for line in text.splitlines(keepends=True):
+        if line.startswith(":job_id:"):
+            current = line[len(":job_id:"):].strip()
+        elif line.startswith((":actor_name:", ":task_name:")):
+            if current == job_id and name is None:
+                name = line.split(":", 2)[2].strip() or None
+        elif current == job_id:
+            kept.append(line)
+    return name, "".join(kept)
+
+
+def collect_worker_logs(folder: str | Path, since: float = 0.0, settle_s: float = 2.0) -> list[Path]:
+    """Copy the stdout and stderr of every Ray worker that ran a task or actor of this driver's job (ended
+    after ``since``, epoch seconds), on every node (through Ray's state API: no shared disk), to
+    ``folder/<actor or task>-<node ip>-<pid>.{out,err}``.
+
+    Returns the files written; a node that is gone (or a log Ray no longer has) is skipped with a debug line.
+    ``settle_s``: task events reach the state API about a second late."""
+    import time
+
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    from ray.util.state import get_log, list_nodes, list_tasks
+
+    log = logging.getLogger(__name__)
+    job = ray.get_runtime_context().get_job_id()
+    time.sleep(settle_s)
+    try:
+        tasks = list_tasks(filters=[("job_id", "=", job)], detail=True, limit=10_000, raise_on_missing_output=False)
+        ips = {n.node_id: n.node_ip for n in list_nodes(raise_on_missing_output=False)}
+    except Exception as e:  # noqa: BLE001 - no dashboard (a cluster started without one): nothing to copy
+        log.warning("worker logs not copied: Ray's state API did not answer (%s)", e)
+        return []
+    written = []
+    recent = [t for t in tasks if t.node_id and t.worker_pid and (t.end_time_ms or 1e18) >= since * 1000]
+    for node, pid in sorted({(t.node_id, t.worker_pid) for t in recent}):
+        for suffix in ("out", "err"):
+            try:
+                text = "".join(get_log(node_id=node, pid=pid, suffix=suffix, timeout=30))
+            except Exception as e:  # noqa: BLE001 - a node lost mid-run keeps its logs
+                log.debug("no %s log of worker %s on node %s: %s", suffix, pid, node, e)
+                continue
+            name, own = own_job_lines(text, job)
+            if own.strip():
+                stem = re.sub(r"[^\w.()-]+", "_", f"{name or 'worker'}-{ips.get(node, node[:8])}-{pid}")
+                written.append(atomic_write_text(Path(folder) / f"{stem}.{suffix}", own))
+    return written
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPUs' memory, read from the devices
+# ------------------------------------------------------------------------------------------------
+def parse_nvidia_smi(text: str) -> list[tuple[str, float]]:
+    """(name, GiB) per GPU from ``nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits``."""
+    gpus = []
+    for line in text.strip().splitlines():
+        name, _, mib = line.rpartition(",")
+        if name.strip() and mib.strip():
+            gpus.append((name.strip(), float(mib) / 1024))
+    return gpus
+
+
+def _node_gpus() -> list[tuple[str, float]]:
+    """This node's GPUs: nvidia-smi sees them all without holding one (Ray hides them from a GPU-less task);
+    without it, torch in a task that holds a GPU."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        out = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=60, check=False)
+        if out.returncode == 0:
+            return parse_nvidia_smi(out.stdout)
+    return []
+
+
+def _held_gpu() -> list[tuple[str, float]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    p = torch.cuda.get_device_properties(0)
+    return [(p.name, p.total_memory / 2**30)]
+
+
+def cluster_gpus(ray, timeout_s: float = 120.0) -> dict[str, list[tuple[str, float]]]:
+    """Every alive GPU node's GPUs as (name, GiB), read on the node by a Ray task; {} when no node has GPUs.
+    A node whose GPUs cannot be read within ``timeout_s`` (all busy, no nvidia-smi) maps to []."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    found: dict[str, list[tuple[str, float]]] = {}
+    for node in ray.nodes():
+        if not node["Alive"] or not node["Resources"].get("GPU"):
+            continue
+        here = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        gpus = ray.get(ray.remote(num_cpus=0)(_node_gpus).options(scheduling_strategy=here).remote(), timeout=timeout_s)
+        if not gpus:
+            ref = ray.remote(num_cpus=0, num_gpus=1)(_held_gpu).options(scheduling_strategy=here).remote()
+            ready, _ = ray.wait([ref], timeout=timeout_s)
+            gpus = ray.get(ready[0]) if ready else []
+            if not ready:
+                ray.cancel(ref, force=True)
+        found[node["NodeManagerAddress"]] = gpus
+    return found
+
+
+def smallest_gpu_gib(gpus: dict[str, list[tuple[str, float]]]) -> tuple[float, str] | None:
+    """The smallest GPU memory in GiB and a description of every node's GPUs; None when none could be read."""
+    sizes = [gib for node in gpus.values() for _, gib in node]
+    if not sizes:
+        return None
+    desc = "; ".join(f"{ip}: " + (", ".join(f"{n} {g:.0f} GiB" for n, g in node) or "unreadable")
+                     for ip, node in sorted(gpus.items()))
+    return min(sizes), desc

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+from urllib.parse import urlencode
 
 from .store import run_root
 
@@ -89,6 +90,13 @@ def experiment_url(ui: str, experiment_id: str) -> str:
     return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
+def compare_runs_url(ui: str, experiment_id: str, run_ids: list[str]) -> str:
+    """The MLflow UI's compare view of ``run_ids``: their params (e.g. each trial's rho and lambda schedule)
+    side by side, and parallel-coordinates and scatter charts of params against metrics."""
+    query = urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment_id])})
+    return f"{ui.rstrip('/')}/#/compare-runs?{query}"
+
+
 @dataclass
 class Tracker:
     """A handle on one MLflow run; picklable (holds ids, not clients)."""
@@ -150,6 +158,22 @@ class Tracker:
             run.end("FAILED")
             raise
         run.end("FINISHED")
+
+    @contextmanager
+    def system_metrics(self, interval_s: float) -> Iterator[None]:
+        """While the block runs, sample this node's CPU, memory, disk, network and GPUs every ``interval_s``
+        into this run as ``system/*`` metrics (MLflow's monitor, in a thread of this process)."""
+        if not self.enabled:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled:

@@ -80,3 +80,25 @@ def test_a_worker_group_is_counted_per_node_and_refused_before_it_waits():
     # joined by address: an autoscaler may add the nodes, and placement_timeout_s bounds the wait
     check_worker_group(two_small, ResourcesConfig(num_workers=1, cpus_per_worker=2, ray_address="10.0.0.1:6379"),
                        error=ValueError)
+
+
+def test_own_job_lines_keeps_this_jobs_sections_of_a_reused_workers_log():
+    from forgetting_ray.ray_utils import own_job_lines
+
+    text = (":job_id:01000000\n:task_name:other\nnot ours\n"
+            ":job_id:02000000\n:actor_name:ScoreActor\nloading the model\nWarning: slow\n"
+            ":job_id:01000000\n:task_name:other\nstill not ours\n"
+            ":job_id:02000000\n:task_name:later\ndone\n")
+    assert own_job_lines(text, "02000000") == ("ScoreActor", "loading the model\nWarning: slow\ndone\n")
+    assert own_job_lines(text, "03000000") == (None, "")
+
+
+def test_gpu_memory_as_nvidia_smi_reports_it():
+    from forgetting_ray.ray_utils import parse_nvidia_smi, smallest_gpu_gib
+
+    smi = "NVIDIA H100 80GB HBM3, 81559\nNVIDIA H100 80GB HBM3, 81559\n"
+    assert parse_nvidia_smi(smi) == [("NVIDIA H100 80GB HBM3", 81559 / 1024)] * 2
+    l40s = parse_nvidia_smi("NVIDIA L40S, 46068\n")
+    gib, desc = smallest_gpu_gib({"10.0.0.2": parse_nvidia_smi(smi), "10.0.0.3": l40s, "10.0.0.4": []})
+    assert gib == 46068 / 1024 and "10.0.0.3: NVIDIA L40S 45 GiB" in desc and "10.0.0.4: unreadable" in desc
+    assert smallest_gpu_gib({}) is None and smallest_gpu_gib({"10.0.0.4": []}) is None

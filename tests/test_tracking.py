@@ -87,3 +87,28 @@ def test_experiment_opens_on_its_runs_and_lists_the_datasets(tmp_path):
     client.set_experiment_tag(run.experiment_id, EXPERIMENT_KIND_TAG, "genai_development")
     Tracker.start(uri, "exp", "again")
     assert client.get_experiment(run.experiment_id).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_system_metrics_are_sampled_into_the_run_while_the_block_runs(tmp_path):
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    t = Tracker.start(f"sqlite:///{tmp_path / 'mlflow.db'}", "system", "pipeline")
+    with t.system_metrics(interval_s=0.2):
+        time.sleep(1.5)
+    t.end()
+    history = MlflowClient(t.uri).get_metric_history(t.run_id, "system/cpu_utilization_percentage")
+    assert len(history) >= 2 and all(0 <= m.value <= 100 for m in history)
+    assert MlflowClient(t.uri).get_run(t.run_id).data.metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_compare_runs_url_opens_the_compare_view_of_those_runs():
+    from urllib.parse import parse_qs, urlsplit
+
+    from forgetting_ray.tracking import compare_runs_url
+
+    url = compare_runs_url("http://127.0.0.1:5000/", "7", ["a1", "b2"])
+    assert url.startswith("http://127.0.0.1:5000/#/compare-runs?")
+    query = parse_qs(urlsplit(url).fragment.split("?", 1)[1])
+    assert query == {"runs": ['["a1", "b2"]'], "experiments": ['["7"]']}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..models import load_tokenizer, resolve_dtype, resolve_model_path
+from ..models import load_tokenizer, resolve_dtype, resolve_model_path, stage_device
 from . import metrics as M, runner
 from .lm import ChatTemplateError
 
@@ -208,8 +208,11 @@ def run_lm_eval(cfg: Any, model_cfg: Any) -> tuple[dict[str, dict[str, float]], 
     docs = {name: runner.load_docs(name, e, tok) for name in e.tasks}
     path = resolve_model_path(model_cfg)
     dtype = str(resolve_dtype(model_cfg.dtype)).replace("torch.", "")
-    lm = HFLM(pretrained=path, dtype=dtype, batch_size=e.batch_size, device="cuda" if e.num_gpus_per_actor > 0 else "cpu",
-              trust_remote_code=model_cfg.trust_remote_code)
+    device = stage_device(e.num_gpus_per_actor > 0, "eval.num_gpus_per_actor",
+                          cpu_stands_in=cfg.resources.cpu_stands_in_for_gpu)
+    attn = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
+    lm = HFLM(pretrained=path, dtype=dtype, batch_size=e.batch_size, device=str(device),
+              trust_remote_code=model_cfg.trust_remote_code, **attn)  # the rest reaches from_pretrained
     with tempfile.TemporaryDirectory(prefix="fr-lm-eval-") as tmp:
         task_cfgs = build_task_configs(docs, e, Path(tmp))
         res = simple_evaluate(model=lm, tasks=list(task_cfgs.values()), log_samples=True, random_seed=e.seed,

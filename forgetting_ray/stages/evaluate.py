@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import EvalConfig, ModelConfig, PipelineConfig, config_to_dict
 from ..errors import UserError
@@ -30,8 +31,8 @@ from ..eval import runner
 from ..eval.base import check_input, input_fingerprint
 from ..eval.harness import run_lm_eval
 from ..eval.lm import ChatTemplateError, Engine
-from ..models import load_model, load_tokenizer, portable_model
-from ..ray_utils import bounded_actor_start, check_actor_pool_cpus, init_ray
+from ..models import load_model, load_tokenizer, portable_model, stage_device
+from ..ray_utils import bounded_actor_start, check_actor_pool_cpus, init_ray, ray_data_bars_off
 from ..store import atomic_write_json, atomic_write_text, content_hash, exists, is_uri, join_storage
 from ..tracking import Tracker, resolve_tracking_uri
 
@@ -78,10 +79,11 @@ def _model_config(cfg: PipelineConfig, model_path: str) -> ModelConfig:
     return cfg.model.model_copy(update={"name_or_path": model_path, "tokenizer": None, "revision": None})
 
 
-def build_engine(model_cfg: dict[str, Any], eval_cfg: dict[str, Any], device: str | None = None) -> Engine:
+def build_engine(model_cfg: dict[str, Any], eval_cfg: dict[str, Any], device: str | None = None, *,
+                 cpu_stands_in: bool = False) -> Engine:
     mcfg, ecfg = ModelConfig(**model_cfg), EvalConfig(**eval_cfg)
     if device is None:
-        device = "cuda" if torch.cuda.is_available() and ecfg.num_gpus_per_actor > 0 else "cpu"
+        device = stage_device(ecfg.num_gpus_per_actor > 0, "eval.num_gpus_per_actor", cpu_stands_in=cpu_stands_in)
     tok = load_tokenizer(mcfg)
     model = load_model(mcfg, device=device)
     return Engine(model, tok, batch_size=ecfg.batch_size, prefix_reuse=ecfg.prefix_reuse,
@@ -91,9 +93,10 @@ def build_engine(model_cfg: dict[str, Any], eval_cfg: dict[str, Any], device: st
 class EvalPredictor:
     """Ray Data actor: loads the model once, answers batches of JSON request rows."""
 
-    def __init__(self, model_cfg: dict[str, Any], eval_cfg: dict[str, Any], threads: int) -> None:
+    def __init__(self, model_cfg: dict[str, Any], eval_cfg: dict[str, Any], threads: int,
+                 cpu_stands_in: bool = False) -> None:
         torch.set_num_threads(max(1, threads))
-        self.engine = build_engine(model_cfg, eval_cfg)
+        self.engine = build_engine(model_cfg, eval_cfg, cpu_stands_in=cpu_stands_in)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         requests = [json.loads(r) for r in batch["request"]]
@@ -105,7 +108,7 @@ def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
     check_actor_pool_cpus(ray, "eval", cfg.eval, ray_address=cfg.resources.ray_address, error=EvalConfigError)
 
 
-def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[dict[str, Any]]) -> list[Any]:
+def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[dict[str, Any]], label: str) -> list[Any]:
     # ray and mlflow are imported where they are used: each takes seconds, and the pipeline imports this
     # module whatever the backend and tracking settings.
     import ray
@@ -113,15 +116,18 @@ def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[d
     init_ray(cfg.resources.ray_address)
     e = cfg.eval
     _check_cpu_budget(cfg, ray)
-    with bounded_actor_start("eval", e, cfg.resources.placement_timeout_s):  # before the Dataset copies the context
-        answers = _predict(e, model_cfg, requests)
+    # both before the Dataset copies the context
+    with bounded_actor_start("eval", e, cfg.resources.placement_timeout_s), ray_data_bars_off():
+        answers = _predict(e, model_cfg, requests, label, cfg.resources.cpu_stands_in_for_gpu)
     missing = [i for i, a in enumerate(answers) if a is None]
     if missing:
         raise RuntimeError(f"Ray eval returned no answer for {len(missing)} request(s), e.g. #{missing[0]}")
     return answers
 
 
-def _predict(e: Any, model_cfg: ModelConfig, requests: list[dict[str, Any]]) -> list[Any]:
+def _predict(e: Any, model_cfg: ModelConfig, requests: list[dict[str, Any]], label: str,
+             cpu_stands_in: bool) -> list[Any]:
+    """The answers, in request order, from a pool of :class:`EvalPredictor` actors; a bar of requests answered."""
     import ray
 
     ds = ray.data.from_items([{"idx": i, "request": json.dumps(r)} for i, r in enumerate(requests)])
@@ -134,6 +140,7 @@ def _predict(e: Any, model_cfg: ModelConfig, requests: list[dict[str, Any]]) -> 
             "model_cfg": config_to_dict(portable_model(model_cfg)),  # the actors may run on other nodes
             "eval_cfg": config_to_dict(e),
             "threads": max(1, int(e.num_cpus_per_actor)),
+            "cpu_stands_in": cpu_stands_in,
         },
         batch_size=per_call,
         batch_format="numpy",
@@ -141,10 +148,13 @@ def _predict(e: Any, model_cfg: ModelConfig, requests: list[dict[str, Any]]) -> 
         compute=ray.data.ActorPoolStrategy(size=e.concurrency, max_tasks_in_flight_per_actor=1),
         num_cpus=e.num_cpus_per_actor,
         num_gpus=e.num_gpus_per_actor or None,
-    ).take_all()
+    )
     answers: list[Any] = [None] * len(requests)
-    for row in out:
-        answers[int(row["idx"])] = json.loads(row["answer"])
+    with tqdm(total=len(requests), desc=f"eval {label}", unit="request", mininterval=1.0, dynamic_ncols=True) as bar:
+        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):  # as each actor call completes
+            for i, a in zip(batch["idx"], batch["answer"]):
+                answers[int(i)] = json.loads(a)
+            bar.update(len(batch["idx"]))
     return answers
 
 
@@ -211,7 +221,7 @@ def _check_request(cfg: PipelineConfig, harness: str | None) -> str:
     return harness
 
 
-def _evaluate_native(cfg: PipelineConfig, model_cfg: ModelConfig, model_path: str):
+def _evaluate_native(cfg: PipelineConfig, model_cfg: ModelConfig, model_path: str, label: str):
     """This package's evaluation: documents -> requests -> answers (Ray or here) -> per-example scores.
     Returns (metrics, records) as ``runner.score_tasks``."""
     tok = load_tokenizer(model_cfg)
@@ -222,9 +232,11 @@ def _evaluate_native(cfg: PipelineConfig, model_cfg: ModelConfig, model_path: st
     requests = [r["request"] for r in rows]
     log.info("eval: %d requests over %s", len(requests), {k: len(v) for k, v in docs.items()})
     if cfg.eval.backend == "ray":
-        answers = _answer_on_ray(cfg, model_cfg, requests)
+        answers = _answer_on_ray(cfg, model_cfg, requests, label)
     else:
-        answers = runner.answer_requests(build_engine(config_to_dict(model_cfg), config_to_dict(cfg.eval)), requests)
+        engine = build_engine(config_to_dict(model_cfg), config_to_dict(cfg.eval),
+                              cpu_stands_in=cfg.resources.cpu_stands_in_for_gpu)
+        answers = runner.answer_requests(engine, requests)
     return runner.score_tasks(docs, rows, answers)
 
 
@@ -276,7 +288,7 @@ def run_eval(
     if harness == "lm-eval":
         metrics, records = _lm_eval(cfg, model_cfg)
     else:
-        metrics, records = _evaluate_native(cfg, model_cfg, model_path)
+        metrics, records = _evaluate_native(cfg, model_cfg, model_path, out_dir.name)
     headline, average = runner.headline_scores(metrics)
     samples = _write_samples(out_dir, records)
 

@@ -52,8 +52,8 @@ from ..data.score_set import (
 )
 from ..data.table import IGNORE_INDEX, TokenTableError, read_token_table, token_table_hash
 from ..errors import UserError
-from ..models import load_model, load_tokenizer, portable_model, resolve_model_path, tokenizer_fingerprint
-from ..ray_utils import bounded_actor_start, check_actor_pool_cpus, init_ray
+from ..models import load_model, load_tokenizer, portable_model, resolve_model_path, stage_device, tokenizer_fingerprint
+from ..ray_utils import bounded_actor_start, check_actor_pool_cpus, init_ray, ray_data_bars_off
 from ..scoring import token_nll
 from ..store import (
     atomic_path,
@@ -400,7 +400,7 @@ class ScoreActor:
 
     def __init__(self, base_cfg: dict[str, Any], ref: dict[str, Any], dtype: str, use_gpu: bool,
                  threads: int, batch_tokens: int, pad_tolerance: float | None, chunk_size: int | None,
-                 pad_token_id: int) -> None:
+                 pad_token_id: int, cpu_stands_in: bool = False) -> None:
         # transformers and peft take seconds to import: only the actors, which load models, pay for them.
         from transformers.utils import logging as hf_logging
 
@@ -408,7 +408,7 @@ class ScoreActor:
 
         hf_logging.disable_progress_bar()  # one bar for the stage (driver), not one per actor
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = stage_device(use_gpu, "scoring.num_gpus_per_actor", cpu_stands_in=cpu_stands_in)
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, threads))  # its CPU share, not every core of the node
         self.batch_tokens, self.pad_tolerance = batch_tokens, pad_tolerance
@@ -500,6 +500,7 @@ def _actor_kwargs(cfg: PipelineConfig, inp: _Inputs) -> dict[str, Any]:
         "pad_tolerance": s.pad_tolerance,
         "chunk_size": s.chunk_size,
         "pad_token_id": inp.pad_id,
+        "cpu_stands_in": cfg.resources.cpu_stands_in_for_gpu,
     }
 
 
@@ -515,14 +516,9 @@ def _scores_dataset(cfg: PipelineConfig, table_path: Path, pending_ids: list[str
                     n_blocks_rows: int) -> Iterator[pa.Table]:
     # Importing ray takes seconds: only a run that has shards to score pays for it.
     import ray
-    from ray.data import DataContext
 
     s = cfg.scoring
-    ctx = DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start)
-    # one driver-side bar for the whole stage instead of one per operator
-    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = ctx.print_on_execution_start = False
-    try:
+    with ray_data_bars_off():  # the stage's one bar is drawn by the caller
         # Ray Data reads the table where it is stored (a bucket: every node reads it; no shared disk needed)
         ds = ray.data.read_parquet(portable(table_path), columns=["sample_id", "input_ids", "labels"], num_cpus=0.25)
         # Small parquet files arrive as one block (STACK_NOTES Exp 3); blocks of shard_size rows feed every
@@ -542,8 +538,6 @@ def _scores_dataset(cfg: PipelineConfig, table_path: Path, pending_ids: list[str
             num_gpus=s.num_gpus_per_actor or None,
         )
         yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
-    finally:
-        ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start = saved
 
 
 # ------------------------------------------------------------------------------------------------

@@ -328,6 +328,10 @@ def _worker_job(cfg: PipelineConfig, stage: Stage, ft: ReferenceConfig | Trainin
                       "key": run.key, "num_workers": res.num_workers},
         fault=fault,
         step_relay=relay,
+        system_metrics=cfg.tracking.system_metrics,
+        attn_implementation=cfg.model.attn_implementation,
+        dtype=cfg.model.dtype,
+        cpu_stands_in=res.cpu_stands_in_for_gpu,
     )
 
 
@@ -335,7 +339,7 @@ def _fit(cfg: PipelineConfig, ft: FinetuneConfig, job: FinetuneJob, datasets: di
          run_name: str, callbacks: list[Any] | None) -> "Result":
     """Build the TorchTrainer and fit; Ray resumes the run named ``run_name`` from its latest checkpoint."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     res = cfg.resources
     # Ray Train retries a worker group it could not place forever (controller_failure_limit -1): bound the wait
@@ -347,6 +351,8 @@ def _fit(cfg: PipelineConfig, ft: FinetuneConfig, job: FinetuneJob, datasets: di
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_loop_config(),
+        # GPU workers rehearsed on CPUs (resources.cpu_stands_in_for_gpu) need gloo; None: Ray's choice (NCCL on GPUs)
+        torch_config=TorchConfig(backend="gloo" if res.use_gpu and res.cpu_stands_in_for_gpu else None),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(

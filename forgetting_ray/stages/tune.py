@@ -51,6 +51,7 @@ from ..config import ModelConfig, PipelineConfig, TuneConfig, config_to_dict
 from ..constants import IGNORE_INDEX
 from ..data.collate import collate
 from ..models import load_model, load_tokenizer
+from ..console import quiet
 from ..ray_internals import pg_recorder_class, reaper_class
 from ..ray_utils import (
     PlacementTimeout,
@@ -120,6 +121,7 @@ class TuneResult:
     best_partition: Any = None  # PartitionResult at the best rho
     best_table: Path | None = None  # the table the best trial trained on (validation split removed)
     stats: dict[str, Any] = field(default_factory=dict)
+    trial_runs: dict[str, str] = field(default_factory=dict)  # trial id -> its MLflow run id
 
     @property
     def best_export_dir(self) -> Path | None:
@@ -244,6 +246,7 @@ def _trial_tracker_class():
         def __init__(self, parent: Tracker, base: PipelineConfig, report_every: int, score_key: str):
             self.parent, self.base, self.report_every, self.score_key = parent, base, report_every, score_key
             self.runs: dict[str, Tracker] = {}
+            self.run_ids: dict[str, str] = {}  # every trial's, kept after it ends
 
         def on_trial_start(self, iteration, trials, trial, **info):
             tid = trial.trial_id
@@ -253,7 +256,7 @@ def _trial_tracker_class():
             params = dict(trial.config or {})
             _log_trial_params(t, tid, params, trial_config(self.base, params, report_every=self.report_every))
             t.log_params({"score_key": self.score_key})
-            self.runs[tid] = t
+            self.runs[tid], self.run_ids[tid] = t, t.run_id
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             t = self.runs.get(trial.trial_id)
@@ -457,7 +460,7 @@ def _param_space(tc: TuneConfig) -> dict[str, Any]:
 
 
 def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_alg, trial_tracker,
-         placement_timeout_s: float):
+         placement_timeout_s: float, mode: str):
     """Run the search (or resume an interrupted one in the same folder). Returns (result grid, experiment folder)."""
     from ray import tune
 
@@ -465,8 +468,10 @@ def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_al
     reaper = reaper_class()()
     storage = portable(folder / "ray")  # trials on other nodes write there too: the bucket of a bucket run
     watch = _pending_watch_class()(placement_timeout_s)
-    run_config = tune.RunConfig(name="search", storage_path=storage, verbose=1,
-                                callbacks=[reaper, trial_tracker, watch])
+    progress = _trial_progress_class()(tc.num_samples, mode)
+    # quiet: the bar instead of Tune's status tables
+    run_config = tune.RunConfig(name="search", storage_path=storage, verbose=0 if quiet() else 1,
+                                callbacks=[reaper, trial_tracker, watch, progress])
     experiment = join_storage(storage, "search")
     if tune.Tuner.can_restore(str(experiment)):
         log.info("tune: resuming the search in %s", experiment)
@@ -489,6 +494,47 @@ def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_al
         raise cause from None
     reaper.join()
     return grid, experiment
+
+
+def _trial_progress_class():
+    from ray.tune import Callback
+    from tqdm.auto import tqdm
+
+    class TrialProgress(Callback):
+        """The search's bar on the driver: trials ended (finished, stopped early, failed) of all, how many run
+        now, and the best objective so far."""
+
+        def __init__(self, total: int, mode: str):
+            self.total, self.mode, self.best, self.bar = total, mode, None, None
+
+        def _show(self, trials) -> None:
+            if self.bar is None:
+                self.bar = tqdm(total=self.total, desc="tune", unit="trial", mininterval=1.0, dynamic_ncols=True)
+            ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            self.bar.update(ended - self.bar.n)
+            best = "-" if self.best is None else f"{self.best:.4g}"
+            self.bar.set_postfix_str(f"running={sum(t.status == 'RUNNING' for t in trials)} best={best}")
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._show(trials)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(OBJECTIVE_METRIC)
+            if value is not None and (self.best is None or (value < self.best if self.mode == "min" else value > self.best)):
+                self.best = float(value)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._show(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._show(trials)
+
+        def on_experiment_end(self, trials, **info):
+            if self.bar is not None:
+                self._show(trials)
+                self.bar.close()
+
+    return TrialProgress
 
 
 def _pending_watch_class():
@@ -613,13 +659,14 @@ def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> Tun
                         "tune.max_concurrent_trials_resolved": concurrent, "tune.total_steps": plan.total_steps,
                         "tune.val_samples": len(val_ids)})
     trial_tracker = _trial_tracker_class()(tracker, cfg, report_every, score.key)
-    grid, experiment = _fit(tc, folder, ctx, scheduler, search_alg, trial_tracker, cfg.resources.placement_timeout_s)
+    grid, experiment = _fit(tc, folder, ctx, scheduler, search_alg, trial_tracker, cfg.resources.placement_timeout_s,
+                            mode)
 
     trials = _collect_trials(grid)
     _close_stopped_runs(tracker, trials)
     result = TuneResult(folder, key, space_hash(spec), objective, mode, trials, pick_best(trials, mode),
                         stats={"max_concurrent_trials": concurrent, "total_steps": plan.total_steps,
-                               "val_samples": len(val_ids)})
+                               "val_samples": len(val_ids)}, trial_runs=dict(trial_tracker.run_ids))
     return _finish(result, cfg, train_table, score, experiment, tracker)
 
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from ..config import FinetuneConfig
 from ..errors import UserError
+from ..models import resolve_dtype
 from ..scoring import token_nll
 
 DDP_STATE_FILE = "ddp_state.pt"
@@ -289,8 +290,10 @@ def _grad_norm(params) -> float:
 _HF_DS_CONFIG = None
 
 
-def load_causal_lm(model_path: str, *, ds_config: dict | None, trust_remote_code: bool = False) -> torch.nn.Module:
-    """fp32 master weights; under ZeRO-3 each rank only ever holds its partition (zero.Init)."""
+def load_causal_lm(model_path: str, *, ds_config: dict | None, trust_remote_code: bool = False,
+                   attn_implementation: str | None = None) -> torch.nn.Module:
+    """fp32 master weights, in training mode (dropout on, activation checkpointing able to engage); under
+    ZeRO-3 each rank only ever holds its partition (zero.Init)."""
     global _HF_DS_CONFIG
     from transformers import AutoModelForCausalLM
 
@@ -300,9 +303,20 @@ def load_causal_lm(model_path: str, *, ds_config: dict | None, trust_remote_code
         _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)  # must exist before from_pretrained
     else:
         _HF_DS_CONFIG = None
-    return AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code, **attn
     )
+    return model.train()  # from_pretrained returns eval mode, where transformers skips gradient checkpointing
+
+
+def training_precision(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The compute dtype of mixed precision over fp32 master weights (None: plain fp32), from model.dtype:
+    'auto' is bf16 on a GPU, fp32 on the CPU; fp16 would need loss scaling, which this loop does not do."""
+    resolved = resolve_dtype(dtype, device)
+    if resolved == torch.float16:
+        raise UserError("model.dtype float16 cannot train here (no loss scaling): use bfloat16 or float32")
+    return torch.bfloat16 if resolved == torch.bfloat16 else None
 
 
 def apply_lora(model: torch.nn.Module, ft: FinetuneConfig) -> torch.nn.Module:
@@ -329,9 +343,12 @@ def create_runner(
     device: torch.device,
     chunk_size: int | None = 1024,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    dtype: str = "auto",
 ) -> Runner:
     """Build model (+LoRA), AdamW, the warmup/decay schedule and the engine, inside a worker."""
     use_gpu = device.type == "cuda"
+    compute = training_precision(dtype, device)
     if use_gpu:
         torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device
     torch.manual_seed(ft.seed)  # identical LoRA init on every rank
@@ -341,10 +358,16 @@ def create_runner(
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray's group
-        ds_config = build_deepspeed_config(ft, world_size=world_size, bf16=use_gpu)
-    model = load_causal_lm(model_path, ds_config=ds_config, trust_remote_code=trust_remote_code)
+        ds_config = build_deepspeed_config(ft, world_size=world_size, bf16=compute == torch.bfloat16)
+    model = load_causal_lm(model_path, ds_config=ds_config, trust_remote_code=trust_remote_code,
+                           attn_implementation=attn_implementation)
     if ft.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed it (the old name warns); either engages only in training mode
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if ft.lora.enabled:
             model.enable_input_require_grads()
     if ft.lora.enabled:
@@ -370,5 +393,5 @@ def create_runner(
         )
     else:
         wrapped = wrapper
-    autocast = torch.bfloat16 if use_gpu else None  # fp32 masters + bf16 autocast, as the paper
-    return DDPRunner(wrapped, model, optimizer, scheduler, device, autocast, ft.max_grad_norm)
+    # fp32 masters + bf16 autocast, as the paper
+    return DDPRunner(wrapped, model, optimizer, scheduler, device, compute, ft.max_grad_norm)

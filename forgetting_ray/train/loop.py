@@ -38,7 +38,7 @@ from ..config import FinetuneConfig, ReferenceConfig, TrainingConfig
 from ..constants import IGNORE_INDEX
 from ..data.collate import collate
 from ..losses import classes_from_labels, forgetting_loss, lambda_schedule
-from ..models import load_tokenizer, resolve_model_path
+from ..models import load_tokenizer, resolve_model_path, stage_device
 from ..store import cache_root, content_hash, is_uri, join_storage, read_text, upload_tree
 from .checkpoint import TrainState, checkpoint_tag, read_state, write_state
 from .deepspeed_setup import DDPRunner, Runner, create_runner
@@ -300,6 +300,10 @@ class FinetuneJob(BaseModel):
     train_config: dict[str, Any]  # recorded in the export manifest
     fault: dict[str, Any] | None = None  # parse_fault's one-shot crash (recovery tests)
     step_relay: str | None = None  # named actor rank 0 sends each step's metrics to (ray_utils.step_relay)
+    system_metrics: bool = False  # rank 0 adds its CPU, memory and GPU memory to each step's metrics
+    attn_implementation: str | None = None  # model.attn_implementation
+    dtype: str = "auto"  # model.dtype: the compute precision (bfloat16 = bf16 mixed precision over fp32 masters)
+    cpu_stands_in: bool = False  # resources.cpu_stands_in_for_gpu
 
     @field_validator("finetune", mode="before")
     @classmethod
@@ -425,10 +429,11 @@ def _set_up(job: FinetuneJob) -> _Worker:
     plan.check(job.table)
     lambda_of_step = job.lambda_of_step(plan.total_steps)
     mult = loss_multiplier(job.normalization, ft.grad_accum, world)
-    device = _device(job.use_gpu)
+    device = _device(job.use_gpu, job.cpu_stands_in)
     # an alias converts, a URI is fetched once per node; a hub id or shared path loads as it is
-    runner = create_runner(resolve_model_path(job.model_path), ft, world_size=world, total_steps=plan.total_steps, device=device,
-                           chunk_size=job.chunk_size, trust_remote_code=job.trust_remote_code)
+    runner = create_runner(resolve_model_path(job.model_path), ft, world_size=world, total_steps=plan.total_steps,
+                           device=device, chunk_size=job.chunk_size, trust_remote_code=job.trust_remote_code,
+                           attn_implementation=job.attn_implementation, dtype=job.dtype)
     relay = None
     if job.step_relay and rank == 0:
         try:
@@ -438,8 +443,8 @@ def _set_up(job: FinetuneJob) -> _Worker:
     return _Worker(job, plan, runner, rank, world, device, lambda_of_step, mult, relay)
 
 
-def _device(use_gpu: bool) -> torch.device:
-    if not use_gpu:
+def _device(use_gpu: bool, cpu_stands_in: bool) -> torch.device:
+    if stage_device(use_gpu, "resources.use_gpu", cpu_stands_in=cpu_stands_in).type == "cpu":
         return torch.device("cpu")
     import ray.train.torch
 
@@ -482,6 +487,8 @@ def _train_epoch(w: _Worker, state: TrainState, history: list[dict[str, Any]], g
     for _ in range(w.plan.steps_per_epoch - consumed // ft.grad_accum):
         step = state.global_step
         metrics = _train_step(w, state, batches, epoch)
+        if w.job.system_metrics and w.rank == 0:
+            metrics.update(process_metrics(w.device))
         _apply_guardrail(w, guard, state, step, metrics)
         history.append(metrics)
         if w.relay is not None:
@@ -491,6 +498,20 @@ def _train_epoch(w: _Worker, state: TrainState, history: list[dict[str, Any]], g
         _maybe_crash(w.job.fault, w.rank, state.global_step)
         if last:
             return
+
+
+def process_metrics(device: torch.device) -> dict[str, float]:
+    """This process's CPU use since the last call, resident memory, and on a GPU its memory (now, peak, held
+    by the allocator), as ``system/rank0_*`` step metrics."""
+    import psutil
+
+    me = psutil.Process()
+    out = {"system/rank0_cpu_percent": me.cpu_percent(), "system/rank0_rss_gib": me.memory_info().rss / 2**30}
+    if device.type == "cuda":
+        out.update({"system/rank0_gpu_allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+                    "system/rank0_gpu_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                    "system/rank0_gpu_reserved_gib": torch.cuda.memory_reserved(device) / 2**30})
+    return out
 
 
 def _train_step(w: _Worker, state: TrainState, batches: Iterator[dict[str, torch.Tensor]],

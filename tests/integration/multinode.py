@@ -38,6 +38,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,14 +183,12 @@ def s3_server() -> Iterator[S3Server]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def mlflow_server() -> Iterator[str]:
-    """The tracking URI of a fresh MLflow server."""
-    root = Path(tempfile.mkdtemp(prefix="frm-mlflow", dir="/tmp"))
+@contextmanager
+def serve_mlflow(store: str, artifacts: Path, log: Path) -> Iterator[str]:
+    """``mlflow server`` on the backend store ``store`` (e.g. a run's ``sqlite:///…/mlflow.db``); yields its URL."""
     (port,) = _free_ports(1)
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "artifacts")]
-    log = root / "mlflow.log"
+           "--backend-store-uri", store, "--default-artifact-root", str(artifacts)]
     proc = _start(cmd, _env(), log)
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -198,7 +197,33 @@ def mlflow_server() -> Iterator[str]:
         yield uri
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server() -> Iterator[str]:
+    """The tracking URI of a fresh MLflow server."""
+    root = Path(tempfile.mkdtemp(prefix="frm-mlflow", dir="/tmp"))
+    try:
+        with serve_mlflow(f"sqlite:///{root}/mlflow.db", root / "artifacts", root / "mlflow.log") as uri:
+            yield uri
+    finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+needs_chromium = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                                    reason="headless Chromium not installed (apt-get install -y chromium)")
+
+
+def render(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    """Load ``url`` in headless Chromium, letting the React app fetch and render for a while (``--dump-dom``
+    prints the page, ``--screenshot=FILE`` saves it)."""
+    assert CHROMIUM, "headless Chromium is required here: apt-get install -y chromium"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+           "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
+           "--window-size=1600,1000", "--virtual-time-budget=30000", *args, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "HOME": str(profile)},
+                          check=False)
 
 
 # a subprocess, so that the pytest process never joins this cluster

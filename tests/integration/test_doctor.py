@@ -82,6 +82,20 @@ def test_memory_plan_fails_when_the_model_cannot_fit(ray_cluster, tiny_llama, tm
     assert "see `forgetting-ray plan`" in lines["_out"]
 
 
+def test_gpu_memory_is_read_from_the_cluster_not_assumed(ray_cluster, tiny_llama, tmp_path, capsys):
+    """No built-in GPU size: on a cluster without GPU nodes the GPU plan check cannot judge and says so; a size
+    given on the command line is used and named."""
+    cfg = _write_config(tmp_path, tiny_llama, resources__use_gpu=True)
+    main(["doctor", cfg])
+    lines = _lines(capsys)
+    assert lines["memory plan"].startswith("[WARN]") and "no GPU node is up" in lines["memory plan"], lines["_out"]
+    main(["doctor", cfg, "--gpu-memory-gib", "0.001"])
+    lines = _lines(capsys)
+    assert lines["memory plan"].startswith("[FAIL]") and "GiB of a GPU (--gpu-memory-gib)" in lines["memory plan"]
+    main(["doctor", cfg, "--gpu-memory-gib", "48"])
+    assert "fits the 48.0 GiB of a GPU (--gpu-memory-gib)" in _lines(capsys)["memory plan"]
+
+
 def test_request_resources_waits_for_the_stage_bundles_and_names_what_is_missing(ray_cluster, tiny_llama,
                                                                                  tmp_path, capsys):
     rc = main(["doctor", _write_config(tmp_path, tiny_llama), "--request-resources", "--wait", "5"])

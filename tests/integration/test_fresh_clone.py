@@ -79,6 +79,10 @@ def test_tiny_pipeline_runs_through_evaluation_in_a_clone_with_nothing_beside_it
     assert re.search(r"train \w+: 100%.*loss=", proc.stderr)  # the optimizer-step bar
     driver_log = (run_dir / "logs" / "driver.log").read_text()
     assert "ray" in driver_log and "== train" in driver_log
+    # the workers' own output (those that wrote any), copied from Ray's session logs into the run
+    worker_logs = [p.name for p in (run_dir / "logs" / "workers").glob("*/*")]
+    assert any("ScoreActor" in n for n in worker_logs) and any("RayTrainWorker" in n for n in worker_logs), worker_logs
+    assert re.search(r"eval forgetting-\w+: 100%", proc.stderr)  # the requests bar
     assert f"mlflow ui --backend-store-uri sqlite:///{run_dir}/mlflow.db" in log
     for stage in ("prepare", "score", "partition"):
         assert any((d / "_SUCCESS.json").is_file() for d in (run_dir / stage).iterdir()), stage

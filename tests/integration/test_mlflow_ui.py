@@ -8,30 +8,12 @@ Needs Debian's chromium (``apt-get install -y chromium``); CI installs it.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
-import pytest
-
 from forgetting_ray.tracking import Tracker, experiment_url
 
+from .multinode import needs_chromium, render
+
 pytest_plugins = [f"{__package__}.multinode"]
-
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
-                                reason="headless Chromium not installed (apt-get install -y chromium)")
-
-
-def render(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    """Load ``url`` in headless Chromium, letting the React app fetch and render for a while."""
-    assert CHROMIUM, "headless Chromium is required here: apt-get install -y chromium"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-           "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
-           "--window-size=1600,1000", "--virtual-time-budget=30000", *args, url]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "HOME": str(profile)},
-                          check=False)
+pytestmark = needs_chromium
 
 
 def test_the_experiment_opens_on_its_runs_with_their_datasets(mlflow_server, tmp_path):

@@ -222,6 +222,7 @@ def test_step_metrics_reach_mlflow_while_the_fit_runs(ray_cluster, tmp_path, tab
     from forgetting_ray.train.loop import FAULT_ENV
 
     cfg = make_cfg(tmp_path, tiny_llama, deepspeed={"enabled": False}, max_steps=4, checkpoint_every=2)
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"system_metrics": True})})
     held = tmp_path / "held-after-step-2"
     monkeypatch.setenv(FAULT_ENV, f"rank=0,after_step=2,marker={held},hold_s=20")
     tracker = Tracker.start(f"sqlite:///{tmp_path / 'mlflow.db'}", "live", "train")
@@ -240,3 +241,6 @@ def test_step_metrics_reach_mlflow_while_the_fit_runs(ray_cluster, tmp_path, tab
         result = fit.result()
     steps = [m.step for m in client.get_metric_history(tracker.run_id, "loss")]
     assert sorted(steps) == [row["step"] for row in result.metrics] == [1, 2, 3, 4]
+    # opted in: rank 0's own memory with each step
+    rss = client.get_metric_history(tracker.run_id, "system/rank0_rss_gib")
+    assert sorted(m.step for m in rss) == [1, 2, 3, 4] and all(0.05 < m.value < 64 for m in rss)

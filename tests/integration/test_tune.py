@@ -15,9 +15,12 @@ import pytest
 
 from conftest import EVAL_DIR
 from forgetting_ray.config import load_config
-from forgetting_ray.pipeline import run_pipeline
+from forgetting_ray.pipeline import run_pipeline, summarize
 from forgetting_ray.search import SearchSpaceMismatch
 from forgetting_ray.stages.tune import format_tune_summary
+from forgetting_ray.tracking import compare_runs_url
+
+from .multinode import needs_chromium, render, serve_mlflow
 
 REPO = Path(__file__).resolve().parents[2]
 FLAN = REPO / "examples" / "data" / "flan_v2_cot"
@@ -150,6 +153,30 @@ def test_mlflow_lineage(searched):
             assert run.data.tags["model.trial.sha256"]
         else:
             assert run.info.status == "KILLED" and run.data.tags["forgetting_ray.stopped_by"] == "scheduler"
+
+
+@needs_chromium
+def test_the_trials_side_by_side_in_the_mlflow_ui(searched, tmp_path):
+    """The compare view a run's summary links to, rendered by headless Chromium on the run's own store: each
+    trial by name, its rho and lambda schedule, and the objective, in the parallel-coordinates chart and the
+    table."""
+    cfg, result = searched
+    tuned, tracker = result.outputs["tune"], result.tracker
+    assert set(tuned.trial_runs) == {t["trial_id"] for t in tuned.trials}
+    runs = list(tuned.trial_runs.values())
+    assert compare_runs_url("http://127.0.0.1:5000", tracker.experiment_id, runs) in summarize(cfg, result)
+    with serve_mlflow(tracker.uri, tmp_path / "artifacts", tmp_path / "mlflow.log") as ui:
+        url = compare_runs_url(ui, tracker.experiment_id, runs)
+        dom = render(url, tmp_path / "profile", "--dump-dom")
+        shot = tmp_path / "compare.png"
+        res = render(url, tmp_path / "profile", f"--screenshot={shot}")
+    assert dom.returncode == 0 and res.returncode == 0, (dom.stderr + res.stderr)[-3000:]
+    page = dom.stdout
+    assert f"Comparing {len(runs)} Runs" in page, page[-3000:]
+    assert all(f"trial-{t}" in page for t in tuned.trial_runs)
+    for name in ("Parallel Coordinates Plot", "selection.rho", "training.lambda_schedule", "objective"):
+        assert name in page, name
+    assert shot.stat().st_size > 10_000
 
 
 def test_restart_with_another_space_fails_before_training(searched, tiny_llama):

@@ -1,0 +1,35 @@
+"""`bench/gpu_check.py --cpu-rehearsal`: the GPU check's own code path (Ray Train + DeepSpeed ZeRO-3 workers and
+Ray Data scoring actors that each hold a GPU slot, LoRA and full fine-tunes, the exports) on a tiny shape, with
+the CPU standing in for the one GPU the rehearsal's Ray cluster declares.  What it cannot check here is the
+GPU's speed: MFU needs a GPU's peak."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_rehearses_the_gpu_configuration_on_the_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, with a GPU slot
+    out = tmp_path / "figures.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--cpu-rehearsal", "--steps", "4",
+                           "--samples", "120", "--run-dir", str(tmp_path / "run"), "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    f = json.loads(out.read_text())
+    assert f["gpus"] == 1 and f["config"]["resources"]["use_gpu"] and f["config"]["scoring"]["num_gpus_per_actor"] == 1
+    assert set(f["stage_seconds"]) == {"prepare", "reference (LoRA SFT)", "score", "partition", "train (LoRA)",
+                                       "train (full)"}
+    assert f["score_tokens_per_s"] > 0
+    lora, full = f["fine_tunes"]
+    for t in (lora, full):
+        assert t["steps"] == 4 and t["tokens_per_s"] > 0 and t["plan_gpu_gib"] > 0
+        assert t["mfu"]["6N"] is None  # no GPU peak on a CPU
+        assert list(Path(t["export"]).rglob("*.safetensors"))
+    assert lora["export"] != full["export"]
+    assert "tokens/s" in proc.stdout and "MFU n/a" in proc.stdout
