@@ -254,6 +254,11 @@ class TrainingConfig(FinetuneConfig):
         description="Average each class over its count in the micro-batch (paper) or over the whole "
         "optimizer step across micro-batches and ranks.",
     )
+    forget_loss: Literal["nll", "unlikelihood"] = Field(
+        "nll",
+        description="The forgetting term over the negatives: 'nll' = -lambda*mean NLL (paper; unbounded), "
+        "'unlikelihood' = +lambda*mean -log(1-p) (pushes p down, flattens out as p -> 0).",
+    )
     guardrail_neg_nll_max: float | None = Field(
         None, gt=0, description="If the negative-token NLL exceeds this, apply guardrail_action."
     )
@@ -302,6 +307,27 @@ class ScoringConfig(Section):
 class SelectionConfig(Section):
     rho: float = Field(0.7, description="Fraction of response tokens (global, highest scores) kept positive.")
     histogram_bins: int = Field(100, gt=1, description="Bins of the score histogram plot.")
+    score: Literal["difference", "relative", "prob_gain", "zscore"] = Field(
+        "difference",
+        description="What ranks the tokens, from the stored NLLs (the score stage does not change): "
+        "'difference' = l_base - l_ref (paper), 'relative' = (l_base - l_ref)/l_base, 'prob_gain' = "
+        "p_ref - p_base, 'zscore' = the difference standardised within each sequence.",
+    )
+    negative_fraction: float | None = Field(
+        None, gt=0, lt=1,
+        description="Three-way split: only this bottom fraction of tokens (lowest scores) is negative; the "
+        "tokens between it and the top rho are ignored. rho + negative_fraction must not exceed 1.",
+    )
+    negative_margin: float | None = Field(
+        None, ge=0,
+        description="Three-way split: only tokens scoring at least this far below the positive threshold "
+        "are negative; the band in between is ignored.",
+    )
+    base_nll_floor: float | None = Field(
+        None, ge=0,
+        description="A token the base model already predicts with NLL below this cannot be negative (it is "
+        "ignored instead): no gradient ascent on format and end-of-turn tokens.",
+    )
 
     @field_validator("rho")
     @classmethod
@@ -309,6 +335,14 @@ class SelectionConfig(Section):
         if not (0.0 < v <= 1.0):  # also rejects NaN
             raise ValueError(f"rho must be in (0, 1], got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _one_three_way_rule(self) -> "SelectionConfig":
+        if self.negative_fraction is not None and self.negative_margin is not None:
+            raise ValueError("set selection.negative_fraction or selection.negative_margin, not both")
+        if self.negative_fraction is not None and self.rho + self.negative_fraction > 1.0 + 1e-12:
+            raise ValueError(f"selection.rho ({self.rho}) + negative_fraction ({self.negative_fraction}) exceeds 1")
+        return self
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from .constants import IGNORE_INDEX
 
 SCHEDULES = get_args(LambdaSchedule)
 STRATEGIES = ("forgetting", "ignore", "sft")
+FORGET_LOSSES = ("nll", "unlikelihood")
 NORMALIZATIONS = ("micro_batch", "global")
 EPS = 1e-10
 
@@ -70,8 +71,13 @@ def forgetting_loss(
     normalization: str = "micro_batch",
     n_pos: float | None = None,
     n_neg: float | None = None,
+    forget_loss: str = "nll",
 ) -> LossOutput:
     """The loss of one micro-batch.
+
+    ``forget_loss`` is the forgetting term over the negatives: ``"nll"`` (the paper) subtracts lambda times
+    their mean NLL, unbounded below; ``"unlikelihood"`` adds lambda times their mean -log(1 - p) (Welleck et
+    al., 2019), which pushes p down but flattens out as p -> 0 instead of rewarding ever larger losses.
 
     ``normalization="micro_batch"`` (the paper) averages each class over its own count in this
     micro-batch.  ``"global"`` divides by ``n_pos``/``n_neg`` given by the caller: the counts over
@@ -79,6 +85,8 @@ def forgetting_loss(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if forget_loss not in FORGET_LOSSES:
+        raise ValueError(f"unknown forget_loss {forget_loss!r}; choose one of {', '.join(FORGET_LOSSES)}")
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
     if token_nll.shape != token_class.shape:
@@ -98,7 +106,11 @@ def forgetting_loss(
     else:
         den_pos, den_neg = max(local_pos, EPS), max(local_neg, EPS)
     loss = sum_pos / den_pos
-    if strategy == "forgetting":
+    if strategy == "forgetting" and forget_loss == "unlikelihood":
+        # -log(1 - p) with p = exp(-nll): -log(-expm1(-nll)), kept finite where p -> 1
+        unlikely = -torch.log((-torch.expm1(-token_nll)).clamp_min(EPS))
+        loss = loss + lam * ((unlikely * neg).sum() / den_neg)
+    elif strategy == "forgetting":
         loss = loss - lam * (sum_neg / den_neg)
     with torch.no_grad():
         pos_nll = sum_pos.detach() / max(local_pos, 1)

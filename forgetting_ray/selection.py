@@ -133,3 +133,68 @@ def classify_shard(scores: np.ndarray, tau: np.float32, ties_left: int) -> tuple
         out[ties] = POSITIVE
         ties_left -= ties.size
     return out, ties_left
+
+
+# ----------------------------------------------------------------------------------------------
+# score variants and the three-way split (beyond the paper; the default stays its `difference`)
+# ----------------------------------------------------------------------------------------------
+SCORE_VARIANTS = ("difference", "relative", "prob_gain", "zscore")
+_TINY = 1e-6
+
+
+def variant_scores(nll_base: np.ndarray, nll_ref: np.ndarray, lengths: np.ndarray, variant: str) -> np.ndarray:
+    """float32 scores of one shard's response tokens (rows laid end to end, ``lengths`` tokens each):
+
+    * ``difference``: l_base - l_ref (the paper);
+    * ``relative``: (l_base - l_ref) / l_base, the share of the base model's loss the reference removed;
+    * ``prob_gain``: p_ref - p_base, the probability the reference added (bounded, so confident tokens
+      the reference merely sharpened cannot dominate);
+    * ``zscore``: the difference standardised within its sequence (a sample the reference found easy as
+      a whole does not take all the positives).
+    """
+    b = np.asarray(nll_base, dtype=np.float64)
+    r = np.asarray(nll_ref, dtype=np.float64)
+    if variant == "difference":
+        out = b - r
+    elif variant == "relative":
+        out = (b - r) / np.maximum(b, _TINY)
+    elif variant == "prob_gain":
+        out = np.exp(-r) - np.exp(-b)
+    elif variant == "zscore":
+        d = b - r
+        lengths = np.asarray(lengths, dtype=np.int64)
+        row = np.repeat(np.arange(lengths.size), lengths)
+        n = np.maximum(lengths, 1)
+        mean = np.bincount(row, d, minlength=lengths.size) / n
+        var = np.bincount(row, (d - mean[row]) ** 2, minlength=lengths.size) / n
+        out = (d - mean[row]) / np.sqrt(var[row] + _TINY)  # one-token sequences score 0
+    else:
+        raise ValueError(f"unknown score variant {variant!r}; choose one of {', '.join(SCORE_VARIANTS)}")
+    return out.astype(np.float32)
+
+
+def three_way(classes: np.ndarray, scores: np.ndarray, *, negative_at_most: float | None,
+              nll_base: np.ndarray | None = None, base_nll_floor: float | None = None) -> np.ndarray:
+    """Classes after the options that leave tokens out (class 0, ignored by the loss):
+
+    * ``negative_at_most``: only negatives scoring at most this stay negative; the middle band between it and
+      the positives is ignored (a margin below the threshold, or the score that closes the bottom fraction);
+    * ``base_nll_floor``: a negative the base model already predicts well (l_base below the floor) is
+      ignored: ascending the loss of format and end-of-turn tokens breaks the model's output.
+    Positives never change, so the count floor(N * rho) holds."""
+    out = classes.copy()
+    neg = out == NEGATIVE
+    if negative_at_most is not None:
+        out[neg & ~(scores <= negative_at_most)] = IGNORED
+    if base_nll_floor is not None:
+        if nll_base is None:
+            raise ValueError("base_nll_floor needs nll_base")
+        out[(out == NEGATIVE) & (np.asarray(nll_base) < base_nll_floor)] = IGNORED
+    return out
+
+
+def bottom_threshold(shards: Callable[[], Iterable[np.ndarray]], fraction: float) -> float:
+    """The floor(N * fraction)-th smallest score (exact, streaming): the tokens scoring at most it are the
+    bottom ``fraction`` (more only where scores tie with it)."""
+    th = find_threshold(lambda: (-np.asarray(s, dtype=np.float32) for s in shards()), fraction)
+    return -th.tau if np.isfinite(th.tau) else -math.inf

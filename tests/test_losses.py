@@ -112,3 +112,20 @@ def test_schedule_errors():
         lambda_schedule("linear", t_max=0.25, t_min=0.0, total_steps=0)
     with pytest.raises(ValueError, match="t_min"):
         lambda_schedule("linear", t_max=0.1, t_min=0.2, total_steps=10)
+
+
+def test_unlikelihood_forgetting_term_against_the_formula():
+    import math
+
+    nll = torch.tensor([[0.0, 0.5, 2.0, 0.1, 3.0]], requires_grad=True)
+    cls = torch.tensor([[0, 1, -1, -1, 1]], dtype=torch.int8)
+    out = forgetting_loss(nll, cls, 0.3, forget_loss="unlikelihood")
+    p = [math.exp(-2.0), math.exp(-0.1)]
+    expected = (0.5 + 3.0) / 2 + 0.3 * sum(-math.log(1 - x) for x in p) / 2
+    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
+    out.loss.backward()
+    assert nll.grad[0, 2] < 0 and nll.grad[0, 3] < 0  # descending the loss raises the negatives' NLL
+    assert torch.isfinite(forgetting_loss(torch.zeros(1, 2), torch.tensor([[1, -1]]), 1.0,
+                                          forget_loss="unlikelihood").loss)  # p = 1: clamped, finite
+    with pytest.raises(ValueError, match="unknown forget_loss"):
+        forgetting_loss(nll, cls, 0.3, forget_loss="hinge")

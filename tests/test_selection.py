@@ -86,3 +86,25 @@ def test_nan_and_empty_scores():
 
 def test_rho_one_all_positive():
     assert (partition(np.random.default_rng(1).normal(size=50), 1.0) == 1).all()
+
+
+def test_bottom_threshold_is_the_kth_smallest_score_over_shards():
+    from forgetting_ray.selection import bottom_threshold
+
+    rng = np.random.default_rng(5)
+    s = rng.normal(size=1001).astype(np.float32)
+    shards = np.array_split(s, 7)
+    for fraction in (0.01, 0.2, 0.5):
+        k = int(np.floor(s.size * fraction))
+        assert bottom_threshold(lambda: iter(shards), fraction) == np.sort(s)[k - 1]
+        assert (s <= bottom_threshold(lambda: iter(shards), fraction)).sum() == k
+
+
+def test_variant_scores_of_single_token_sequences_and_unknown_names():
+    from forgetting_ray.selection import variant_scores
+
+    z = variant_scores(np.array([2.0, 1.0, 3.0]), np.array([1.0, 1.0, 1.0]), np.array([1, 2]), "zscore")
+    assert z[0] == 0.0 and z[1] == pytest.approx(-z[2], abs=1e-5) and z[1] < 0
+    assert variant_scores(np.array([0.0]), np.array([0.5]), np.array([1]), "relative")[0] < 0  # no division by 0
+    with pytest.raises(ValueError, match="unknown score variant"):
+        variant_scores(np.zeros(1), np.zeros(1), np.array([1]), "ratio")

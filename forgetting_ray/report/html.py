@@ -31,6 +31,7 @@ from ..data.score_set import shard_name
 from ..data.table import IGNORE_INDEX
 from ..errors import UserError
 from ..models import load_tokenizer
+from ..selection import variant_scores
 from ..store import atomic_write_text, fetch_children, is_complete, read_done, run_root
 from ..tracking import Tracker
 
@@ -177,6 +178,8 @@ def load_samples(inp: PartitionInputs, rows: list[int]) -> list[SampleView]:
     for r in rows:
         by_shard.setdefault(r // inp.shard_size, []).append(r)
     tau = inp.info["threshold"]
+    selection = inp.info.get("selection", {})  # a split beyond the paper's: ranked by a variant, tokens left out
+    variant = selection.get("score", "difference")
     views: dict[int, SampleView] = {}
     for shard, rs in by_shard.items():
         path = inp.score_dir / shard_name(shard)
@@ -193,15 +196,22 @@ def load_samples(inp: PartitionInputs, rows: list[int]) -> list[SampleView]:
                            np.asarray(row["input_ids"], dtype=np.int64), np.asarray(row["labels"], dtype=np.int64),
                            np.asarray(row["token_class"], dtype=np.int8),
                            *(np.asarray(t.column(c)[i].as_py(), dtype=np.float32) for c in ("score", "nll_base", "nll_ref")))
-            _check_sample(v, tau, path, inp.table_path)
+            if variant != "difference":  # the score the split ranked by
+                v.score = variant_scores(v.nll_base, v.nll_ref, np.array([v.nll_base.size]), variant)
+            _check_sample(v, tau, path, inp.table_path, may_ignore=bool(set(selection) - {"score"}))
             views[r] = v
     return [views[r] for r in rows]
 
 
-def _check_sample(v: SampleView, tau: float | None, score_path: Path, table_path: Path) -> None:
+def _check_sample(v: SampleView, tau: float | None, score_path: Path, table_path: Path, *,
+                  may_ignore: bool = False) -> None:
+    """The sample's classes agree with its labels and its scores; ``may_ignore``: the split leaves some response
+    tokens out (class 0: a three-way split or a base-NLL floor)."""
     resp = v.labels != IGNORE_INDEX
     where = f"sample_id {v.sample_id}"
-    if v.token_class.shape != v.labels.shape or not np.array_equal(v.token_class != 0, resp):
+    marked = v.token_class != 0
+    aligned = (not (marked & ~resp).any()) if may_ignore else np.array_equal(marked, resp)
+    if v.token_class.shape != v.labels.shape or not aligned:
         raise ReportInputError(f"{table_path}: {where}: token_class is not aligned with labels "
                                "(non-zero exactly at response positions)")
     n = int(resp.sum())
@@ -210,10 +220,10 @@ def _check_sample(v: SampleView, tau: float | None, score_path: Path, table_path
             raise ReportInputError(f"{score_path}: {where}: {arr.size} values in column {name!r}, "
                                    f"expected {n} (its response tokens)")
     cls = v.token_class[resp]
-    if tau is None:  # k = 0: every token negative
-        bad = np.flatnonzero(cls != -1)
+    if tau is None:  # k = 0: no token positive
+        bad = np.flatnonzero(cls == 1)
     else:
-        bad = np.flatnonzero(((cls == 1) & (v.score < tau)) | ((cls == -1) & (v.score > tau)))
+        bad = np.flatnonzero(((cls == 1) & (v.score < tau)) | ((cls != 1) & (v.score > tau)))
     if bad.size:
         j = int(bad[0])
         raise ReportInputError(f"{score_path}: {where}: response token {j} has score {v.score[j]:.6g} but class "
@@ -444,6 +454,7 @@ th:first-child,td:first-child{text-align:left}th{font-weight:600;background:#faf
 .n1,.sw.n1{background:#fbe6dc}.n2,.sw.n2{background:#fddbc7}.n3,.sw.n3{background:#f4a582}.n4,.sw.n4{background:#d6604d;color:#fff}.n5,.sw.n5{background:#b2182b;color:#fff}
 .p1,.sw.p1{background:#e3eef6}.p2,.sw.p2{background:#d1e5f0}.p3,.sw.p3{background:#92c5de}.p4,.sw.p4{background:#4393c3;color:#fff}.p5,.sw.p5{background:#2166ac;color:#fff}
 .note{color:#666;font-size:12px}
+.warn{background:#fdecea;border-left:4px solid #b2182b;padding:8px 12px}
 """
 
 
@@ -464,6 +475,17 @@ def render_report(inp: PartitionInputs, views: list[SampleView], pieces: list[li
              ("ρ (fraction positive)", f"{rho:g}", ""), ("samples", f"{int(info.get('n_samples', 0)):,}", ""),
              ("score range", f"{_fmt(info.get('score_min'), 3)} … {_fmt(info.get('score_max'), 3)}", ""),
              ("ties at τ kept positive", f"{int(info.get('ties_positive', 0)):,}", "")]
+    nll = info.get("nll")
+    if info.get("n_ignored"):
+        cards.append(("left out (ignored)", f"{int(info['n_ignored']):,}", ""))
+    if nll:
+        q = nll["base_nll_quantiles"]
+        cards += [("reference held-out NLL gain", f"{nll['heldout_gain']:.4f} nats ({_fmt(100 * (nll['heldout_gain_relative'] or 0), 3)} %)", ""),
+                  ("median base NLL: positives / negatives",
+                   f"{_fmt((q['positive'] or {}).get('p50'), 3)} / {_fmt((q['negative'] or {}).get('p50'), 3)}", "")]
+    warning = ('<p class="warn" id="barely-differs">The reference barely differs from the base model (tiny held-out '
+               "NLL gain, threshold near 0): the negative set is close to arbitrary. Train the reference longer, "
+               "with a higher learning rate or on more data.</p>") if info.get("reference_barely_differs") else ""
     src_rows = "".join(
         f"<tr><td>{_e(name)}</td><td>{t:,}</td><td>{p:,}</td><td>{t - p:,}</td>"
         f"<td>{_e('—' if f is None else f'{f:.1%}')}</td></tr>"
@@ -483,7 +505,7 @@ def render_report(inp: PartitionInputs, views: list[SampleView], pieces: list[li
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{_e(f'FORGETTING partition audit · rho={rho:g}')}</title><style>{CSS}</style></head><body><main>"
-        f"<h1>FORGETTING partition audit</h1><div class=\"meta\">{meta}</div>"
+        f"<h1>FORGETTING partition audit</h1><div class=\"meta\">{meta}</div>{warning}"
         '<div class="cards" id="counts">'
         + "".join(f'<div class="card {c}"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for k, v, c in cards)
         + "</div><h2>Score distribution</h2>"

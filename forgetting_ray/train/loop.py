@@ -328,6 +328,10 @@ class FinetuneJob(BaseModel):
         return self.finetune.normalization if isinstance(self.finetune, TrainingConfig) else "micro_batch"
 
     @property
+    def forget_loss(self) -> str:
+        return self.finetune.forget_loss if isinstance(self.finetune, TrainingConfig) else "nll"
+
+    @property
     def columns(self) -> tuple[str, ...]:
         return columns_for(self.strategy)
 
@@ -555,7 +559,8 @@ def _accumulate(w: _Worker, group: list[dict[str, torch.Tensor]], counts: list[t
             w.runner.set_boundary(boundary)
         nll = w.runner.forward(mb)
         out = forgetting_loss(nll, mb["token_class"].to(nll.device), lam, strategy=w.job.strategy,
-                              normalization=w.job.normalization, n_pos=n_pos_step, n_neg=n_neg_step)
+                              normalization=w.job.normalization, n_pos=n_pos_step, n_neg=n_neg_step,
+                              forget_loss=w.job.forget_loss)
         w.runner.backward(out.loss * w.loss_multiplier, boundary)
         grad_norm = w.runner.step(boundary)
         acc += [float(out.pos_nll) * out.n_pos, out.n_pos, float(out.neg_nll) * out.n_neg, out.n_neg,

@@ -52,7 +52,7 @@ def flan_pairs(per_file: int = 6) -> list[tuple[str, str, str]]:
 
 
 def make_run(root: Path, tok, *, rho: float = 0.7, bins: int = 40, seed: int = 0, score_key: str = SCORE_KEY,
-             run_dir: Path | None = None):
+             run_dir: Path | None = None, **selection):
     """A run directory as the pipeline leaves it: prepare table, score shards, partition folder."""
     pairs = flan_pairs() + [(EVIL_SOURCE, EVIL_PROMPT, EVIL_RESPONSE), ("emoji", "Say hi.", EMOJI_RESPONSE)]
     rows = []
@@ -82,7 +82,8 @@ def make_run(root: Path, tok, *, rho: float = 0.7, bins: int = 40, seed: int = 0
     mark_complete(score_dir, {"stage": "score", "key": score_key, "n_samples": len(rows), "n_shards": n_shards,
                               "shard_size": SHARD_SIZE, "n_response_tokens": int(sum(n_resp)),
                               "table_hash": token_table_hash(table)})
-    cfg = PipelineConfig.model_validate({"run_dir": str(run_dir), "selection": {"rho": rho, "histogram_bins": bins}})
+    cfg = PipelineConfig.model_validate({"run_dir": str(run_dir),
+                                         "selection": {"rho": rho, "histogram_bins": bins, **selection}})
     return run_partition(cfg, table_path, score_dir)
 
 
@@ -345,3 +346,16 @@ def test_main_report_picks_the_configured_rho_and_logs_to_mlflow(tok, tiny_token
     other = build_report(high.dir, tmp_path / "high.html", tokenizer=tok, n_random=2)
     log_report(tracker, other, "audit")
     assert [a.path for a in client.list_artifacts(tracker.run_id, "audit")] == ["audit/high.html"]
+
+
+def test_a_split_beyond_the_paper_is_audited_by_its_own_score_and_shows_the_reference_gain(tmp_path, tok):
+    """zscore ranking with a base-NLL floor: the page checks each sample against the ranking score, accepts the
+    left-out tokens, and shows the held-out gain and the two groups' base NLL."""
+    part = make_run(tmp_path, tok, score="zscore", base_nll_floor=0.8)
+    info = json.loads(part.info_path.read_text())
+    assert info["n_ignored"] > 0 and not info["reference_barely_differs"]
+    out = build_report(part.dir, tmp_path / "audit.html", tokenizer=tok, n_random=5)
+    page = Page(out.read_text())
+    cards = {x for _, _, x in page.find("div", cls="card")}
+    assert any("left out (ignored)" in c for c in cards) and any("held-out NLL gain" in c for c in cards)
+    assert not page.find(id="barely-differs")

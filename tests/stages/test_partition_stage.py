@@ -140,3 +140,121 @@ def test_incomplete_or_foreign_score_set_is_rejected(tmp_path):
     make_scores(other, tmp_path / "other_scores")
     with pytest.raises(PartitionInputError, match="different token table"):
         run_partition(cfg_for(tmp_path / "run"), table_path, tmp_path / "other_scores")
+
+
+# ------------------------------------------------------------------------------------------------
+# variants beyond the paper: computed from the stored NLLs, keyed into the partition, not the scores
+# ------------------------------------------------------------------------------------------------
+def make_nll_scores(table_path, out, *, gain: float = 0.5, shard_size: int = 5, seed: int = 1):
+    """Shards with real-looking NLLs: base in (0.05, 6), reference lower by ``gain`` on average."""
+    table = read_token_table(table_path)
+    rng = np.random.default_rng(seed)
+    n_resp = table.column("n_response").to_pylist()
+    base = [rng.uniform(0.05, 6.0, size=k).astype(np.float32) for k in n_resp]
+    ref = [np.clip(b - gain + rng.normal(0, max(gain, 1e-3), size=b.size), 0.01, None).astype(np.float32) for b in base]
+    ids = table.column("sample_id").to_pylist()
+    n_shards = math.ceil(len(ids) / shard_size)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(n_shards):
+        sl = slice(i * shard_size, (i + 1) * shard_size)
+        pq.write_table(pa.table({"sample_id": ids[sl], "nll_base": [b.tolist() for b in base[sl]],
+                                 "nll_ref": [r.tolist() for r in ref[sl]],
+                                 "score": [(b - r).tolist() for b, r in zip(base[sl], ref[sl])]}).cast(SCORE_SCHEMA),
+                       out / shard_name(i))
+    mark_complete(out, {"stage": "score", "key": "v" * 16, "n_samples": len(ids), "n_shards": n_shards,
+                        "shard_size": shard_size, "n_response_tokens": int(sum(n_resp)),
+                        "table_hash": token_table_hash(table)})
+    return base, ref
+
+
+def naive_variant(base, ref, variant):
+    """Token by token, sequence by sequence: the formulas as written."""
+    out = []
+    for b, r in zip(base, ref):
+        b, r = b.astype(np.float64), r.astype(np.float64)
+        if variant == "relative":
+            out.append([(x - y) / x for x, y in zip(b, r)])
+        elif variant == "prob_gain":
+            out.append([math.exp(-y) - math.exp(-x) for x, y in zip(b, r)])
+        elif variant == "zscore":
+            d = b - r
+            mu = sum(d) / len(d)
+            sd = math.sqrt(sum((x - mu) ** 2 for x in d) / len(d) + 1e-6)
+            out.append([(x - mu) / sd for x in d])
+        else:
+            out.append(list(b - r))
+    return np.concatenate([np.asarray(o, dtype=np.float32) for o in out])
+
+
+def classes_of(res) -> np.ndarray:
+    out = pq.read_table(res.train_path)
+    return np.concatenate([np.array(c)[np.array(lab) != -100] for lab, c in
+                           zip(out.column("labels").to_pylist(), out.column("token_class").to_pylist())])
+
+
+def selection_cfg(run_dir, **selection) -> PipelineConfig:
+    return PipelineConfig.model_validate({"run_dir": str(run_dir),
+                                          "selection": {"rho": 0.6, "histogram_bins": 20, **selection}})
+
+
+@pytest.mark.parametrize("variant", ["relative", "prob_gain", "zscore"])
+def test_score_variants_rank_by_their_formula_and_leave_the_scores_alone(tmp_path, variant):
+    table = make_table(tmp_path / "train.parquet", n=31)
+    base, ref = make_nll_scores(table, tmp_path / "scores")
+    stored = {p.name: p.read_bytes() for p in (tmp_path / "scores").iterdir()}
+    paper = run_partition(selection_cfg(tmp_path / "run"), table, tmp_path / "scores")
+    res = run_partition(selection_cfg(tmp_path / "run", score=variant), table, tmp_path / "scores")
+    np.testing.assert_array_equal(classes_of(res), partition(naive_variant(base, ref, variant), 0.6))
+    assert res.key != paper.key and res.n_positive == paper.n_positive
+    assert not np.array_equal(classes_of(res), classes_of(paper))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "scores").iterdir()} == stored  # scores untouched
+    assert json.loads(res.info_path.read_text())["selection"] == {"score": variant}
+
+
+def test_three_way_split_ignores_the_middle_and_the_floor_protects_predictable_tokens(tmp_path):
+    table = make_table(tmp_path / "train.parquet", n=31)
+    base, ref = make_nll_scores(table, tmp_path / "scores")
+    flat, b = naive_variant(base, ref, "difference"), np.concatenate(base)
+    paper = partition(flat, 0.6)
+    k_neg = math.floor(flat.size * 0.2)
+
+    bottom = classes_of(run_partition(selection_cfg(tmp_path / "run", negative_fraction=0.2), table, tmp_path / "scores"))
+    assert ((bottom == 1) == (paper == 1)).all()  # the positives do not change
+    assert (bottom == -1).sum() == k_neg and (flat[bottom == -1] <= np.sort(flat)[k_neg - 1]).all()
+    assert ((bottom == 0) == ((paper == -1) & (bottom != -1))).all()
+
+    res = run_partition(selection_cfg(tmp_path / "run", negative_margin=0.5), table, tmp_path / "scores")
+    tau = json.loads(res.info_path.read_text())["threshold"]
+    margin = classes_of(res)
+    np.testing.assert_array_equal(margin == -1, (paper == -1) & (flat <= np.float32(tau) - 0.5))
+    assert res.n_negative == int((margin == -1).sum()) and json.loads(res.info_path.read_text())["n_ignored"] > 0
+
+    floor = classes_of(run_partition(selection_cfg(tmp_path / "run", base_nll_floor=1.0), table, tmp_path / "scores"))
+    np.testing.assert_array_equal(floor == -1, (paper == -1) & (b >= 1.0))
+    assert ((floor == 1) == (paper == 1)).all()
+
+
+def test_a_reference_that_barely_moved_is_reported_and_warned_about(tmp_path, caplog):
+    table = make_table(tmp_path / "train.parquet", n=31)
+    base, ref = make_nll_scores(table, tmp_path / "learned", gain=0.5)
+    res = run_partition(selection_cfg(tmp_path / "a"), table, tmp_path / "learned")
+    info = json.loads(res.info_path.read_text())
+    b, r = np.concatenate(base).astype(np.float64), np.concatenate(ref).astype(np.float64)
+    assert info["nll"]["mean_nll_base"] == pytest.approx(b.mean()) and info["nll"]["heldout_gain"] == pytest.approx(b.mean() - r.mean())
+    assert not info["reference_barely_differs"]
+    q = info["nll"]["base_nll_quantiles"]
+    assert q["negative"]["p50"] != q["positive"]["p50"]  # the two groups' base NLLs, side by side
+    assert sum(info["nll"]["base_nll_histogram"]["negative"]) == res.n_negative
+
+    make_nll_scores(table, tmp_path / "unmoved", gain=0.0)
+    with caplog.at_level("WARNING", logger="forgetting_ray"):
+        res = run_partition(selection_cfg(tmp_path / "b"), table, tmp_path / "unmoved")
+    assert json.loads(res.info_path.read_text())["reference_barely_differs"]
+    assert "barely differs from the base model" in caplog.text
+
+
+def test_selection_options_are_checked():
+    with pytest.raises(ValueError, match="not both"):
+        PipelineConfig.model_validate({"selection": {"negative_fraction": 0.1, "negative_margin": 0.1}})
+    with pytest.raises(ValueError, match="exceeds 1"):
+        PipelineConfig.model_validate({"selection": {"rho": 0.9, "negative_fraction": 0.2}})
