@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +39,8 @@ from .data.readers import Message, Record
 from .data.score_set import iter_score_shards
 from .data.table import IGNORE_INDEX
 from .errors import UserError
+from .models import load_tokenizer
+from .report.html import decode_pieces
 from .stages.partition import run_partition
 from .stages.prepare import run_prepare, split_order
 from .stages.score import run_score
@@ -57,6 +60,14 @@ class NoiseError(UserError, ValueError):
 class Corruption:
     records: list[Record]  # input order; corrupted ones carry new content (and so new sample ids)
     corrupted: list[bool]  # True where the record's response was changed
+    clean: dict[str, str] = field(default_factory=dict)  # corrupted sample_id -> the response it replaced
+
+    def responses(self, sample_id: str) -> tuple[str, str] | None:
+        """(clean, corrupted) response text of a corrupted sample; None for a clean one."""
+        if sample_id not in self.clean:
+            return None
+        rec = next(r for r in self.records if r.sample_id == sample_id)
+        return self.clean[sample_id], rec.messages[_response_index(rec)].content
 
     @property
     def bad_ids(self) -> set[str]:
@@ -140,12 +151,13 @@ def corrupt_records(records: Sequence[Record], fraction: float, mode: str, seed:
         fn = _shuffle_words if mode == "shuffle_words" else _shuffle_chars
         for i in chosen:
             new[i] = fn(texts[i], rng)
-    out, flags = list(records), [False] * n
+    out, flags, clean = list(records), [False] * n, {}
     for i, text in new.items():
         if text.strip() and text.strip() != texts[i].strip():
             out[i] = _with_response(records[i], text)
             flags[i] = True
-    return Corruption(out, flags)
+            clean[out[i].sample_id] = texts[i]
+    return Corruption(out, flags, clean)
 
 
 def write_jsonl(records: Iterable[Record], path: str | Path) -> Path:
@@ -155,6 +167,40 @@ def write_jsonl(records: Iterable[Record], path: str | Path) -> Path:
         lines.append(json.dumps({"messages": [{"role": m.role, "content": m.content} for m in r.messages],
                                  "source": r.source}, ensure_ascii=False) + "\n")
     return atomic_write_text(path, "".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------
+# which tokens changed
+# ------------------------------------------------------------------------------------------------
+MIN_SHARED_CHARS = 4  # shorter common fragments ("is", a letter) are coincidence, not text kept
+
+
+def changed_characters(clean: str, corrupted: str) -> np.ndarray:
+    """Per character of ``corrupted``: not part of a block of at least MIN_SHARED_CHARS it shares with
+    ``clean`` (difflib's matching blocks, no junk heuristic).  A swapped-in answer keeps the phrases both
+    answers use ("So the answer is"); a scrambled word is changed as a whole."""
+    changed = np.ones(len(corrupted), dtype=bool)
+    for _, b, size in SequenceMatcher(None, clean, corrupted, autojunk=False).get_matching_blocks():
+        if size >= MIN_SHARED_CHARS:
+            changed[b:b + size] = False
+    return changed
+
+
+def changed_tokens(pieces: Sequence[str], clean: str, corrupted: str) -> np.ndarray:
+    """Per response token (``pieces``: each token's text, as :func:`report.html.decode_pieces` gives it):
+    does it cover a changed character of the corrupted response?  The tokens' text is aligned to the
+    response text (difflib), so a response cut by ``data.max_length`` or re-spaced by the chat template
+    still lines up; text the template added (the end-of-turn marker) is unchanged."""
+    text = "".join(pieces)
+    at = np.full(len(text), -1)  # the corrupted response's character each decoded character stands for
+    for a, b, size in SequenceMatcher(None, text, corrupted, autojunk=False).get_matching_blocks():
+        at[a:a + size] = np.arange(b, b + size)
+    if not (at >= 0).sum() >= min(len(text), len(corrupted), MIN_SHARED_CHARS):
+        raise NoiseError(f"the corrupted response is not in its decoded tokens: {corrupted[:60]!r}")
+    changed = np.zeros(len(text), dtype=bool)
+    changed[at >= 0] = changed_characters(clean, corrupted)[at[at >= 0]]
+    ends = np.cumsum([len(p) for p in pieces])
+    return np.array([bool(changed[e - len(p):e].any()) for p, e in zip(pieces, ends)], dtype=bool)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,51 +273,66 @@ class TokenView:
 
     score: np.ndarray
     token_class: np.ndarray
-    bad: np.ndarray
+    bad: np.ndarray  # every token of a corrupted sample
     sample: np.ndarray  # row index in the table of each token
     sample_ids: list[str]
+    changed: np.ndarray | None = None  # token-exact: the tokens whose characters the corruption changed
+    nll_base: np.ndarray | None = None
+    nll_ref: np.ndarray | None = None
 
 
-def _iter_partition_rows(partition_table: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+def _iter_partition_rows(partition_table: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(partition_table)
-    for batch in pf.iter_batches(columns=["sample_id", "labels", "token_class"], batch_size=1024):
+    for batch in pf.iter_batches(columns=["sample_id", "input_ids", "labels", "token_class"], batch_size=1024):
         d = batch.to_pydict()
-        for sid, labels, cls in zip(d["sample_id"], d["labels"], d["token_class"]):
-            yield sid, np.asarray(labels), np.asarray(cls, dtype=np.int8)
+        for sid, ids, labels, cls in zip(d["sample_id"], d["input_ids"], d["labels"], d["token_class"]):
+            yield sid, np.asarray(ids), np.asarray(labels), np.asarray(cls, dtype=np.int8)
 
 
-def load_token_view(partition_table: str | Path, score_dir: str | Path, bad_ids: set[str]) -> TokenView:
-    """Join the partition stage's table (``token_class``) with the score shards (``score``) by
-    sample id; both list response tokens in position order, so they align token for token."""
-    score_of: dict[str, np.ndarray] = {}
-    for _, shard in iter_score_shards(Path(score_dir), columns=["sample_id", "score"]):
-        for sid, sc in zip(shard.column("sample_id").to_pylist(), shard.column("score").to_pylist()):
-            score_of[sid] = np.asarray(sc, dtype=np.float32)
-    scores, classes, bad, owner, ids = [], [], [], [], []
-    for row, (sid, labels, cls) in enumerate(_iter_partition_rows(Path(partition_table))):
+ChangedOf = Callable[[str, np.ndarray], "np.ndarray | None"]  # (sample_id, response token ids) -> changed flags
+
+
+def load_token_view(partition_table: str | Path, score_dir: str | Path, bad_ids: set[str],
+                    changed_of: ChangedOf | None = None) -> TokenView:
+    """Join the partition stage's table (``token_class``) with the score shards (score and both NLLs) by
+    sample id; both list response tokens in position order, so they align token for token.  ``changed_of``
+    marks a corrupted sample's changed tokens (None: the sample is clean)."""
+    columns = ("score", "nll_base", "nll_ref")
+    of: dict[str, tuple[np.ndarray, ...]] = {}
+    for _, shard in iter_score_shards(Path(score_dir), columns=["sample_id", *columns]):
+        cols = [shard.column(c).to_pylist() for c in columns]
+        for sid, *vals in zip(shard.column("sample_id").to_pylist(), *cols):
+            of[sid] = tuple(np.asarray(v, dtype=np.float32) for v in vals)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("score", "nll_base", "nll_ref", "cls", "bad", "changed", "owner")}
+    ids = []
+    for row, (sid, input_ids, labels, cls) in enumerate(_iter_partition_rows(Path(partition_table))):
         resp = labels != IGNORE_INDEX
-        if sid not in score_of:
+        if sid not in of:
             raise NoiseError(f"{partition_table}: sample {sid} has no scores in {score_dir}")
-        sc = score_of[sid]
+        sc, nb, nr = of[sid]
         if sc.size != int(resp.sum()):
             raise NoiseError(f"sample {sid}: {sc.size} scores for {int(resp.sum())} response tokens")
-        scores.append(sc)
-        classes.append(cls[resp])
-        bad.append(np.full(sc.size, sid in bad_ids))
-        owner.append(np.full(sc.size, row))
+        changed = changed_of(sid, input_ids[resp]) if changed_of is not None and sid in bad_ids else None
+        for k, v in (("score", sc), ("nll_base", nb), ("nll_ref", nr), ("cls", cls[resp]),
+                     ("bad", np.full(sc.size, sid in bad_ids)), ("owner", np.full(sc.size, row)),
+                     ("changed", changed if changed is not None else np.zeros(sc.size, dtype=bool))):
+            parts[k].append(v)
         ids.append(sid)
     if not ids:
         raise NoiseError(f"{partition_table} has no rows")
-    return TokenView(np.concatenate(scores), np.concatenate(classes), np.concatenate(bad),
-                     np.concatenate(owner), ids)
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    return TokenView(cat["score"], cat["cls"], cat["bad"], cat["owner"], ids,
+                     changed=cat["changed"] if changed_of is not None else None,
+                     nll_base=cat["nll_base"], nll_ref=cat["nll_ref"])
 
 
-def sample_mean_scores(view: TokenView) -> tuple[np.ndarray, np.ndarray]:
-    """(mean score per sample, sample is bad): the sample-level view of the same scores."""
+def sample_mean_scores(view: TokenView, values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean score per sample, sample is bad): the sample-level view of the same scores (or of ``values``)."""
     n = len(view.sample_ids)
-    sums = np.bincount(view.sample, weights=view.score.astype(np.float64), minlength=n)
+    values = view.score if values is None else values
+    sums = np.bincount(view.sample, weights=values.astype(np.float64), minlength=n)
     counts = np.bincount(view.sample, minlength=n)
     bad = np.zeros(n, dtype=bool)
     bad[view.sample[view.bad]] = True
@@ -291,6 +352,28 @@ def recovery_report(view: TokenView) -> dict[str, float]:
         "n_bad_samples": float(bad_sample.sum()),
     }
     out.update({f"neg_{k}": v for k, v in negative_set_quality(view.token_class, view.bad).items()})
+    if view.changed is not None and view.changed.any():
+        out["changed_token_share"] = float(view.changed.mean())
+        out["changed_share_of_bad_samples"] = float(view.changed[view.bad].mean())
+        out.update({f"exact_neg_{k}": v for k, v in negative_set_quality(view.token_class, view.changed).items()})
+    out["auroc"] = signal_aurocs(view)
+    return out
+
+
+def signal_aurocs(view: TokenView, seed: int = 0) -> dict[str, dict[str, float]]:
+    """AUROC of the score beside the baselines a score must beat: -NLL_base (the base model alone: corrupted
+    text is surprising), -NLL_ref (the reference alone) and a seeded random score; per token (every token of
+    a corrupted sample bad, and token-exact where ``view.changed`` is known) and per sample (mean)."""
+    signals = {"score": view.score, "random": np.random.default_rng(seed).random(view.score.size)}
+    if view.nll_base is not None and view.nll_ref is not None:
+        signals["-nll_base"], signals["-nll_ref"] = -view.nll_base, -view.nll_ref
+    out = {}
+    for name, values in signals.items():
+        mean, bad_sample = sample_mean_scores(view, values)
+        row = {"token": auroc(values, view.bad), "sample": auroc(mean, bad_sample)}
+        if view.changed is not None and view.changed.any():
+            row["token_exact"] = auroc(values, view.changed)
+        out[name] = row
     return out
 
 
@@ -356,24 +439,45 @@ def run_noise_recovery(cfg, reference: Sequence[Record], train: Sequence[Record]
     t = time.perf_counter()
     part = run_partition(cfg, prep.train_path, scores.dir)
     seconds["partition"] = time.perf_counter() - t
-    view = load_token_view(part.train_path, scores.dir, corrupted.bad_ids)
+    view = load_token_view(part.train_path, scores.dir, corrupted.bad_ids, _changed_of(cfg, corrupted))
     if not view.bad.any():
         raise NoiseError("no corrupted sample reached the token table (all dropped or truncated away?)")
     keys = {"prepare": prep.key, "reference": ref.key, "score": scores.key, "partition": part.key}
     return NoiseRun(mode, fraction, recovery_report(view), keys, view, seconds)
 
 
+def _changed_of(cfg, corrupted: Corruption) -> ChangedOf:
+    """Token-exact marks from the tokenizer the run used: each response token's text, against the changed
+    characters of its response."""
+    tok = load_tokenizer(cfg.model)
+
+    def changed(sample_id: str, response_ids: np.ndarray) -> np.ndarray | None:
+        texts = corrupted.responses(sample_id)
+        return None if texts is None else changed_tokens(decode_pieces(tok, response_ids.tolist()), *texts)
+
+    return changed
+
+
 def format_runs(runs: Sequence[NoiseRun], rho: float) -> str:
-    """A plain-text table: one row per run."""
-    head = (f"{'mode':<14} {'frac':>5} {'bad tok':>8} {'AUROC tok':>9} {'AUROC smp':>9} {'sign-flip':>9} "
-            f"{'neg prec':>8} {'(random)':>8} {'neg rec':>8} {'(random)':>8} {'score clean':>11} {'score bad':>9}")
-    lines = [f"rho = {rho}: negatives = bottom {1 - rho:.0%} of scores; random = a random split of the same sizes",
+    """Plain-text tables: the negative set per run, then each signal's AUROC beside the score's baselines."""
+    head = (f"{'mode':<14} {'frac':>5} {'bad tok':>8} {'changed':>8} {'neg prec':>8} {'exact':>6} {'(random)':>8} "
+            f"{'neg rec':>8} {'exact':>6} {'(random)':>8} {'score clean':>11} {'score bad':>9}")
+    lines = [f"rho = {rho}: negatives = bottom {1 - rho:.0%} of scores; random = a random split of the same sizes; "
+             "'bad' = every token of a corrupted sample, 'changed'/'exact' = only the tokens whose characters changed",
              head, "-" * len(head)]
+    nan = float("nan")
     for r in runs:
         m = r.report
         lines.append(
-            f"{r.mode:<14} {r.fraction:>5.2f} {m['bad_token_share']:>8.3f} {m['token_auroc']:>9.3f} "
-            f"{m['sample_auroc']:>9.3f} {1 - m['token_auroc']:>9.3f} {m['neg_precision']:>8.3f} "
-            f"{m['neg_random_precision']:>8.3f} {m['neg_recall']:>8.3f} {m['neg_random_recall']:>8.3f} "
+            f"{r.mode:<14} {r.fraction:>5.2f} {m['bad_token_share']:>8.3f} {m.get('changed_token_share', nan):>8.3f} "
+            f"{m['neg_precision']:>8.3f} {m.get('exact_neg_precision', nan):>6.3f} {m['neg_random_precision']:>8.3f} "
+            f"{m['neg_recall']:>8.3f} {m.get('exact_neg_recall', nan):>6.3f} {m['neg_random_recall']:>8.3f} "
             f"{m['mean_score_clean']:>11.3f} {m['mean_score_bad']:>9.3f}")
+    head = f"{'mode':<14} {'signal':<10} {'AUROC token':>11} {'token exact':>11} {'sample':>7}"
+    lines += ["", "AUROC (1 = corrupted below clean, 0.5 = chance) of the score and of the baselines it must beat",
+              head, "-" * len(head)]
+    for r in runs:
+        for signal, a in r.report["auroc"].items():
+            lines.append(f"{r.mode:<14} {signal:<10} {a['token']:>11.3f} {a.get('token_exact', nan):>11.3f} "
+                         f"{a['sample']:>7.3f}")
     return "\n".join(lines)

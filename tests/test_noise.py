@@ -153,3 +153,51 @@ def test_recovery_report_on_a_hand_made_view():
     assert r["sample_auroc"] == 1.0
     assert r["neg_precision"] == pytest.approx(1 / 3) and r["neg_recall"] == pytest.approx(1 / 2)
     assert r["bad_token_share"] == pytest.approx(2 / 7)
+
+
+# ------------------------------------------------------------------------------------------------
+# token-exact marks and the baselines
+# ------------------------------------------------------------------------------------------------
+def test_only_tokens_whose_characters_changed_count_as_corrupted(tiny_tokenizer_dir):
+    from forgetting_ray.config import ModelConfig
+    from forgetting_ray.models import load_tokenizer
+    from forgetting_ray.noise import changed_tokens
+    from forgetting_ray.report.html import decode_pieces
+
+    tok = load_tokenizer(ModelConfig(name_or_path="unused", tokenizer=str(tiny_tokenizer_dir)))
+
+    def marked(clean, corrupted):
+        ids = tok(corrupted, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # end of turn after it
+        pieces = decode_pieces(tok, ids)
+        flags = changed_tokens(pieces, clean, corrupted)
+        assert not flags[-1]  # the end-of-turn token is not part of the corruption
+        return "".join(p for p, f in zip(pieces, flags) if f), "".join(p for p, f in zip(pieces, flags) if not f)
+
+    bad, good = marked("The sum is 42. So the answer is yes.", "The sum is 17. So the answer is yes.")
+    assert "17" in bad and "answer" in good and "answer" not in bad
+    # a swapped-in answer: the phrase both answers share stays clean
+    bad, good = marked("Birds fly south. So the answer is yes.", "Paris is a city in France. So the answer is yes.")
+    assert "Par" in bad and "France" in bad and "So the answer is yes" in good
+    with pytest.raises(NoiseError, match="not in its decoded tokens"):
+        changed_tokens(["abc"], "x", "zzz")
+
+
+def test_signal_aurocs_put_the_score_beside_its_baselines():
+    view = TokenView(
+        score=np.array([2.0, 1.0, 0.5, -1.0, 0.7, 3.0, 0.0], np.float32),
+        token_class=np.array([1, 1, -1, -1, 1, 1, -1], np.int8),
+        bad=np.array([0, 0, 0, 1, 1, 0, 0], bool),
+        sample=np.array([0, 0, 0, 1, 1, 2, 2]),
+        sample_ids=["a", "b", "c"],
+        changed=np.array([0, 0, 0, 1, 0, 0, 0], bool),  # only the first token of "b" changed
+        nll_base=np.array([1.0, 1.0, 1.0, 5.0, 1.0, 1.0, 1.0], np.float32),
+        nll_ref=np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], np.float32),
+    )
+    r = recovery_report(view)
+    a = r["auroc"]
+    assert a["score"]["token"] == pytest.approx(0.8) and a["score"]["token_exact"] == 1.0  # -1.0 is the lowest
+    assert a["-nll_base"]["token_exact"] == 1.0 and a["-nll_base"]["token"] == pytest.approx(0.75)
+    assert a["-nll_ref"]["token_exact"] == 0.5
+    assert set(a) == {"score", "random", "-nll_base", "-nll_ref"} and 0 <= a["random"]["token"] <= 1
+    assert r["changed_token_share"] == pytest.approx(1 / 7) and r["changed_share_of_bad_samples"] == 0.5
+    assert r["exact_neg_recall"] == 1.0 and r["exact_neg_precision"] == pytest.approx(1 / 3)

@@ -47,6 +47,10 @@ def test_corrupted_samples_are_the_bad_tokens(run):
     # every token of a sample carries the sample's label
     for s in np.unique(v.sample):
         assert len(set(v.bad[v.sample == s].tolist())) == 1
+    # token-exact: only tokens of corrupted samples can have changed; scrambled letters change most words but
+    # not the short ones, digits or the end-of-turn token
+    assert v.changed is not None and not (v.changed & ~v.bad).any()
+    assert 0.5 < run.report["changed_share_of_bad_samples"] < 1.0, run.report
 
 
 def test_scores_rank_corrupted_tokens_low(run):
@@ -60,6 +64,10 @@ def test_scores_rank_corrupted_tokens_low(run):
     assert auroc(-v.score, v.bad) < 0.42  # sign flip
     shuffled = np.random.default_rng(0).permutation(v.score)  # scores detached from their tokens
     assert abs(auroc(shuffled, v.bad) - 0.5) < 0.05
+    # the baselines beside it: random at chance; the report holds each signal per token, token-exact, sample
+    a = r["auroc"]
+    assert abs(a["random"]["token"] - 0.5) < 0.05 and set(a["score"]) == {"token", "token_exact", "sample"}
+    assert a["score"]["token_exact"] > 0.58, a
 
 
 def test_negative_class_holds_the_corruption(run):
