@@ -12,7 +12,10 @@ negative class (bottom 1 - rho) is corrupted (precision) and how much of the cor
 Usage (SmolLM2-135M, about 10-15 min on 2 busy CPU cores):
     .venv/bin/python bench/bench_noise_recovery.py
     .venv/bin/python bench/bench_noise_recovery.py --modes swap --fraction 0.3 --ref-steps 40
-Tiny random model (seconds): ``--model tiny``.
+Tiny random model (seconds): ``--model tiny``.  ``--controls`` also runs the positive controls
+(``forgetting_ray.noise.run_positive_controls``: a sentence the reference corpus teaches, planted into a quarter
+of the training responses, must come out positive; an unseen replacement for "So the answer is" negative);
+both print every selection option (score variants, base-NLL floor, three-way split) on the same scores.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir", default="/tmp/forgetting-ray-bench-noise")
     ap.add_argument("--json", default=None, help="also write the reports to this JSON file")
+    ap.add_argument("--controls", action="store_true", help="also run the positive controls")
     args = ap.parse_args()
     for k, v in (("HF_HUB_OFFLINE", "1"), ("DS_ACCELERATOR", "cpu"), ("TOKENIZERS_PARALLELISM", "false"),
                  ("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))):
@@ -54,7 +58,8 @@ def main() -> None:
 
     from forgetting_ray.config import PipelineConfig
     from forgetting_ray.data.readers import read_records, resolve_files
-    from forgetting_ray.noise import format_runs, run_noise_recovery, split_reference
+    from forgetting_ray.noise import (format_controls, format_noise_variants, format_runs, run_noise_recovery,
+                                      run_positive_controls, split_reference)
 
     files = resolve_files(args.files)
     model = args.model
@@ -89,11 +94,19 @@ def main() -> None:
               flush=True)
     print()
     print(format_runs(runs, args.rho))
+    print()
+    print(format_noise_variants(runs, args.rho))
+    controls = None
+    if args.controls:
+        controls = run_positive_controls(cfg, reference, train, fraction=args.fraction, seed=args.seed)
+        print("\ncontrols: " + ", ".join(f"{k} {v:.0f}s" for k, v in controls.seconds.items()))
+        print(format_controls(controls, args.rho))
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            [{"mode": r.mode, "fraction": r.fraction, "keys": r.keys, "seconds": r.seconds, **r.report} for r in runs],
-            indent=2))
+            {"noise": [{"mode": r.mode, "fraction": r.fraction, "keys": r.keys, "seconds": r.seconds, **r.report}
+                       for r in runs],
+             "controls": controls.report if controls else None}, indent=2))
 
 
 if __name__ == "__main__":

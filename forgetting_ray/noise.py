@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -41,6 +42,7 @@ from .data.table import IGNORE_INDEX
 from .errors import UserError
 from .models import load_tokenizer
 from .report.html import decode_pieces
+from .selection import SCORE_VARIANTS, partition, three_way, variant_scores
 from .stages.partition import run_partition
 from .stages.prepare import run_prepare, split_order
 from .stages.score import run_score
@@ -414,15 +416,23 @@ def run_noise_recovery(cfg, reference: Sequence[Record], train: Sequence[Record]
     ``<run_dir>/noise_inputs/``.  Every stage keeps its cache: a second mode with the same reference
     set reuses the reference model.
     """
-    import time
-
-
     corrupted = corrupt_records(train, fraction, mode, seed)
     if corrupted.n_corrupted == 0:
         raise NoiseError(f"{mode} at fraction {fraction} corrupted no record")
+    part, scores, keys, seconds = _prepare_to_partition(cfg, reference, corrupted.records, "reference_clean",
+                                                        f"train_{mode}_{fraction:g}_seed{seed}")
+    view = load_token_view(part.train_path, scores.dir, corrupted.bad_ids, _changed_of(cfg, corrupted))
+    if not view.bad.any():
+        raise NoiseError("no corrupted sample reached the token table (all dropped or truncated away?)")
+    return NoiseRun(mode, fraction, recovery_report(view), keys, view, seconds)
+
+
+def _prepare_to_partition(cfg, reference: Sequence[Record], train: Sequence[Record], ref_name: str, train_name: str):
+    """The real prepare, reference, score and partition stages on two corpora written under
+    ``<run_dir>/noise_inputs/``. Returns (partition, scores, stage keys, stage seconds)."""
     inputs = run_root(cfg.run_dir) / "noise_inputs"
-    ref_path = write_jsonl(reference, inputs / "reference_clean.jsonl")
-    train_path = write_jsonl(corrupted.records, inputs / f"train_{mode}_{fraction:g}_seed{seed}.jsonl")
+    ref_path = write_jsonl(reference, inputs / f"{ref_name}.jsonl")
+    train_path = write_jsonl(train, inputs / f"{train_name}.jsonl")
     data = cfg.data.model_copy(update={"train_files": [str(train_path)], "reference_files": [str(ref_path)],
                                        "max_samples": None, "format": "jsonl"})
     cfg = cfg.model_copy(update={"data": data})
@@ -439,11 +449,8 @@ def run_noise_recovery(cfg, reference: Sequence[Record], train: Sequence[Record]
     t = time.perf_counter()
     part = run_partition(cfg, prep.train_path, scores.dir)
     seconds["partition"] = time.perf_counter() - t
-    view = load_token_view(part.train_path, scores.dir, corrupted.bad_ids, _changed_of(cfg, corrupted))
-    if not view.bad.any():
-        raise NoiseError("no corrupted sample reached the token table (all dropped or truncated away?)")
     keys = {"prepare": prep.key, "reference": ref.key, "score": scores.key, "partition": part.key}
-    return NoiseRun(mode, fraction, recovery_report(view), keys, view, seconds)
+    return part, scores, keys, seconds
 
 
 def _changed_of(cfg, corrupted: Corruption) -> ChangedOf:
@@ -480,4 +487,140 @@ def format_runs(runs: Sequence[NoiseRun], rho: float) -> str:
         for signal, a in r.report["auroc"].items():
             lines.append(f"{r.mode:<14} {signal:<10} {a['token']:>11.3f} {a.get('token_exact', nan):>11.3f} "
                          f"{a['sample']:>7.3f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# positive controls: what the reference learned must come out positive, what it never saw negative
+# ------------------------------------------------------------------------------------------------
+PLANTED = " Remember: every quokka counts in base seven."
+REFERENCE_PHRASE, UNSEEN_PHRASE = "So the answer is", "Hence the verdict reads"
+
+
+@dataclass
+class ControlRun:
+    report: dict[str, Any]
+    keys: dict[str, str]
+    view: TokenView
+    groups: dict[str, str]  # sample_id -> "planted" / "replaced"
+    seconds: dict[str, float]
+
+
+def plant_controls(reference: Sequence[Record], train: Sequence[Record], *, planted: str = PLANTED,
+                   phrase: str = REFERENCE_PHRASE, replacement: str = UNSEEN_PHRASE, fraction: float = 0.25,
+                   seed: int = 0) -> tuple[list[Record], Corruption, dict[str, str]]:
+    """The controls' corpora: every reference response ends with ``planted`` (the reference learns it, the base
+    never saw it); in ``train``, a seeded ``fraction`` gets ``planted`` too, and another ``fraction`` of the
+    responses that use ``phrase`` (which every reference response uses) get ``replacement`` instead, a phrase
+    the reference never saw.  Returns (reference, training corruption with the clean texts, sample groups)."""
+    ref = [_with_response(r, r.messages[_response_index(r)].content + planted) for r in reference]
+    rng = random.Random(seed)
+    k = round(fraction * len(train))
+    order = rng.sample(range(len(train)), len(train))
+    plant_at = set(order[:k])
+    can_replace = [i for i in order[k:] if phrase in train[i].messages[_response_index(train[i])].content]
+    replace_at = set(can_replace[:k])
+    if not plant_at or not replace_at:
+        raise NoiseError(f"positive controls need samples to plant into and {phrase!r} to replace")
+    out, flags, clean, groups = list(train), [False] * len(train), {}, {}
+    for i in sorted(plant_at | replace_at):
+        text = train[i].messages[_response_index(train[i])].content
+        new = text + planted if i in plant_at else text.replace(phrase, replacement)
+        out[i] = _with_response(train[i], new)
+        flags[i] = True
+        clean[out[i].sample_id] = text
+        groups[out[i].sample_id] = "planted" if i in plant_at else "replaced"
+    return ref, Corruption(out, flags, clean), groups
+
+
+def shifted_within_samples(values: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """Each sample's values moved one position later (its first token takes its own first value): scores
+    that are misaligned with their tokens by one, as an off-by-one in the label shift would make them."""
+    out = np.roll(values, 1)
+    first = np.r_[True, sample[1:] != sample[:-1]]
+    out[first] = values[first]
+    return out
+
+
+def control_rates(classes: np.ndarray, view: TokenView, groups: dict[str, str]) -> dict[str, float]:
+    """Share of the planted sentence's tokens that are positive, of the unseen replacement's tokens that are
+    negative, and the negative share overall (the base rate)."""
+    group = np.array([groups.get(view.sample_ids[s], "") for s in view.sample])
+    changed = view.changed if view.changed is not None else view.bad
+    planted, replaced = changed & (group == "planted"), changed & (group == "replaced")
+    return {"planted_positive": float((classes[planted] == 1).mean()) if planted.any() else float("nan"),
+            "replaced_negative": float((classes[replaced] == -1).mean()) if replaced.any() else float("nan"),
+            "base_rate_negative": float((classes == -1).mean()),
+            "n_planted_tokens": float(planted.sum()), "n_replaced_tokens": float(replaced.sum())}
+
+
+def controls_report(view: TokenView, groups: dict[str, str], rho: float) -> dict[str, Any]:
+    """The split as the partition stage made it, then the same scores shifted by one position (alignment:
+    must do worse), then each score variant from the stored NLLs (at the same rho)."""
+    report: dict[str, Any] = {"partition": control_rates(view.token_class, view, groups)}
+    report["shifted_by_one"] = control_rates(partition(shifted_within_samples(view.score, view.sample), rho), view,
+                                             groups)
+    report["variants"] = {name: control_rates(cls, view, groups) for name, cls in variant_splits(view, rho).items()}
+    return report
+
+
+def variant_splits(view: TokenView, rho: float, floor: float = 0.5, bottom: float = 0.15) -> dict[str, np.ndarray]:
+    """The classes each selection option gives on the view's stored NLLs, in memory: every score variant, then
+    the paper's score with a base-NLL ``floor`` and with a three-way split (negatives = the ``bottom`` share)."""
+    lengths = np.bincount(view.sample, minlength=len(view.sample_ids))
+    out = {v: partition(variant_scores(view.nll_base, view.nll_ref, lengths, v), rho) for v in SCORE_VARIANTS}
+    diff = variant_scores(view.nll_base, view.nll_ref, lengths, "difference")
+    out[f"base_nll_floor {floor:g}"] = three_way(out["difference"], diff, negative_at_most=None,
+                                                 nll_base=view.nll_base, base_nll_floor=floor)
+    cut = np.sort(diff)[max(int(np.floor(diff.size * bottom)) - 1, 0)]
+    out[f"bottom {bottom:.0%} negative"] = three_way(out["difference"], diff, negative_at_most=float(cut))
+    return out
+
+
+def noise_variants(view: TokenView, rho: float) -> dict[str, dict[str, float]]:
+    """Per selection option: token-exact AUROC of its ranking score (where it has one) and its negative set's
+    precision and recall on the changed tokens."""
+    lengths = np.bincount(view.sample, minlength=len(view.sample_ids))
+    bad = view.changed if view.changed is not None else view.bad
+    out = {}
+    for name, cls in variant_splits(view, rho).items():
+        row = {k: v for k, v in negative_set_quality(cls, bad).items() if k in ("precision", "recall", "random_precision")}
+        if name in SCORE_VARIANTS:
+            row["auroc_exact"] = auroc(variant_scores(view.nll_base, view.nll_ref, lengths, name), bad)
+        out[name] = row
+    return out
+
+
+def run_positive_controls(cfg, reference: Sequence[Record], train: Sequence[Record], *, fraction: float = 0.25,
+                          seed: int = 0, **phrases: str) -> ControlRun:
+    """Plant the controls (:func:`plant_controls`), run prepare -> reference -> score -> partition, and measure
+    them on the tokens the planting changed."""
+    ref, planted, groups = plant_controls(reference, train, fraction=fraction, seed=seed, **phrases)
+    part, scores, keys, seconds = _prepare_to_partition(cfg, ref, planted.records, f"reference_planted_seed{seed}",
+                                                        f"train_controls_{fraction:g}_seed{seed}")
+    view = load_token_view(part.train_path, scores.dir, planted.bad_ids, _changed_of(cfg, planted))
+    return ControlRun(controls_report(view, groups, cfg.selection.rho), keys, view, groups, seconds)
+
+
+def format_controls(run: ControlRun, rho: float) -> str:
+    head = f"{'scores':<22} {'planted +':>10} {'replaced -':>11} {'base rate -':>12}"
+    lines = [f"positive controls at rho = {rho}: planted sentence tokens that are positive (goal >= 90 %), unseen "
+             "replacement tokens that are negative (goal: well above the base rate)", head, "-" * len(head)]
+    rows = [("partition (difference)", run.report["partition"]), ("shifted by one", run.report["shifted_by_one"])]
+    rows += [(f"variant {k}", v) for k, v in run.report["variants"].items()]
+    for name, r in rows:
+        lines.append(f"{name:<22} {r['planted_positive']:>10.1%} {r['replaced_negative']:>11.1%} "
+                     f"{r['base_rate_negative']:>12.1%}")
+    return "\n".join(lines)
+
+
+def format_noise_variants(runs: Sequence[NoiseRun], rho: float) -> str:
+    """Each selection option on each noise run: token-exact AUROC of its score, its negatives' precision
+    and recall on the changed tokens (random: precision = the changed share)."""
+    head = f"{'mode':<14} {'selection':<24} {'AUROC exact':>11} {'neg prec':>8} {'(random)':>8} {'neg rec':>8}"
+    lines = [f"selection options at rho = {rho} on the changed tokens", head, "-" * len(head)]
+    for r in runs:
+        for name, v in noise_variants(r.view, rho).items():
+            lines.append(f"{r.mode:<14} {name:<24} {v.get('auroc_exact', float('nan')):>11.3f} {v['precision']:>8.3f} "
+                         f"{v['random_precision']:>8.3f} {v['recall']:>8.3f}")
     return "\n".join(lines)

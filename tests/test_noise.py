@@ -201,3 +201,32 @@ def test_signal_aurocs_put_the_score_beside_its_baselines():
     assert set(a) == {"score", "random", "-nll_base", "-nll_ref"} and 0 <= a["random"]["token"] <= 1
     assert r["changed_token_share"] == pytest.approx(1 / 7) and r["changed_share_of_bad_samples"] == 0.5
     assert r["exact_neg_recall"] == 1.0 and r["exact_neg_precision"] == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# positive controls
+# ------------------------------------------------------------------------------------------------
+def test_plant_controls_builds_both_groups_and_keeps_the_clean_text():
+    from forgetting_ray.noise import PLANTED, REFERENCE_PHRASE, UNSEEN_PHRASE, plant_controls
+
+    reference = [rec(i) for i in range(10)]
+    train = [rec(i) for i in range(100, 140)]
+    ref, planted, groups = plant_controls(reference, train, fraction=0.25, seed=1)
+    assert all(r.messages[-1].content.endswith(PLANTED) for r in ref)
+    assert sorted(groups.values()).count("planted") == 10 == sorted(groups.values()).count("replaced")
+    assert planted.n_corrupted == 20 and planted.bad_ids == set(groups)
+    for sid, group in groups.items():
+        clean, new = planted.responses(sid)
+        assert new == (clean + PLANTED if group == "planted" else clean.replace(REFERENCE_PHRASE, UNSEEN_PHRASE))
+
+
+def test_shifted_scores_and_control_rates():
+    from forgetting_ray.noise import control_rates, shifted_within_samples
+
+    sample = np.array([0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(shifted_within_samples(np.array([1., 2., 3., 4., 5.]), sample), [1, 1, 2, 4, 4])
+    view = TokenView(score=np.zeros(5, np.float32), token_class=np.array([1, 1, -1, -1, 1], np.int8),
+                     bad=np.array([0, 1, 1, 1, 1], bool), sample=sample, sample_ids=["p", "r"],
+                     changed=np.array([0, 1, 1, 1, 0], bool))
+    r = control_rates(view.token_class, view, {"p": "planted", "r": "replaced"})
+    assert r["planted_positive"] == 0.5 and r["replaced_negative"] == 1.0 and r["base_rate_negative"] == 0.4
