@@ -10,6 +10,7 @@ same rows at the best rho.  The parent MLflow run carries the config, the run ca
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -146,12 +147,24 @@ def _partition(t: Tracker, cfg: PipelineConfig, table: Path, score_dir: Path):
     res = run_partition(cfg, table, score_dir)
     t.log_params({"key": res.key, "rho": cfg.selection.rho, "threshold": res.threshold})
     t.log_metrics({"n_tokens": res.n_tokens, "n_positive": res.n_positive, "n_negative": res.n_negative})
+    t.log_metrics(reference_evidence(json.loads(res.info_path.read_text())))
     t.log_artifact(res.info_path)
     t.log_artifact(res.histogram_path, "plots")
     if t.enabled:  # the audit page: what will be trained and what forgotten, for 20 random samples
-
         main_report(cfg, res.dir, tracker=t)
     return res
+
+
+def reference_evidence(info: dict) -> dict[str, float]:
+    """What says whether the reference learned (partition.json): its held-out NLL gain on the training split and
+    the median base NLL of the positives and of the negatives, as metrics."""
+    nll = info.get("nll") or {}
+    q = nll.get("base_nll_quantiles") or {}
+    out = {"reference_heldout_gain": nll.get("heldout_gain"), "reference_heldout_gain_relative": nll.get("heldout_gain_relative"),
+           "reference_barely_differs": float(bool(info.get("reference_barely_differs"))),
+           "positives_base_nll_p50": (q.get("positive") or {}).get("p50"),
+           "negatives_base_nll_p50": (q.get("negative") or {}).get("p50")}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _tune(t: Tracker, cfg: PipelineConfig, table: Path, scores):

@@ -137,6 +137,7 @@ def test_mlflow_lineage(searched):
     assert all(r.info.status == "FINISHED" for r in stages.values())
     assert stages["score"].data.params["key"] == result.outputs["score"].key
     assert "plots/score_histogram.png" in {a.path for a in client.list_artifacts(stages["partition"].info.run_id, "plots")}
+    assert {"reference_heldout_gain", "negatives_base_nll_p50"} <= set(stages["partition"].data.metrics)
     assert len(client.get_metric_history(stages["reference"].info.run_id, "loss")) == 2  # step metrics
     trials = {r.data.tags["forgetting_ray.trial_id"]: r for r in children(stages["tune"].info.run_id)}
     assert set(trials) == {t["trial_id"] for t in tuned.trials}
