@@ -363,13 +363,14 @@ def own_job_lines(text: str, job_id: str) -> tuple[str | None, str]:
     return name, "".join(kept)
 
 
-def collect_worker_logs(folder: str | Path, since: float = 0.0, settle_s: float = 2.0) -> list[Path]:
+def collect_worker_logs(folder: str | Path, since: float = 0.0, settle_s: float = 10.0) -> list[Path]:
     """Copy the stdout and stderr of every Ray worker that ran a task or actor of this driver's job (ended
     after ``since``, epoch seconds), on every node (through Ray's state API: no shared disk), to
     ``folder/<actor or task>-<node ip>-<pid>.{out,err}``.
 
     Returns the files written; a node that is gone (or a log Ray no longer has) is skipped with a debug line.
-    ``settle_s``: task events reach the state API about a second late."""
+    ``settle_s``: task events reach the state API a second or more late (on a busy machine): the task list is
+    read until two reads a second apart agree, for at most this long."""
     import time
 
     import ray
@@ -379,11 +380,18 @@ def collect_worker_logs(folder: str | Path, since: float = 0.0, settle_s: float 
     from ray.util.state import get_log, list_nodes, list_tasks
 
     log = logging.getLogger(__name__)
-    job = ray.get_runtime_context().get_job_id()
-    time.sleep(settle_s)
+    context = ray.get_runtime_context()
+    job, address = context.get_job_id(), context.gcs_address  # this cluster's, even with others on the machine
+    deadline, seen = time.monotonic() + settle_s, -1
     try:
-        tasks = list_tasks(filters=[("job_id", "=", job)], detail=True, limit=10_000, raise_on_missing_output=False)
-        ips = {n.node_id: n.node_ip for n in list_nodes(raise_on_missing_output=False)}
+        while True:
+            tasks = list_tasks(address=address, filters=[("job_id", "=", job)], detail=True, limit=10_000,
+                               raise_on_missing_output=False)
+            if (tasks and len(tasks) == seen) or time.monotonic() > deadline:
+                break
+            seen = len(tasks)
+            time.sleep(1.0)
+        ips = {n.node_id: n.node_ip for n in list_nodes(address=address, raise_on_missing_output=False)}
     except Exception as e:  # noqa: BLE001 - no dashboard (a cluster started without one): nothing to copy
         log.warning("worker logs not copied: Ray's state API did not answer (%s)", e)
         return []
@@ -392,7 +400,7 @@ def collect_worker_logs(folder: str | Path, since: float = 0.0, settle_s: float 
     for node, pid in sorted({(t.node_id, t.worker_pid) for t in recent}):
         for suffix in ("out", "err"):
             try:
-                text = "".join(get_log(node_id=node, pid=pid, suffix=suffix, timeout=30))
+                text = "".join(get_log(address=address, node_id=node, pid=pid, suffix=suffix, timeout=30))
             except Exception as e:  # noqa: BLE001 - a node lost mid-run keeps its logs
                 log.debug("no %s log of worker %s on node %s: %s", suffix, pid, node, e)
                 continue
