@@ -66,6 +66,25 @@ def make_partitioned_table(tokenizer_dir: Path, n: int = 48, *, max_len: int = 4
     return table
 
 
+def tiny_reference_config(run_dir: Path, model: Path, *, max_length: int = 256):
+    """prepare -> reference -> score -> partition on the tiny model with a reference that learns: all weights,
+    150 steps at lr 4e-3 (the noise check and the positive controls)."""
+    from forgetting_ray.config import PipelineConfig
+
+    return PipelineConfig.model_validate({
+        "run_dir": str(run_dir),
+        "model": {"name_or_path": str(model)},
+        "data": {"max_length": max_length},
+        "reference": {"max_steps": 150, "micro_batch_size": 8, "grad_accum": 1, "lr": 4e-3, "warmup_ratio": 0.05,
+                      "lora": {"enabled": False}, "deepspeed": {"enabled": False}, "export_dtype": "float32",
+                      "report_every": 100},
+        "selection": {"rho": 0.7},
+        "scoring": {"concurrency": 1, "num_cpus_per_actor": 1.0, "batch_tokens": 4096, "shard_size": 64},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "tracking": {"enabled": False},
+    })
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")

@@ -135,15 +135,16 @@ def test_written_corpus_reads_back_with_the_same_sample_ids(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # report over a token view
 # ------------------------------------------------------------------------------------------------
+def hand_made_view(**extra) -> TokenView:
+    """Sample 0 clean (3 tokens), sample 1 bad (2 tokens), sample 2 clean (2 tokens)."""
+    return TokenView(score=np.array([2.0, 1.0, 0.5, -1.0, 0.7, 3.0, 0.0], np.float32),
+                     token_class=np.array([1, 1, -1, -1, 1, 1, -1], np.int8),
+                     bad=np.array([0, 0, 0, 1, 1, 0, 0], bool), sample=np.array([0, 0, 0, 1, 1, 2, 2]),
+                     sample_ids=["a", "b", "c"], **extra)
+
+
 def test_recovery_report_on_a_hand_made_view():
-    # sample 0 clean (3 tokens), sample 1 bad (2 tokens), sample 2 clean (2 tokens)
-    view = TokenView(
-        score=np.array([2.0, 1.0, 0.5, -1.0, 0.7, 3.0, 0.0], np.float32),
-        token_class=np.array([1, 1, -1, -1, 1, 1, -1], np.int8),
-        bad=np.array([0, 0, 0, 1, 1, 0, 0], bool),
-        sample=np.array([0, 0, 0, 1, 1, 2, 2]),
-        sample_ids=["a", "b", "c"],
-    )
+    view = hand_made_view()
     mean, bad = sample_mean_scores(view)
     np.testing.assert_allclose(mean, [3.5 / 3, -0.15, 1.5], rtol=1e-6)
     assert bad.tolist() == [False, True, False]
@@ -183,12 +184,7 @@ def test_only_tokens_whose_characters_changed_count_as_corrupted(tiny_tokenizer_
 
 
 def test_signal_aurocs_put_the_score_beside_its_baselines():
-    view = TokenView(
-        score=np.array([2.0, 1.0, 0.5, -1.0, 0.7, 3.0, 0.0], np.float32),
-        token_class=np.array([1, 1, -1, -1, 1, 1, -1], np.int8),
-        bad=np.array([0, 0, 0, 1, 1, 0, 0], bool),
-        sample=np.array([0, 0, 0, 1, 1, 2, 2]),
-        sample_ids=["a", "b", "c"],
+    view = hand_made_view(
         changed=np.array([0, 0, 0, 1, 0, 0, 0], bool),  # only the first token of "b" changed
         nll_base=np.array([1.0, 1.0, 1.0, 5.0, 1.0, 1.0, 1.0], np.float32),
         nll_ref=np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], np.float32),

@@ -8,27 +8,15 @@ would).  The reference is the tiny random Llama trained on all weights; measured
 from __future__ import annotations
 
 import pytest
-from conftest import REPO
+from conftest import REPO, tiny_reference_config
 
-from forgetting_ray.config import PipelineConfig
 from forgetting_ray.data.readers import read_records
 from forgetting_ray.noise import format_controls, run_positive_controls, split_reference
 
 
 @pytest.fixture(scope="module")
 def controls(ray_cluster, tiny_llama, tmp_path_factory):
-    cfg = PipelineConfig.model_validate({
-        "run_dir": str(tmp_path_factory.mktemp("controls")),
-        "model": {"name_or_path": str(tiny_llama)},
-        "data": {"max_length": 320},
-        "reference": {"max_steps": 150, "micro_batch_size": 8, "grad_accum": 1, "lr": 4e-3, "warmup_ratio": 0.05,
-                      "lora": {"enabled": False}, "deepspeed": {"enabled": False}, "export_dtype": "float32",
-                      "report_every": 100},
-        "selection": {"rho": 0.7},
-        "scoring": {"concurrency": 1, "num_cpus_per_actor": 1.0, "batch_tokens": 4096, "shard_size": 64},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1},
-        "tracking": {"enabled": False},
-    })
+    cfg = tiny_reference_config(tmp_path_factory.mktemp("controls"), tiny_llama, max_length=320)
     records = list(read_records(sorted((REPO / "examples/data/flan_v2_cot").glob("*.tsv")), cfg.data))
     reference, train = split_reference(records, 240, 160, seed=0)
     run = run_positive_controls(cfg, reference, train, fraction=0.25, seed=0)
