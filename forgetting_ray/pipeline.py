@@ -72,16 +72,18 @@ def use_tiny_model(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": str(model_dir.resolve())})})
 
 
-def _timed(result: PipelineResult, name: str, tracker: Tracker, fn, *args, **kwargs):
-    """Run one stage as an MLflow child run and record its wall time."""
+def _timed(result: PipelineResult, name: str, tracker: Tracker, fn, *args, detail: str | None = None, **kwargs):
+    """Run one stage as an MLflow child run and record its wall time; a console line as it starts (with
+    ``detail``: which model) and as it ends (wall time, output, whether a finished result was reused)."""
     start = time.perf_counter()
-    log.info("== %s", name)
+    log.info("== %s%s", name, f" ({detail})" if detail else "")
     with tracker.stage(name) as t:
         out = fn(t, *args, **kwargs)
         result.seconds[name] = time.perf_counter() - start
         t.log_metrics({"stage_seconds": result.seconds[name]})
     where = getattr(out, "export_dir", None) or getattr(out, "dir", None) or getattr(out, "folder", None)
-    log.info("== %s done in %.1f s%s", name, result.seconds[name], f": {where}" if where else "")
+    reused = " (reused)" if getattr(out, "cached", False) else ""
+    log.info("== %s done in %.1f s%s%s", name, result.seconds[name], reused, f": {where}" if where else "")
     result.outputs[name] = out
     return out
 
@@ -236,9 +238,11 @@ def _run_stages(cfg: PipelineConfig, result: PipelineResult, card: RunCard, last
     log_splits(tracker, prep)  # the parent run's row in the runs table shows the data it trained on
     card.add_data(prep)
     if last >= STAGES.index("reference"):
-        ref = _timed(result, "reference", tracker, _finetune, cfg, "reference", prep.reference_path, card)
+        ref = _timed(result, "reference", tracker, _finetune, cfg, "reference", prep.reference_path, card,
+                     detail=f"fine-tune {cfg.model.name_or_path}")
     if last >= STAGES.index("score"):
-        scores = _timed(result, "score", tracker, _score, cfg, prep.train_path, ref.export_dir)
+        scores = _timed(result, "score", tracker, _score, cfg, prep.train_path, ref.export_dir,
+                        detail=f"{cfg.model.name_or_path} against its reference")
         card.add_scores(scores)
     if last >= STAGES.index("partition"):
         part = _timed(result, "partition", tracker, _partition, cfg, prep.train_path, scores.dir)
@@ -265,7 +269,8 @@ def _run_stages(cfg: PipelineConfig, result: PipelineResult, card: RunCard, last
             models[train_cfg.training.strategy] = _timed(result, "train", tracker, _adopt_best, train_cfg, tuned, card)
         else:
             models[cfg.training.strategy] = _timed(result, "train", tracker, _finetune, cfg, "train",
-                                                   train_table, card, "train")
+                                                   train_table, card, "train",
+                                                   detail=f"{cfg.training.strategy} on {cfg.model.name_or_path}")
             _log_plots(tracker, Path(models[cfg.training.strategy].out_dir) / "plots")
     if last >= STAGES.index("eval") and cfg.eval.enabled:
         paths = {"base": cfg.model.name_or_path} if cfg.eval_base_model else {}
