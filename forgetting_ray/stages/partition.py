@@ -347,9 +347,10 @@ def run_partition(cfg: PipelineConfig, train_table: Path, score_dir: Path) -> Pa
         return _result(out, key, read_done(out), cached=True)
     layout = _read_layout(train_table, score_dir, info)
 
-    _validate_shards(score_dir, layout, train_table)
+    stored_range = _validate_shards(score_dir, layout, train_table)
     shards = lambda: _shard_scores(score_dir, layout.n_shards, sel.score)  # noqa: E731 - re-read per pass
-    s_min, s_max = _score_range(shards())
+    # a variant ranks by other numbers than the stored score: one more pass for their range
+    s_min, s_max = stored_range if sel.score == "difference" else _score_range(shards())
     th = find_threshold(shards, rho)
     edges = np.linspace(s_min, s_max if s_max > s_min else s_min + 1.0, sel.histogram_bins + 1)
     negative_at_most = _negative_bound(sel, th, shards)
