@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,8 +69,12 @@ class Corruption:
         """(clean, corrupted) response text of a corrupted sample; None for a clean one."""
         if sample_id not in self.clean:
             return None
-        rec = next(r for r in self.records if r.sample_id == sample_id)
+        rec = self._by_id[sample_id]
         return self.clean[sample_id], rec.messages[_response_index(rec)].content
+
+    @cached_property
+    def _by_id(self) -> dict[str, Record]:
+        return {r.sample_id: r for r in self.records}
 
     @property
     def bad_ids(self) -> set[str]:
