@@ -363,6 +363,19 @@ def own_job_lines(text: str, job_id: str) -> tuple[str | None, str]:
     return name, "".join(kept)
 
 
+def _local_logs_dir(ray) -> Path | None:
+    try:
+        return Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    except Exception:  # noqa: BLE001 - a Ray without this private path: the state API alone
+        return None
+
+
+def _read_local_worker_log(logs_dir: Path | None, pid: int, suffix: str) -> str | None:
+    """The text of worker ``pid``'s log in this node's session (Ray names it ``worker-<id>-<job>-<pid>.<suffix>``)."""
+    files = sorted(logs_dir.glob(f"worker-*-{pid}.{suffix}")) if logs_dir else []
+    return "".join(f.read_text(errors="replace") for f in files) if files else None
+
+
 def collect_worker_logs(folder: str | Path, since: float = 0.0, settle_s: float = 10.0) -> list[Path]:
     """Copy the stdout and stderr of every Ray worker that ran a task or actor of this driver's job (ended
     after ``since``, epoch seconds), on every node (through Ray's state API: no shared disk), to
@@ -396,14 +409,19 @@ def collect_worker_logs(folder: str | Path, since: float = 0.0, settle_s: float 
         log.warning("worker logs not copied: Ray's state API did not answer (%s)", e)
         return []
     written = []
+    here, local_logs = context.get_node_id(), _local_logs_dir(ray)
     recent = [t for t in tasks if t.node_id and t.worker_pid and (t.end_time_ms or 1e18) >= since * 1000]
     for node, pid in sorted({(t.node_id, t.worker_pid) for t in recent}):
         for suffix in ("out", "err"):
             try:
                 text = "".join(get_log(address=address, node_id=node, pid=pid, suffix=suffix, timeout=30))
             except Exception as e:  # noqa: BLE001 - a node lost mid-run keeps its logs
-                log.debug("no %s log of worker %s on node %s: %s", suffix, pid, node, e)
-                continue
+                # this node's log agent may be missing (a second local cluster on one machine finds the agent's
+                # fixed port taken): the driver's own node has the files on its disk
+                text = _read_local_worker_log(local_logs, pid, suffix) if node == here else None
+                if text is None:
+                    log.debug("no %s log of worker %s on node %s: %s", suffix, pid, node, e)
+                    continue
             name, own = own_job_lines(text, job)
             if own.strip():
                 stem = re.sub(r"[^\w.()-]+", "_", f"{name or 'worker'}-{ips.get(node, node[:8])}-{pid}")
