@@ -289,10 +289,11 @@ def _datasets(inputs: _Inputs, ft: FinetuneConfig) -> dict[str, Any]:
     # on multi-node clusters.  Token ids are small next to the model (50k x 2k tokens ~ 0.9 GB).
     columns = list(columns_for(strategy_of(ft)))
     if ft.shuffle:
-        base = ray.data.from_arrow([pq.read_table(f, columns=columns + ["sample_id"]) for f in inputs.files])
+        # Sorted here, not by a Ray Data sort: its tasks need a free CPU, and workers that hold every CPU of
+        # the cluster (cpus_per_worker = the node's CPUs) would wait for one forever.  One copy per epoch.
+        table = pa.concat_tables([pq.read_table(f, columns=columns + ["sample_id"]) for f in inputs.files])
         datasets = {
-            f"train_{e}": base.map_batches(_order_key, batch_format="pyarrow", fn_kwargs={"seed": ft.seed, "epoch": e})
-            .sort("_order")
+            f"train_{e}": ray.data.from_arrow(_order_key(table, seed=ft.seed, epoch=e).sort_by("_order"))
             for e in range(inputs.plan.num_epochs)
         }
     else:

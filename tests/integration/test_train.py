@@ -139,14 +139,14 @@ def test_zero3_trains_exports_and_resumes_exactly_after_a_worker_crash(ray_clust
 
 
 def test_zero2_and_ddp_train_shuffled_and_agree(ray_cluster, tmp_path, tables, tiny_llama):
-    """Two independent fits side by side (4 workers x 0.25 CPU: the seeded shuffle sorts with Ray Data
-    tasks, which need the CPU left over).  Same seed -> same order in both runs; ZeRO-2 and DDP with
-    fp32 weights agree step for step, which also checks the two engines' loss scaling."""
+    """Two independent fits side by side, their 4 workers holding every CPU of the cluster (a seeded shuffle
+    that needed a free CPU for Ray Data tasks waited forever here).  Same seed -> same order in both runs;
+    ZeRO-2 and DDP with fp32 weights agree step for step, which also checks the two engines' loss scaling."""
     cfgs = {engine: make_cfg(tmp_path / engine, tiny_llama, normalization="micro_batch", export=False, shuffle=True,
                              deepspeed={"enabled": engine != "ddp", "zero_stage": 2})
             for engine in ("zero2", "ddp")}
-    for cfg in cfgs.values():
-        cfg.resources.cpus_per_worker = 0.25
+    assert sum(c.resources.num_workers * c.resources.cpus_per_worker for c in cfgs.values()) == \
+        ray_cluster.cluster_resources()["CPU"]
     results = concurrently({e: (lambda c=c: run_finetune(c, "train", tables["train"])) for e, c in cfgs.items()})
     for result in results.values():
         assert_trained(result, shuffled=True)
