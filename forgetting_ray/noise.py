@@ -335,6 +335,30 @@ def load_token_view(partition_table: str | Path, score_dir: str | Path, bad_ids:
                      nll_base=cat["nll_base"], nll_ref=cat["nll_ref"])
 
 
+def format_token_marks(partition_table: str | Path, tokenizer, phrase: str | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(end of turn, answer format) for every response token, in ``load_token_view``'s order: the last
+    response token of each sample (the chat template's end-of-turn marker), and the tokens whose text
+    overlaps an occurrence of ``phrase`` (default: the corpus's "So the answer is") in the decoded response.
+    These are the tokens the base model already predicts well that gradient ascent can damage."""
+    phrase = phrase or REFERENCE_PHRASE
+    eot, fmt = [], []
+    for _, input_ids, labels, _ in _iter_partition_rows(Path(partition_table)):
+        pieces = decode_pieces(tokenizer, input_ids[labels != IGNORE_INDEX].tolist())
+        ends = np.cumsum([len(p) for p in pieces])
+        starts = ends - np.array([len(p) for p in pieces], dtype=ends.dtype)
+        text, hit = "".join(pieces), np.zeros(len(pieces), dtype=bool)
+        at = text.find(phrase)
+        while at >= 0:
+            hit |= (starts < at + len(phrase)) & (ends > at)
+            at = text.find(phrase, at + 1)
+        last = np.zeros(len(pieces), dtype=bool)
+        last[-1:] = True
+        eot.append(last)
+        fmt.append(hit)
+    return np.concatenate(eot), np.concatenate(fmt)
+
+
 def sample_mean_scores(view: TokenView, values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(mean score per sample, sample is bad): the sample-level view of the same scores (or of ``values``)."""
     n = len(view.sample_ids)
@@ -403,6 +427,16 @@ def split_reference(records: Sequence[Record], n_reference: int, n_train: int | 
     return [r for r in unique if r.sample_id in ref_ids], [r for r in unique if r.sample_id in train_ids]
 
 
+def harmful_split(records: Sequence[Record], n_reference: int, n_train: int, n_heldout: int, seed: int
+                  ) -> tuple[list[Record], list[Record], list[Record]]:
+    """Seeded disjoint (reference, training, held-out) sets of distinct records, each in input order: the
+    harmful-responses experiment corrupts the training set and probes every model on the held-out one."""
+    reference, rest = split_reference(records, n_reference, n_train + n_heldout, seed)
+    order = split_order((r.sample_id for r in rest), seed + 1)
+    held = set(order[:n_heldout])
+    return reference, [r for r in rest if r.sample_id not in held], [r for r in rest if r.sample_id in held]
+
+
 @dataclass
 class NoiseRun:
     mode: str
@@ -426,7 +460,7 @@ def run_noise_recovery(cfg, reference: Sequence[Record], train: Sequence[Record]
         raise NoiseError(f"{mode} at fraction {fraction} corrupted no record")
     part, scores, keys, seconds = _prepare_to_partition(cfg, reference, corrupted.records, "reference_clean",
                                                         f"train_{mode}_{fraction:g}_seed{seed}")
-    view = load_token_view(part.train_path, scores.dir, corrupted.bad_ids, _changed_of(cfg, corrupted))
+    view = load_token_view(part.train_path, scores.dir, corrupted.bad_ids, token_exact_marks(cfg.model, corrupted))
     if not view.bad.any():
         raise NoiseError("no corrupted sample reached the token table (all dropped or truncated away?)")
     return NoiseRun(mode, fraction, recovery_report(view), keys, view, seconds)
@@ -458,10 +492,10 @@ def _prepare_to_partition(cfg, reference: Sequence[Record], train: Sequence[Reco
     return part, scores, keys, seconds
 
 
-def _changed_of(cfg, corrupted: Corruption) -> ChangedOf:
-    """Token-exact marks from the tokenizer the run used: each response token's text, against the changed
-    characters of its response."""
-    tok = load_tokenizer(cfg.model)
+def token_exact_marks(model, corrupted: Corruption) -> ChangedOf:
+    """Token-exact marks from the tokenizer of ``model`` (the run's ModelConfig): each response token's text,
+    against the changed characters of its response."""
+    tok = load_tokenizer(model)
 
     def changed(sample_id: str, response_ids: np.ndarray) -> np.ndarray | None:
         texts = corrupted.responses(sample_id)
@@ -603,7 +637,7 @@ def run_positive_controls(cfg, reference: Sequence[Record], train: Sequence[Reco
     ref, planted, groups = plant_controls(reference, train, fraction=fraction, seed=seed, **phrases)
     part, scores, keys, seconds = _prepare_to_partition(cfg, ref, planted.records, f"reference_planted_seed{seed}",
                                                         f"train_controls_{fraction:g}_seed{seed}")
-    view = load_token_view(part.train_path, scores.dir, planted.bad_ids, _changed_of(cfg, planted))
+    view = load_token_view(part.train_path, scores.dir, planted.bad_ids, token_exact_marks(cfg.model, planted))
     return ControlRun(controls_report(view, groups, cfg.selection.rho), keys, view, groups, seconds)
 
 

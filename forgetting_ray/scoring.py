@@ -93,3 +93,27 @@ def naive_token_nll(model: torch.nn.Module, input_ids, attention_mask, labels) -
     valid = targets != IGNORE_INDEX
     nll = -logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
     return F.pad(nll, (1, 0))
+
+
+@torch.no_grad()
+def mean_response_nll(model: torch.nn.Module, rows, pad_token_id: int, *, batch_size: int = 8):
+    """Mean NLL over each row's response tokens (``labels != -100``), in row order: how well a model fits
+    whole answers. ``rows``: token-table rows (``input_ids``, ``labels``). Rows are batched by length so
+    that padding stays small; the model is left in the mode it came in."""
+    import numpy as np
+
+    from .data.collate import collate
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    out = np.full(len(rows), np.nan)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        picked = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in picked], pad_token_id).items()}
+        nll = token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        counts = batch["labels"][:, 1:].ne(IGNORE_INDEX).sum(dim=1).clamp_min(1)
+        out[picked] = (nll.sum(dim=1) / counts).cpu().numpy()
+    model.train(was_training)
+    return out

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from forgetting_ray.config import DataConfig
 from forgetting_ray.data.readers import Message, Record, read_records
 from forgetting_ray.noise import (
+    harmful_split,
     NoiseError,
     TokenView,
     auroc,
@@ -226,3 +228,46 @@ def test_shifted_scores_and_control_rates():
                      changed=np.array([0, 1, 1, 1, 0], bool))
     r = control_rates(view.token_class, view, {"p": "planted", "r": "replaced"})
     assert r["planted_positive"] == 0.5 and r["replaced_negative"] == 1.0 and r["base_rate_negative"] == 0.4
+
+
+def test_harmful_split_gives_three_disjoint_seeded_sets_in_input_order():
+    records = [rec(i) for i in range(30)]
+    reference, train, heldout = harmful_split(records, 8, 12, 6, seed=3)
+    ids = [[r.sample_id for r in part] for part in (reference, train, heldout)]
+    assert [len(x) for x in ids] == [8, 12, 6]
+    assert len(set().union(*map(set, ids))) == 26  # disjoint
+    position = {r.sample_id: i for i, r in enumerate(records)}
+    assert all([position[i] for i in part] == sorted(position[i] for i in part) for part in ids)
+    assert [[r.sample_id for r in part] for part in harmful_split(records, 8, 12, 6, seed=3)] == ids
+    assert [r.sample_id for r in harmful_split(records, 8, 12, 6, seed=4)[2]] != ids[2]
+    with pytest.raises(NoiseError):
+        harmful_split(records, 8, 20, 6, seed=3)
+
+
+def test_format_token_marks_find_the_end_of_turn_and_the_answer_phrase(tiny_tokenizer_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    from forgetting_ray.config import ModelConfig
+    from forgetting_ray.data.table import rows_to_table
+    from forgetting_ray.models import load_tokenizer
+    from forgetting_ray.noise import format_token_marks
+    from forgetting_ray.report.html import decode_pieces
+
+    tok = load_tokenizer(ModelConfig(name_or_path="unused", tokenizer=str(tiny_tokenizer_dir)))
+    responses = ["Birds fly south. So the answer is yes.", "No phrase here at all."]
+    rows = []
+    for i, text in enumerate(responses):
+        prompt = tok("question?", add_special_tokens=False)["input_ids"]
+        resp = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append({"sample_id": f"{i:016x}", "source": "s", "input_ids": prompt + resp,
+                     "labels": [-100] * len(prompt) + resp})
+    table = rows_to_table(rows)
+    table = table.append_column("token_class", pa.array([[0] * len(r["labels"]) for r in rows], pa.list_(pa.int8())))
+    pq.write_table(table, tmp_path / "part.parquet")
+    eot, fmt = format_token_marks(tmp_path / "part.parquet", tok)
+    first = len(tok(responses[0], add_special_tokens=False)["input_ids"]) + 1
+    assert eot.size == fmt.size == first + len(tok(responses[1], add_special_tokens=False)["input_ids"]) + 1
+    assert eot.nonzero()[0].tolist() == [first - 1, eot.size - 1]
+    pieces = decode_pieces(tok, rows[0]["input_ids"][-first:])
+    marked = "".join(p for p, f in zip(pieces, fmt[:first]) if f)
+    assert "So the answer is" in marked and "Birds" not in marked and not fmt[first:].any()

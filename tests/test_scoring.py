@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from forgetting_ray.models import load_model, load_tokenizer
-from forgetting_ray.scoring import token_nll
+from forgetting_ray.scoring import mean_response_nll, token_nll
 
 IGNORE = -100
 TEXTS = [
@@ -221,3 +221,19 @@ def test_smollm2_matches_naive(smollm2_dir):
     scored = batch["labels"][:, 1:] != IGNORE
     mean = got[:, 1:][scored].mean().item()
     assert 0.0 < mean < 8.0  # a trained model on ChatML text
+
+
+def test_mean_response_nll_is_each_rows_own_mean_over_its_response(loaded):
+    model, tok = loaded["llama"]
+    model.train()
+    rows = []
+    for text, prompt in zip(TEXTS[:3], (4, 2, 6)):
+        ids = tok(text).input_ids
+        rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    got = mean_response_nll(model, rows, tok.pad_token_id or 0, batch_size=2)  # batched by length, padded
+    assert model.training  # left as it came
+    model.eval()
+    for row, value in zip(rows, got):
+        ids = torch.tensor([row["input_ids"]])
+        nll = naive_nll(model, ids, torch.ones_like(ids), torch.tensor([row["labels"]]))
+        assert value == pytest.approx(float(nll.sum() / (torch.tensor(row["labels"][1:]) != IGNORE).sum()), rel=1e-4)

@@ -178,6 +178,27 @@ def paired_bootstrap(
     return PairedComparison(a, b, per_task, mean, confidence, n_boot)
 
 
+def seed_example_bootstrap(values: np.ndarray, *, n_boot: int = 10_000, confidence: float = 0.95,
+                           seed: int = 0) -> Interval:
+    """Percentile interval of the mean of ``values[s, i]`` (training seed s, example i, the same examples
+    for every seed) that covers both sources of chance: each replicate draws the seeds with replacement,
+    then for each drawn seed the examples with replacement, and averages. With one seed it is the plain
+    example bootstrap; the seed level is what a single run cannot measure."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 2 or 0 in v.shape:
+        raise StudyError(f"need a [seeds, examples] array with both sizes > 0, got shape {v.shape}")
+    if not 0.0 < confidence < 1.0:
+        raise StudyError(f"confidence must be in (0, 1), got {confidence}")
+    rng = np.random.default_rng(seed)
+    n_seeds, n_ex = v.shape
+    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    reps = np.zeros(n_boot)
+    for j in range(n_seeds):  # the j-th drawn seed of every replicate, with its own draw of examples
+        examples = rng.integers(0, n_ex, size=(n_boot, n_ex))
+        reps += v[seeds[:, j][:, None], examples].mean(axis=1)
+    return _interval(float(v.mean()), reps / n_seeds, confidence, int(v.size))
+
+
 def compare_models(
     samples: Mapping[str, Mapping[str, TaskSamples]], a: str, b: str, **kwargs: Any
 ) -> PairedComparison:

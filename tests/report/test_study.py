@@ -20,6 +20,7 @@ from forgetting_ray.report.study import (
     read_task_samples,
     reading,
     score_table,
+    seed_example_bootstrap,
 )
 
 
@@ -129,6 +130,38 @@ def test_bootstrap_is_seeded():
     one, two = paired_bootstrap(d, n_boot=300, seed=7), paired_bootstrap(d, n_boot=300, seed=7)
     assert one.mean == two.mean
     assert paired_bootstrap(d, n_boot=300, seed=8).mean.low != one.mean.low
+
+
+def naive_seed_example_bootstrap(v, n_boot, confidence, seed):
+    """The same two-level draw written as loops: seeds with replacement, then each drawn seed's examples."""
+    rng = np.random.default_rng(seed)
+    n_seeds, n_ex = v.shape
+    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    draws = [rng.integers(0, n_ex, size=(n_boot, n_ex)) for _ in range(n_seeds)]
+    reps = [np.mean([v[seeds[b, j], draws[j][b]].mean() for j in range(n_seeds)]) for b in range(n_boot)]
+    tail = (1 - confidence) / 2
+    return np.quantile(reps, [tail, 1 - tail])
+
+
+def test_seed_example_bootstrap_matches_loops_and_widens_with_seed_spread():
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(3, 40))
+    i = seed_example_bootstrap(v, n_boot=300, seed=5)
+    assert i.estimate == pytest.approx(v.mean()) and i.n == 120
+    assert (i.low, i.high) == tuple(pytest.approx(x) for x in naive_seed_example_bootstrap(v, 300, 0.95, 5))
+    # the same examples, each seed shifted by its own offset: only the seed level can see that spread
+    shifted = v + np.array([[-1.0], [0.0], [1.0]])
+    wide = seed_example_bootstrap(shifted, n_boot=2000, seed=5)
+    narrow = seed_example_bootstrap(v, n_boot=2000, seed=5)
+    assert wide.high - wide.low > 2 * (narrow.high - narrow.low)
+    # one seed: the plain example bootstrap of a mean
+    one = seed_example_bootstrap(v[:1], n_boot=4000, seed=1)
+    half = 1.96 * v[0].std() / np.sqrt(40)
+    assert (one.high - one.low) / 2 == pytest.approx(half, rel=0.15)
+    constant = seed_example_bootstrap(np.full((2, 5), 0.3), n_boot=100)
+    assert (constant.low, constant.high) == (pytest.approx(0.3), pytest.approx(0.3))
+    with pytest.raises(StudyError, match="seeds, examples"):
+        seed_example_bootstrap(np.ones(5))
 
 
 def test_bootstrap_rejects_bad_input():
