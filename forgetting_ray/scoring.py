@@ -8,10 +8,12 @@ Peak extra memory is ``chunk_size x vocab`` floats instead of ``batch x length x
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .constants import IGNORE_INDEX
+from .data.collate import collate
 
 CHUNK_BYTES = 256 * 2**20  # scratch for one chunk: fp32 logits plus cross_entropy's log-softmax copy
 
@@ -100,10 +102,6 @@ def mean_response_nll(model: torch.nn.Module, rows, pad_token_id: int, *, batch_
     """Mean NLL over each row's response tokens (``labels != -100``), in row order: how well a model fits
     whole answers. ``rows``: token-table rows (``input_ids``, ``labels``). Rows are batched by length so
     that padding stays small; the model is left in the mode it came in."""
-    import numpy as np
-
-    from .data.collate import collate
-
     was_training = model.training
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
