@@ -345,8 +345,9 @@ def format_token_marks(partition_table: str | Path, tokenizer, phrase: str | Non
     eot, fmt = [], []
     for _, input_ids, labels, _ in _iter_partition_rows(Path(partition_table)):
         pieces = decode_pieces(tokenizer, input_ids[labels != IGNORE_INDEX].tolist())
-        ends = np.cumsum([len(p) for p in pieces])
-        starts = ends - np.array([len(p) for p in pieces], dtype=ends.dtype)
+        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
         text, hit = "".join(pieces), np.zeros(len(pieces), dtype=bool)
         at = text.find(phrase)
         while at >= 0:
