@@ -17,6 +17,9 @@ training seeds, the five benchmarks) and reports:
    bootstrap over seeds and examples (``seed_example_bootstrap``);
 4. the benchmark table with paired-bootstrap intervals over the benchmark examples.
 
+With ``--fraction 0`` the same run is the clean-corpus study: the same reference, splits and probes, no
+answer swapped in (the corruption figures are NaN and the wrong-answer probe drops out).
+
 Usage (SmolLM2-135M, about an hour per training seed on 2 CPU cores; every stage is cached, so a rerun
 with more seeds only trains the new ones):
     .venv/bin/python bench/bench_harmful_responses.py --seeds 0 1 2 --eval-seeds 1 --json out.json
@@ -152,8 +155,9 @@ def main() -> None:
         q = (0.1, 0.5, 0.9)
         return {
             "threshold": part.threshold, "negative_share": float(neg.mean()),
-            "changed_tokens": int(view.changed.sum()), "changed_negative": float(neg[view.changed].mean()),
-            "corrupted_sample_tokens_negative": float(neg[view.bad].mean()),
+            "changed_tokens": int(view.changed.sum()),
+            "changed_negative": float(neg[view.changed].mean()) if view.changed.any() else float("nan"),
+            "corrupted_sample_tokens_negative": float(neg[view.bad].mean()) if view.bad.any() else float("nan"),
             "clean_tokens_negative": float(neg[~view.bad].mean()),
             "end_of_turn_negative": float(neg[eot].mean()), "answer_format_negative": float(neg[fmt].mean()),
             "negatives_end_of_turn_share": float(eot[neg].mean()), "negatives_answer_format_share": float(fmt[neg].mean()),
@@ -184,8 +188,11 @@ def main() -> None:
 
     def probes(path) -> dict[str, np.ndarray]:
         nll = mean_response_nll(load_model(resolve_eval_model(path)), probe, pad)
-        return {"heldout_correct_nll": nll[correct], "prefers_correct": (nll[correct] < nll[swapped]).astype(float),
-                "margin": nll[swapped] - nll[correct], "wrong_answers_nll": nll[wrong_train]}
+        out = {"heldout_correct_nll": nll[correct], "prefers_correct": (nll[correct] < nll[swapped]).astype(float),
+               "margin": nll[swapped] - nll[correct]}
+        if wrong_train:  # none with --fraction 0, the clean-corpus study
+            out["wrong_answers_nll"] = nll[wrong_train]
+        return out
 
     measured = {"base": {args.seeds[0]: probes(model)}}
     names = [*STRATEGIES, *(["variant"] if args.variant else [])]
@@ -238,6 +245,7 @@ def _probe_table(measured: dict, names: list[str], seeds: list[int], bootstrap, 
         digits = 1 if scale == 100.0 else 3
         return f"{scale * i.estimate:.{digits}f} [{scale * i.low:.{digits}f}, {scale * i.high:.{digits}f}]"
 
+    cols = [c for c in cols if c[0] in measured["base"][seeds[0]]]
     lines = ["| model | seeds | " + " | ".join(c[1] for c in cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for name in ["base", *names]:
         per = measured[name]
