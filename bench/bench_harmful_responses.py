@@ -22,13 +22,14 @@ answer swapped in (the corruption figures are NaN and the wrong-answer probe dro
 
 Usage (SmolLM2-135M, about an hour per training seed on 2 CPU cores; every stage is cached, so a rerun
 with more seeds only trains the new ones):
-    .venv/bin/python bench/bench_harmful_responses.py --seeds 0 1 2 --eval-seeds 1 --json out.json
+    .venv/bin/python bench/bench_harmful_responses.py --seeds 0 1 2 --eval-seeds 3 --json out.json
 Tiny random model (minutes, numbers meaningless): ``--model tiny``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -81,8 +82,8 @@ def main() -> None:
     from forgetting_ray.noise import (corrupt_records, format_token_marks, harmful_split, load_token_view,
                                       token_exact_marks, write_jsonl)
     from forgetting_ray.pipeline import run_pipeline
-    from forgetting_ray.report.study import compare_models, comparison_table, read_eval_samples, score_table, \
-        seed_example_bootstrap
+    from forgetting_ray.report.study import average_over_seeds, compare_models_over_seeds, comparison_table, \
+        read_eval_samples, score_table, seed_example_bootstrap
     from forgetting_ray.scoring import mean_response_nll
     from forgetting_ray.stages.evaluate import resolve_eval_model
     from forgetting_ray.stages.prepare import run_prepare
@@ -177,7 +178,8 @@ def main() -> None:
     probe_cfg = first["cfg"].model_copy(update={"data": first["cfg"].data.model_copy(update={
         "train_files": [str(write_jsonl(heldout + swapped_heldout.records + [r for r, bad in zip(
             corrupted.records, corrupted.corrupted) if bad], inputs / "probe.jsonl"))]})})
-    probe = read_token_table(run_prepare(probe_cfg).train_path).to_pylist()
+    probe_path = run_prepare(probe_cfg).train_path
+    probe = read_token_table(probe_path).to_pylist()
     row_of = {r["sample_id"]: i for i, r in enumerate(probe)}
     pairs = [(c.sample_id, s.sample_id) for c, s, bad in zip(heldout, swapped_heldout.records,
                                                              swapped_heldout.corrupted)
@@ -187,7 +189,16 @@ def main() -> None:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def probes(path) -> dict[str, np.ndarray]:
-        nll = mean_response_nll(load_model(resolve_eval_model(path)), probe, pad)
+        # cached per (model, probe table): a rerun that adds seeds or evaluations scores only the new models
+        cached = run_dir / "probes" / (hashlib.sha256(f"{path}|{probe_path}".encode()).hexdigest()[:16] + ".npy")
+        if cached.is_file():
+            nll = np.load(cached)
+        else:
+            nll = mean_response_nll(load_model(resolve_eval_model(path)), probe, pad)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with open(cached.with_suffix(".tmp"), "wb") as f:
+                np.save(f, nll)
+            os.replace(cached.with_suffix(".tmp"), cached)
         out = {"heldout_correct_nll": nll[correct], "prefers_correct": (nll[correct] < nll[swapped]).astype(float),
                "margin": nll[swapped] - nll[correct]}
         if wrong_train:  # none with --fraction 0, the clean-corpus study
@@ -200,17 +211,29 @@ def main() -> None:
         measured[name] = {seed: probes(runs[seed]["models"][name].export_dir) for seed in args.seeds}
     probe_table = _probe_table(measured, names, args.seeds, seed_example_bootstrap, args.n_boot)
 
-    # 4: the benchmarks, paired over the same documents
+    # 4: the benchmarks, paired over the same documents (and, with several evaluated seeds, over the seeds)
     bench_md, bench_json = "", {}
-    for seed in args.seeds[:args.eval_seeds]:
-        evals, cfg = runs[seed]["evals"], runs[seed]["cfg"]
-        samples = {name: read_eval_samples(r.out_dir, cfg.eval.tasks) for name, r in evals.items()}
-        comparisons = [compare_models(samples, a, b, n_boot=args.n_boot, seed=seed)
+    eval_seeds = args.seeds[:args.eval_seeds]
+    if eval_seeds:
+        per_seed = [{name: read_eval_samples(r.out_dir, runs[s]["cfg"].eval.tasks) for name, r in runs[s]["evals"].items()}
+                    for s in eval_seeds]
+        comparisons = [compare_models_over_seeds(per_seed, a, b, n_boot=args.n_boot)
                        for a, b in (("forgetting", "sft"), ("ignore", "sft"), ("forgetting", "ignore"),
-                                    ("sft", "base"), ("variant", "sft")) if a in samples and b in samples]
-        bench_md += f"\n### Benchmarks, training seed {seed}\n\n{score_table(samples)}\n\n{comparison_table(comparisons)}\n"
-        bench_json[seed] = {"scores": {m: {t: s.score() for t, s in per.items()} for m, per in samples.items()},
-                            "comparisons": [{"a": c.a, "b": c.b, "mean": vars(c.mean)} for c in comparisons]}
+                                    ("sft", "base"), ("variant", "sft"), ("variant", "forgetting"))
+                       if a in per_seed[0] and b in per_seed[0]]
+        per_seed_means = {f"{c.a} − {c.b}": [float(np.mean([per[c.a][t].score() - per[c.b][t].score()
+                                                           for t in c.per_task])) for per in per_seed]
+                          for c in comparisons}
+        bench_md = (f"\n\n### Benchmarks, training seeds {eval_seeds}: scores are means over the seeds, intervals "
+                    f"cover the seeds and the documents\n\n{score_table(average_over_seeds(per_seed))}\n\n"
+                    f"{comparison_table(comparisons)}\n\nmean difference per seed (points): " + "; ".join(
+                        f"{k} " + " / ".join(f"{100 * v:+.2f}" for v in vals) for k, vals in per_seed_means.items()) + "\n")
+        bench_json = {"seeds": eval_seeds,
+                      "scores": {str(s): {m: {t: x.score() for t, x in per.items()} for m, per in samples.items()}
+                                 for s, samples in zip(eval_seeds, per_seed)},
+                      "comparisons": [{"a": c.a, "b": c.b, "mean": vars(c.mean),
+                                       "per_task": {t: vars(i) for t, i in c.per_task.items()}} for c in comparisons],
+                      "mean_difference_per_seed": per_seed_means}
 
     nll = reference_nll
     print(f"\nreference: mean NLL on the training split (held out from it) {nll.get('mean_nll_base', float('nan')):.3f} "

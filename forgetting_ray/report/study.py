@@ -148,34 +148,56 @@ def paired_bootstrap(
 ) -> PairedComparison:
     """Percentile bootstrap of each task's difference and of their average.
 
-    ``diffs``: task -> (per-example differences, per-example stratum).  Each replicate resamples
-    every stratum of every task with replacement (stratified, so a replicate keeps each
-    language's and each task's size), computes each task's statistic and their mean.
+    ``diffs``: task -> (differences, per-example stratum).  Each replicate resamples every stratum of
+    every task with replacement (stratified, so a replicate keeps each language's and each task's size),
+    computes each task's statistic and their mean.  The differences are per example, or per training seed
+    and example (``[seeds, examples]``, the same seeds in the same order for every task): then each
+    replicate first draws the seeds with replacement, once for all tasks (a seed is one pair of trained
+    models), and then the examples anew for each drawn seed, as ``seed_example_bootstrap`` does.
     """
     if not diffs:
         raise StudyError("no tasks to compare")
     if not 0.0 < confidence < 1.0:
         raise StudyError(f"confidence must be in (0, 1), got {confidence}")
+    arrays = {task: np.asarray(diffs[task][0], dtype=np.float64) for task in diffs}
+    shapes = {d.shape[:-1] for d in arrays.values()}
+    if len(shapes) > 1 or not {d.ndim for d in arrays.values()} <= {1, 2}:
+        raise StudyError("differences must all be per example, or all [seeds, examples] with the same seeds; got "
+                         f"shapes {sorted(d.shape for d in arrays.values())}")
     rng = np.random.default_rng(seed)
+    (lead,) = shapes
+    seed_draws = rng.integers(0, lead[0], size=(n_boot, lead[0])) if lead else None
     per_task: dict[str, Interval] = {}
     task_reps = []
     for task in sorted(diffs):
-        d, g = (np.asarray(x) for x in diffs[task])
+        d, g = arrays[task], np.asarray(diffs[task][1])
         if d.size == 0:
             raise StudyError(f"{task}: no paired examples")
         names = np.unique(g)
         reps = np.zeros(n_boot)
         for name in names:
-            dg = d[g == name].astype(np.float64)
-            idx = rng.integers(0, dg.size, size=(n_boot, dg.size))
-            reps += dg[idx].mean(axis=1)
+            reps += _stratum_replicates(d[..., g == name], seed_draws, rng, n_boot)
         reps /= len(names)
-        per_task[task] = _interval(group_mean(d, g), reps, confidence, int(d.size))
+        per_task[task] = _interval(group_mean(d.reshape(-1, d.shape[-1]).mean(axis=0), g), reps, confidence,
+                                   int(d.size))
         task_reps.append(reps)
     mean_reps = np.mean(task_reps, axis=0)
     mean_est = float(np.mean([per_task[t].estimate for t in per_task]))
     mean = _interval(mean_est, mean_reps, confidence, sum(i.n for i in per_task.values()))
     return PairedComparison(a, b, per_task, mean, confidence, n_boot)
+
+
+def _stratum_replicates(d: np.ndarray, seed_draws: np.ndarray | None, rng: np.random.Generator,
+                        n_boot: int) -> np.ndarray:
+    """Bootstrap means of one stratum: ``d[examples]``, or ``d[seeds, examples]`` with each replicate's
+    seeds already drawn (``seed_draws[replicate, slot]``) and the examples drawn here for every slot."""
+    n_ex = d.shape[-1]
+    if seed_draws is None:
+        return d[rng.integers(0, n_ex, size=(n_boot, n_ex))].mean(axis=1)
+    reps = np.zeros(n_boot)
+    for slot in range(seed_draws.shape[1]):
+        reps += d[seed_draws[:, slot][:, None], rng.integers(0, n_ex, size=(n_boot, n_ex))].mean(axis=1)
+    return reps / seed_draws.shape[1]
 
 
 def seed_example_bootstrap(values: np.ndarray, *, n_boot: int = 10_000, confidence: float = 0.95,
@@ -187,16 +209,7 @@ def seed_example_bootstrap(values: np.ndarray, *, n_boot: int = 10_000, confiden
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 2 or 0 in v.shape:
         raise StudyError(f"need a [seeds, examples] array with both sizes > 0, got shape {v.shape}")
-    if not 0.0 < confidence < 1.0:
-        raise StudyError(f"confidence must be in (0, 1), got {confidence}")
-    rng = np.random.default_rng(seed)
-    n_seeds, n_ex = v.shape
-    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
-    reps = np.zeros(n_boot)
-    for j in range(n_seeds):  # the j-th drawn seed of every replicate, with its own draw of examples
-        examples = rng.integers(0, n_ex, size=(n_boot, n_ex))
-        reps += v[seeds[:, j][:, None], examples].mean(axis=1)
-    return _interval(float(v.mean()), reps / n_seeds, confidence, int(v.size))
+    return paired_bootstrap({"": (v, np.zeros(v.shape[1]))}, n_boot=n_boot, confidence=confidence, seed=seed).mean
 
 
 def compare_models(
@@ -211,6 +224,42 @@ def compare_models(
 # ------------------------------------------------------------------------------------------------
 # Markdown
 # ------------------------------------------------------------------------------------------------
+def compare_models_over_seeds(
+    per_seed: Sequence[Mapping[str, Mapping[str, TaskSamples]]], a: str, b: str, **kwargs: Any
+) -> PairedComparison:
+    """``per_seed[s]``: model -> task -> TaskSamples for training seed s, every seed's models evaluated on
+    the same examples.  Compares the tasks both models have in every seed, with intervals over the seeds
+    and the examples (``paired_bootstrap`` on ``[seeds, examples]`` differences)."""
+    if not per_seed:
+        raise StudyError("no training seeds to compare")
+    tasks = sorted(set.intersection(*(set(s[a]) & set(s[b]) for s in per_seed)))
+    diffs = {}
+    for task in tasks:
+        keys = set(per_seed[0][a][task].values)
+        for i, s in enumerate(per_seed):
+            if set(s[a][task].values) != keys:
+                raise StudyError(f"{task}: training seed #{i} was evaluated on other examples than seed #0; use the "
+                                 "same eval.limit, limit_mode and seed for every training seed")
+        pairs = [paired_differences(s[a][task], s[b][task]) for s in per_seed]
+        diffs[task] = (np.stack([d for d, _ in pairs]), pairs[0][1])
+    return paired_bootstrap(diffs, a=a, b=b, **kwargs)
+
+
+def average_over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, TaskSamples]]]
+                       ) -> dict[str, dict[str, TaskSamples]]:
+    """model -> task -> TaskSamples whose per-example values are the mean over the training seeds (every
+    score is linear in them, so its score is the mean of the seeds' scores); models and tasks in every seed."""
+    models = [m for m in per_seed[0] if all(m in s for s in per_seed)]
+    out: dict[str, dict[str, TaskSamples]] = {}
+    for m in models:
+        out[m] = {}
+        for task in set.intersection(*(set(s[m]) for s in per_seed)):
+            first = per_seed[0][m][task]
+            values = {k: float(np.mean([s[m][task].values[k] for s in per_seed])) for k in first.values}
+            out[m][task] = TaskSamples(task, first.metric, values, first.groups)
+    return out
+
+
 def pts(x: float, signed: bool = False) -> str:
     """A fraction as percentage points, two decimals."""
     return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"

@@ -11,7 +11,9 @@ from forgetting_ray.report.study import (
     StudyError,
     StudyReport,
     TaskSamples,
+    average_over_seeds,
     compare_models,
+    compare_models_over_seeds,
     comparison_table,
     group_mean,
     paired_bootstrap,
@@ -162,6 +164,62 @@ def test_seed_example_bootstrap_matches_loops_and_widens_with_seed_spread():
     assert (constant.low, constant.high) == (pytest.approx(0.3), pytest.approx(0.3))
     with pytest.raises(StudyError, match="seeds, examples"):
         seed_example_bootstrap(np.ones(5))
+
+
+def naive_two_level_mean(diffs, n_boot, seed):
+    """Loops: per replicate, one draw of the seeds shared by every task, then each task's examples anew per
+    drawn seed (each stratum on its own), the task statistic the mean over its strata, the mean over tasks."""
+    rng = np.random.default_rng(seed)
+    n_seeds = next(iter(diffs.values()))[0].shape[0]
+    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    reps = np.zeros((len(diffs), n_boot))
+    for t, task in enumerate(sorted(diffs)):
+        d, g = diffs[task]
+        names = np.unique(g)
+        for name in names:
+            dg = d[:, g == name]
+            draws = [rng.integers(0, dg.shape[1], size=(n_boot, dg.shape[1])) for _ in range(n_seeds)]
+            for r in range(n_boot):
+                reps[t, r] += np.mean([dg[seeds[r, j], draws[j][r]].mean() for j in range(n_seeds)]) / len(names)
+    return np.quantile(reps.mean(axis=0), [0.025, 0.975])
+
+
+def test_bootstrap_over_seeds_and_examples_matches_loops_and_shares_the_seed_draw():
+    rng = np.random.default_rng(2)
+    diffs = {"A": (rng.normal(size=(3, 12)), np.array([""] * 12)),
+             "B": (rng.normal(size=(3, 9)), np.array(["en"] * 5 + ["fi"] * 4))}
+    c = paired_bootstrap(diffs, n_boot=200, seed=4)
+    assert (c.mean.low, c.mean.high) == tuple(pytest.approx(x) for x in naive_two_level_mean(diffs, 200, 4))
+    assert c.per_task["A"].estimate == pytest.approx(diffs["A"][0].mean())
+    assert c.mean.n == 3 * 21
+    # one seed-level offset shared by both tasks: the shared seed draw keeps it whole in the mean's interval
+    offset = np.array([[-1.0], [0.0], [1.0]])
+    shifted = {t: (d + offset, g) for t, (d, g) in diffs.items()}
+    wide, narrow = paired_bootstrap(shifted, n_boot=2000, seed=4), paired_bootstrap(diffs, n_boot=2000, seed=4)
+    assert wide.mean.high - wide.mean.low > 2 * (narrow.mean.high - narrow.mean.low)
+    with pytest.raises(StudyError, match="same seeds"):
+        paired_bootstrap({"A": diffs["A"], "B": (diffs["B"][0][:2], diffs["B"][1])})
+    with pytest.raises(StudyError, match="same seeds"):
+        paired_bootstrap({"A": diffs["A"], "B": (diffs["B"][0][0], diffs["B"][1])})
+
+
+def test_models_compared_and_averaged_over_training_seeds():
+    # seed 0: forgetting +1 on both boolq examples; seed 1: +0; asdiv only in seed 0 is left out
+    per_seed = [
+        {"sft": {"boolq": ts("boolq", "acc", [0, 0]), "asdiv": ts("asdiv", "acc", [0])},
+         "forgetting": {"boolq": ts("boolq", "acc", [1, 1]), "asdiv": ts("asdiv", "acc", [1])}},
+        {"sft": {"boolq": ts("boolq", "acc", [1, 0])}, "forgetting": {"boolq": ts("boolq", "acc", [1, 0])}},
+    ]
+    c = compare_models_over_seeds(per_seed, "forgetting", "sft", n_boot=500)
+    assert set(c.per_task) == {"boolq"} and c.mean.estimate == pytest.approx(0.5) and c.mean.n == 4
+    assert c.mean.low == pytest.approx(0.0) and c.mean.high == pytest.approx(1.0)  # the seeds disagree
+    mean = average_over_seeds(per_seed)
+    assert set(mean) == {"sft", "forgetting"} and set(mean["sft"]) == {"boolq"}
+    assert mean["sft"]["boolq"].score() == pytest.approx(0.25) and mean["forgetting"]["boolq"].score() == 0.75
+    per_seed[1]["sft"]["boolq"] = ts("boolq", "acc", [1, 0, 1])
+    per_seed[1]["forgetting"]["boolq"] = ts("boolq", "acc", [1, 0, 1])
+    with pytest.raises(StudyError, match="other examples than seed #0"):
+        compare_models_over_seeds(per_seed, "forgetting", "sft")
 
 
 def test_bootstrap_rejects_bad_input():
