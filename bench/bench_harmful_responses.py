@@ -15,7 +15,7 @@ training seeds, the five benchmarks) and reports:
    from another held-out question (does the model still read the question?); on the corrupted training
    samples: the NLL of the wrong answers it was shown (did it learn them?); with intervals from a
    bootstrap over seeds and examples (``seed_example_bootstrap``);
-4. the benchmark table with paired-bootstrap intervals over the benchmark examples.
+4. the benchmark table with paired-bootstrap intervals over the evaluated training seeds and the documents.
 
 With ``--fraction 0`` the same run is the clean-corpus study: the same reference, splits and probes, no
 answer swapped in (the corruption figures are NaN and the wrong-answer probe drops out).
