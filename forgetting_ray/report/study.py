@@ -161,7 +161,7 @@ def paired_bootstrap(
         raise StudyError(f"confidence must be in (0, 1), got {confidence}")
     arrays = {task: np.asarray(diffs[task][0], dtype=np.float64) for task in diffs}
     shapes = {d.shape[:-1] for d in arrays.values()}
-    if len(shapes) > 1 or not {d.ndim for d in arrays.values()} <= {1, 2}:
+    if len(shapes) > 1 or not {d.ndim for d in arrays.values()} <= {1, 2} or (0,) in shapes:
         raise StudyError("differences must all be per example, or all [seeds, examples] with the same seeds; got "
                          f"shapes {sorted(d.shape for d in arrays.values())}")
     rng = np.random.default_rng(seed)

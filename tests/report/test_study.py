@@ -201,6 +201,8 @@ def test_bootstrap_over_seeds_and_examples_matches_loops_and_shares_the_seed_dra
         paired_bootstrap({"A": diffs["A"], "B": (diffs["B"][0][:2], diffs["B"][1])})
     with pytest.raises(StudyError, match="same seeds"):
         paired_bootstrap({"A": diffs["A"], "B": (diffs["B"][0][0], diffs["B"][1])})
+    with pytest.raises(StudyError, match="same seeds"):
+        paired_bootstrap({"A": (np.ones((0, 3)), np.array([""] * 3))})
 
 
 def test_models_compared_and_averaged_over_training_seeds():
