@@ -87,6 +87,7 @@ def main() -> None:
     from forgetting_ray.scoring import mean_response_nll
     from forgetting_ray.stages.evaluate import resolve_eval_model
     from forgetting_ray.stages.prepare import run_prepare
+    from forgetting_ray.store import atomic_path
 
     files = resolve_files(args.files)
     run_dir = Path(args.run_dir)
@@ -195,10 +196,8 @@ def main() -> None:
             nll = np.load(cached)
         else:
             nll = mean_response_nll(load_model(resolve_eval_model(path)), probe, pad)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            with open(cached.with_suffix(".tmp"), "wb") as f:
+            with atomic_path(cached) as tmp, open(tmp, "wb") as f:
                 np.save(f, nll)
-            os.replace(cached.with_suffix(".tmp"), cached)
         out = {"heldout_correct_nll": nll[correct], "prefers_correct": (nll[correct] < nll[swapped]).astype(float),
                "margin": nll[swapped] - nll[correct]}
         if wrong_train:  # none with --fraction 0, the clean-corpus study
