@@ -221,9 +221,6 @@ def compare_models(
     return paired_bootstrap(diffs, a=a, b=b, **kwargs)
 
 
-# ------------------------------------------------------------------------------------------------
-# Markdown
-# ------------------------------------------------------------------------------------------------
 def compare_models_over_seeds(
     per_seed: Sequence[Mapping[str, Mapping[str, TaskSamples]]], a: str, b: str, **kwargs: Any
 ) -> PairedComparison:
@@ -260,6 +257,9 @@ def average_over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, TaskSamples]
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# Markdown
+# ------------------------------------------------------------------------------------------------
 def pts(x: float, signed: bool = False) -> str:
     """A fraction as percentage points, two decimals."""
     return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
