@@ -7,7 +7,8 @@ down and ``ignore`` should at least not learn them. This bench runs the product'
 reference, score, partition, the sft / ignore / forgetting fine-tunes and, for the first ``--eval-seeds``
 training seeds, the five benchmarks) and reports:
 
-1. the reference before anything else: its held-out NLL against the base on the training split;
+1. the reference before anything else: its mean response NLL against the base's on its own training data
+   (the reference split) and on the training split it never saw;
 2. the partition: the share of the corrupted tokens (token-exact: only characters the swap changed) that
    ended negative, against the base rate 1 - rho;
 3. per model and training seed, on clean held-out questions that no model saw: the mean NLL of the
@@ -189,15 +190,30 @@ def main() -> None:
     correct, swapped = [row_of[c] for c, _ in pairs], [row_of[s] for _, s in pairs]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    def probes(path) -> dict[str, np.ndarray]:
-        # cached per (model, probe table): a rerun that adds seeds or evaluations scores only the new models
-        cached = run_dir / "probes" / (hashlib.sha256(f"{path}|{probe_path}".encode()).hexdigest()[:16] + ".npy")
+    def sample_nll(path, table_path, rows) -> np.ndarray:
+        # cached per (model, table): a rerun that adds seeds or evaluations scores only the new models
+        cached = run_dir / "probes" / (hashlib.sha256(f"{path}|{table_path}".encode()).hexdigest()[:16] + ".npy")
         if cached.is_file():
-            nll = np.load(cached)
-        else:
-            nll = mean_response_nll(load_model(resolve_eval_model(path)), probe, pad)
-            with atomic_path(cached) as tmp, open(tmp, "wb") as f:
-                np.save(f, nll)
+            return np.load(cached)
+        nll = mean_response_nll(load_model(resolve_eval_model(path)), rows, pad)
+        with atomic_path(cached) as tmp, open(tmp, "wb") as f:
+            np.save(f, nll)
+        return nll
+
+    # the reference's fit, before anything else: on its own training data and on the training split it never saw
+    # (the same per-sample mean response NLL for both, so the two gains compare)
+    prepared = first["result"].outputs["prepare"]
+    reference_dir = first["result"].outputs["reference"].export_dir
+    reference_fit = {}
+    for split, table_path in (("reference split (seen)", prepared.reference_path),
+                              ("training split (held out)", prepared.train_path)):
+        rows = read_token_table(table_path).to_pylist()
+        nll_base, nll_ref = (sample_nll(m, table_path, rows).mean() for m in (model, reference_dir))
+        reference_fit[split] = {"samples": len(rows), "base": float(nll_base), "reference": float(nll_ref),
+                                "gain_relative": float((nll_base - nll_ref) / nll_base)}
+
+    def probes(path) -> dict[str, np.ndarray]:
+        nll = sample_nll(path, probe_path, probe)
         out = {"heldout_correct_nll": nll[correct], "prefers_correct": (nll[correct] < nll[swapped]).astype(float),
                "margin": nll[swapped] - nll[correct]}
         if wrong_train:  # none with --fraction 0, the clean-corpus study
@@ -235,6 +251,9 @@ def main() -> None:
                       "mean_difference_per_seed": per_seed_means}
 
     nll = reference_nll
+    for split, f in reference_fit.items():
+        print(f"reference fit, {split}, {f['samples']} samples: mean response NLL per sample {f['base']:.3f} (base) "
+              f"-> {f['reference']:.3f} (reference), {f['gain_relative']:.1%} lower")
     print(f"\nreference: mean NLL on the training split (held out from it) {nll.get('mean_nll_base', float('nan')):.3f} "
           f"(base) -> {nll.get('mean_nll_ref', float('nan')):.3f} (reference), gain {nll.get('heldout_gain', float('nan')):.4f}")
     for name, f in partitions.items():
@@ -250,6 +269,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "args": vars(args), "reference_nll": {k: v for k, v in reference_nll.items() if k != "base_nll_histogram"},
+            "reference_fit": reference_fit,
             "partitions": partitions, "benchmarks": bench_json,
             "probes": {m: {str(s): {k: float(v.mean()) for k, v in d.items()} for s, d in per.items()}
                        for m, per in measured.items()},
