@@ -10,7 +10,8 @@ training seeds, the five benchmarks) and reports:
 1. the reference before anything else: its mean response NLL against the base's on its own training data
    (the reference split) and on the training split it never saw;
 2. the partition: the share of the corrupted tokens (token-exact: only characters the swap changed) that
-   ended negative, against the base rate 1 - rho;
+   ended negative, against the base rate 1 - rho; the share of end-of-turn and answer-format tokens among the
+   negatives; the base NLL of the negatives against the positives (quantiles and a coarse histogram);
 3. per model and training seed, on clean held-out questions that no model saw: the mean NLL of the
    correct answer, and the share of questions whose correct answer is likelier than an answer swapped in
    from another held-out question (does the model still read the question?); on the corrupted training
@@ -167,6 +168,9 @@ def main() -> None:
             "all_end_of_turn_share": float(eot.mean()), "all_answer_format_share": float(fmt.mean()),
             "base_nll_quantiles": {"negative": np.quantile(view.nll_base[neg], q).round(3).tolist(),
                                    "positive": np.quantile(view.nll_base[pos], q).round(3).tolist()},
+            # a coarse histogram: share of each class's tokens per base-NLL bin (nats)
+            "base_nll_bins": {"edges": BASE_NLL_EDGES,
+                              "negative": _bin_shares(view.nll_base[neg]), "positive": _bin_shares(view.nll_base[pos])},
         }
 
     part = first["result"].outputs["partition"]
@@ -257,6 +261,10 @@ def main() -> None:
     print(f"\nreference: mean NLL on the training split (held out from it) {nll.get('mean_nll_base', float('nan')):.3f} "
           f"(base) -> {nll.get('mean_nll_ref', float('nan')):.3f} (reference), gain {nll.get('heldout_gain', float('nan')):.4f}")
     for name, f in partitions.items():
+        bins = f["base_nll_bins"]
+        print(f"base NLL of the tokens ({name}), share per bin: " + "; ".join(
+            f"[{lo:g}, {hi:g}) {n:.1%} of negatives vs {p:.1%} of positives" for lo, hi, n, p in zip(
+                bins["edges"][:-1], bins["edges"][1:], bins["negative"], bins["positive"])))
         print(f"partition ({name}): threshold {f['threshold']:.4f}; {f['changed_negative']:.1%} of the {f['changed_tokens']} "
               f"changed tokens negative (base rate {f['negative_share']:.0%}), clean samples' tokens "
               f"{f['clean_tokens_negative']:.1%}; end-of-turn tokens {f['end_of_turn_negative']:.1%} negative "
@@ -274,6 +282,13 @@ def main() -> None:
             "probes": {m: {str(s): {k: float(v.mean()) for k, v in d.items()} for s, d in per.items()}
                        for m, per in measured.items()},
         }, indent=2, default=str))
+
+
+BASE_NLL_EDGES = [0.0, 0.1, 0.5, 1.0, 2.0, 4.0, 8.0, float("inf")]
+
+
+def _bin_shares(nll: np.ndarray) -> list[float]:
+    return (np.histogram(nll, bins=BASE_NLL_EDGES)[0] / max(len(nll), 1)).round(4).tolist()
 
 
 def _probe_table(measured: dict, names: list[str], seeds: list[int], bootstrap, n_boot: int) -> str:
