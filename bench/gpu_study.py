@@ -250,7 +250,7 @@ def finetune(model, rows, *, strategy: str, epochs: int, lr: float, micro_batch:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         tokens += int(batch["attention_mask"].sum())
-        history.append((float(out.loss), float(out.pos_nll), float(out.neg_nll), lam(step)))
+        history.append((float(out.loss.detach()), float(out.pos_nll), float(out.neg_nll), lam(step)))
     model.eval()
     h = np.asarray(history)
     tenth = max(1, steps // 10)
