@@ -11,12 +11,13 @@ and decay). The distributed path of the same stages is what ``bench/gpu_check.py
 2. reference: SFT of the base on the reference split (full fine-tune, ``--ref-epochs``), then its mean NLL
    against the base's on that split (seen) and on the training split (held out);
 3. score + partition: score = NLL_base - NLL_ref per response token of the training split, global top rho;
-4. fine-tunes on the training split, the same seeded order for all: sft, ignore and forgetting, each as a
-   LoRA and as a full fine-tune;
+4. fine-tunes on the training split, the same seeded order for all: sft, forgetting and ignore, each as a
+   full and as a LoRA fine-tune (``--base-nll-floor``: FORGETTING once more with that selection option);
 5. evaluation: the five benchmarks on the same seeded documents for every model; paired bootstrap intervals.
 
 Every figure goes to ``--out`` (results.json, report.md) as soon as it exists, so a run cut short by its
-time limit still reports what it finished; ``--deadline-s`` skips what would start after that many seconds.
+time limit still reports what it finished; with ``--deadline-s`` no fine-tune starts that would end after that
+many seconds if it took as long (with its evaluation) as the one before.
 
     python bench/gpu_study.py --model /path/to/SmolLM2-135M --out /tmp/gpu-study     # on the GPU machine
     python bench/gpu_study.py --model tiny --cpu-rehearsal --files examples/data/dolly/dolly.jsonl \
@@ -53,7 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-lora", type=float, default=1e-4, help="learning rate of the LoRA fine-tunes (the paper's)")
     p.add_argument("--lora-r", type=int, default=64, help="LoRA rank (the paper's 64, alpha 16)")
     p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--strategies", nargs="+", default=["sft", "ignore", "forgetting"])
+    p.add_argument("--strategies", nargs="+", default=["sft", "forgetting", "ignore"],
+                   help="in the order they run (a deadline cuts the last ones)")
+    p.add_argument("--base-nll-floor", type=float, default=None,
+                   help="also train FORGETTING with selection.base_nll_floor (negatives the base predicts "
+                        "better than this are ignored), named forgetting_floor")
     p.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-limit", type=float, default=300, help="documents per benchmark (seeded sample)")
@@ -78,7 +83,7 @@ def main(argv=None) -> None:
     from forgetting_ray.models import load_model, load_tokenizer
     from forgetting_ray.report.study import comparison_table, compare_models_over_seeds, read_eval_samples, \
         score_table
-    from forgetting_ray.selection import partition
+    from forgetting_ray.selection import partition, three_way
     from forgetting_ray.stages.evaluate import run_eval
     from forgetting_ray.stages.prepare import run_prepare
 
@@ -97,8 +102,8 @@ def main(argv=None) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         print(f"[{time.perf_counter() - t0:7.1f} s] {stage}", flush=True)
 
-    def time_left() -> bool:
-        return args.deadline_s is None or time.perf_counter() - t0 < args.deadline_s
+    def time_left(needed_s: float = 0.0) -> bool:
+        return args.deadline_s is None or time.perf_counter() - t0 + needed_s < args.deadline_s
 
     model_path = args.model
     if model_path == "tiny":
@@ -162,7 +167,14 @@ def main(argv=None) -> None:
         "base_nll_quantiles": {"negative": np.quantile(nll_base[neg], q).round(3).tolist(),
                                "positive": np.quantile(nll_base[pos], q).round(3).tolist()},
     }
-    class_rows = _split_back(classes, train_rows)
+    runs = [(strategy, strategy, _split_back(classes, train_rows)) for strategy in args.strategies]
+    if args.base_nll_floor is not None:
+        floored = three_way(classes, scores, negative_at_most=None, nll_base=nll_base,
+                            base_nll_floor=args.base_nll_floor)
+        results["partition"]["floor"] = {"base_nll_floor": args.base_nll_floor,
+                                         "negative_share": float((floored < 0).mean()),
+                                         "ignored_share": float((floored == 0).mean())}
+        runs.append(("forgetting_floor", "forgetting", _split_back(floored, train_rows)))
     del reference
     save("partition")
 
@@ -184,26 +196,28 @@ def main(argv=None) -> None:
     evaluate("base", base)
     del base
     results["finetunes"] = {}
+    last_cost = 0.0  # seconds the previous fine-tune and its evaluation took: start none that would overrun
     for mode in args.modes:
-        for strategy in args.strategies:
-            name = f"{strategy}-{mode}"
-            if not time_left():
+        for label, strategy, rows in runs:
+            name = f"{label}-{mode}"
+            if not time_left(last_cost):
                 results.setdefault("skipped", []).append(name)
                 continue
+            started = time.perf_counter()
             model = fresh_model()
             if mode == "lora":
                 from forgetting_ray.train.deepspeed_setup import apply_lora
 
                 model = apply_lora(model, cfg.training.model_copy(update={"lora": cfg.training.lora.model_copy(
                     update={"r": args.lora_r, "alpha": args.lora_alpha, "enabled": True})}))
-            curve = finetune(model, class_rows, strategy=strategy, epochs=args.epochs,
+            curve = finetune(model, rows, strategy=strategy, epochs=args.epochs,
                              lr=args.lr_lora if mode == "lora" else args.lr_full, micro_batch=args.micro_batch,
                              seed=args.seed, pad=pad, device=device, t_max=cfg.training.t_max,
                              schedule=cfg.training.lambda_schedule, t_min=cfg.training.t_min)
             results["finetunes"][name] = curve
             save(f"train {name}")
-            if time_left():
-                evaluate(name, model)
+            evaluate(name, model)
+            last_cost = time.perf_counter() - started
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -303,9 +317,9 @@ def _write_report(out: Path, results: dict, eval_dirs: dict, tasks, n_boot: int,
     lines = [f"# GPU study ({results['device']})", "", "```json", json.dumps(
         {k: results[k] for k in ("data", "reference", "partition") if k in results}, indent=1), "```", "",
         score_table(samples)]
-    pairs = [(f"forgetting-{m}", f"sft-{m}") for m in ("full", "lora")] + \
-            [(f"forgetting-{m}", f"ignore-{m}") for m in ("full", "lora")] + \
-            [(f"ignore-{m}", f"sft-{m}") for m in ("full", "lora")] + [(f"sft-{m}", "base") for m in ("full", "lora")]
+    pairs = [(f"{a}-{m}", f"{b}-{m}" if b != "base" else b) for m in ("full", "lora") for a, b in (
+        ("forgetting", "sft"), ("forgetting", "ignore"), ("ignore", "sft"), ("sft", "base"),
+        ("forgetting_floor", "forgetting"), ("forgetting_floor", "sft"))]
     comps = [compare_models_over_seeds([samples], a, b, n_boot=n_boot) for a, b in pairs if a in samples and b in samples]
     if comps:
         lines += ["", comparison_table(comps)]

@@ -17,7 +17,8 @@ def test_gpu_study_rehearses_on_the_cpu(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run([sys.executable, str(REPO / "bench/gpu_study.py"), "--model", "tiny", "--cpu-rehearsal",
                            "--files", str(REPO / "examples/data/dolly/dolly.jsonl"), "--n-reference", "50",
-                           "--micro-batch", "8", "--strategies", "sft", "forgetting", "--eval-limit", "2",
+                           "--micro-batch", "8", "--strategies", "sft", "forgetting", "--base-nll-floor", "6.2",
+                           "--eval-limit", "2",
                            "--n-boot", "200", "--out", str(out), "--work", str(work)],
                           cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -29,9 +30,14 @@ def test_gpu_study_rehearses_on_the_cpu(tmp_path):
     part = r["partition"]
     assert part["tokens"] == r["data"]["train_response_tokens"]  # every response token scored once
     assert abs(part["negative_share"] - 0.3) < 1e-3
-    assert set(r["finetunes"]) == {"sft-full", "forgetting-full", "sft-lora", "forgetting-lora"}
+    # the floor (near the tiny model's median base NLL) leaves some negatives out, never a positive
+    floor = part["floor"]
+    assert 0 < floor["ignored_share"] < 0.3 and abs(floor["negative_share"] + floor["ignored_share"] - 0.3) < 1e-3
+    models = {f"{s}-{m}" for s in ("sft", "forgetting", "forgetting_floor") for m in ("full", "lora")}
+    assert set(r["finetunes"]) == models
     assert r["finetunes"]["forgetting-full"]["last_lambda"] > 0 and r["finetunes"]["sft-full"]["last_lambda"] == 0
-    assert set(r["eval"]) == {"base", "sft-full", "forgetting-full", "sft-lora", "forgetting-lora"}
+    assert set(r["eval"]) == {"base", *models}
     report = (out / "report.md").read_text()
-    assert "| forgetting-full − sft-full |" in report and "| sft-lora − base |" in report
+    for row in ("forgetting-full − sft-full", "sft-lora − base", "forgetting_floor-full − forgetting-full"):
+        assert f"| {row} |" in report
     assert not list(out.glob("models")) and list((work / "models" / "forgetting-lora").glob("*.safetensors"))
