@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-limit", type=float, default=300, help="documents per benchmark (seeded sample)")
     p.add_argument("--eval-batch", type=int, default=64)
-    p.add_argument("--deadline-s", type=float, default=None, help="start nothing new after this many seconds")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no fine-tune that would end after this many seconds (judged by the one before)")
     p.add_argument("--cpu-rehearsal", action="store_true", help="run on the CPU (the code path, not the scale)")
     p.add_argument("--n-boot", type=int, default=10_000)
     p.add_argument("--out", required=True, help="folder for results.json and report.md")
@@ -81,11 +82,10 @@ def main(argv=None) -> None:
     from forgetting_ray.config import PipelineConfig
     from forgetting_ray.data.table import read_token_table
     from forgetting_ray.models import load_model, load_tokenizer
-    from forgetting_ray.report.study import comparison_table, compare_models_over_seeds, read_eval_samples, \
-        score_table
     from forgetting_ray.selection import partition, three_way
     from forgetting_ray.stages.evaluate import run_eval
     from forgetting_ray.stages.prepare import run_prepare
+    from forgetting_ray.store import atomic_write_text
 
     out = Path(args.out)
     work = Path(args.work) if args.work else out
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
 
     def save(stage: str) -> None:
         results["timings_s"][stage] = round(time.perf_counter() - t0, 1)
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
         print(f"[{time.perf_counter() - t0:7.1f} s] {stage}", flush=True)
 
     def time_left(needed_s: float = 0.0) -> bool:
@@ -111,11 +111,10 @@ def main(argv=None) -> None:
         from forgetting_ray.tiny import build_demo_model, corpus_lines
 
         model_path = str(build_demo_model(work / "tiny_model", corpus_lines(resolve_files(args.files[:1]))))
-    files = args.files
     cfg = PipelineConfig.model_validate({
         "run_dir": str(work / "run"),
         "model": {"name_or_path": model_path},
-        "data": {"train_files": files, "max_length": args.max_length, "reference_count": args.n_reference,
+        "data": {"train_files": args.files, "max_length": args.max_length, "reference_count": args.n_reference,
                  "column_map": {"answer": "completion"}},
         "eval": {"limit": args.eval_limit, "limit_mode": "random", "seed": 1234, "backend": "local",
                  "batch_size": args.eval_batch, "num_gpus_per_actor": 1},
@@ -189,8 +188,7 @@ def main(argv=None) -> None:
         res = run_eval(cfg, str(folder), work / "eval" / name)
         eval_dirs[name] = res.out_dir
         results.setdefault("eval", {})[name] = {"headline": res.headline, "average": res.average}
-        _write_report(out, results, eval_dirs, cfg.eval.tasks, args.n_boot,
-                      read_eval_samples, compare_models_over_seeds, score_table, comparison_table)
+        _write_report(out, results, eval_dirs, cfg.eval.tasks, args.n_boot)
         save(f"eval {name}")
 
     evaluate("base", base)
@@ -311,8 +309,12 @@ def _split_back(classes: np.ndarray, rows: list[dict]) -> list[dict]:
     return out
 
 
-def _write_report(out: Path, results: dict, eval_dirs: dict, tasks, n_boot: int, read_eval_samples,
-                  compare_models_over_seeds, score_table, comparison_table) -> None:
+def _write_report(out: Path, results: dict, eval_dirs: dict, tasks, n_boot: int) -> None:
+    """report.md: the data, reference and partition figures, the score table and the paired comparisons."""
+    from forgetting_ray.report.study import comparison_table, compare_models_over_seeds, read_eval_samples, \
+        score_table
+    from forgetting_ray.store import atomic_write_text
+
     samples = {name: read_eval_samples(d, tasks) for name, d in eval_dirs.items()}
     lines = [f"# GPU study ({results['device']})", "", "```json", json.dumps(
         {k: results[k] for k in ("data", "reference", "partition") if k in results}, indent=1), "```", "",
@@ -324,7 +326,7 @@ def _write_report(out: Path, results: dict, eval_dirs: dict, tasks, n_boot: int,
     if comps:
         lines += ["", comparison_table(comps)]
         results["comparisons"] = [{"a": c.a, "b": c.b, "mean": vars(c.mean)} for c in comps]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
