@@ -12,6 +12,7 @@ negative class (bottom 1 - rho) is corrupted (precision) and how much of the cor
 Usage (SmolLM2-135M, about 10-15 min on 2 busy CPU cores):
     .venv/bin/python bench/bench_noise_recovery.py
     .venv/bin/python bench/bench_noise_recovery.py --modes swap --fraction 0.3 --ref-steps 40
+    .venv/bin/python bench/bench_noise_recovery.py --modes --controls --ref-steps 80 --lr 1e-3  # controls only
 Tiny random model (seconds): ``--model tiny``.  ``--controls`` also runs the positive controls
 (``forgetting_ray.noise.run_positive_controls``: a sentence the reference corpus teaches, planted into a quarter
 of the training responses, must come out positive; an unseen replacement for "So the answer is" negative);
@@ -38,7 +39,8 @@ def main() -> None:
     ap.add_argument("--n-reference", type=int, default=160, help="clean samples for the reference model")
     ap.add_argument("--n-train", type=int, default=240, help="training samples (a fraction of them corrupted)")
     ap.add_argument("--fraction", type=float, default=0.25, help="share of training samples corrupted")
-    ap.add_argument("--modes", nargs="+", default=["swap", "shuffle_words", "shuffle_chars"])
+    ap.add_argument("--modes", nargs="*", default=["swap", "shuffle_words", "shuffle_chars"],
+                    help="corruption modes of the noise check (none: only the positive controls, with --controls)")
     ap.add_argument("--rho", type=float, default=0.7)
     ap.add_argument("--ref-steps", type=int, default=20, help="reference optimizer steps")
     ap.add_argument("--micro-batch", type=int, default=4)
@@ -51,6 +53,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the reports to this JSON file")
     ap.add_argument("--controls", action="store_true", help="also run the positive controls")
     args = ap.parse_args()
+    if not args.modes and not args.controls:
+        ap.error("nothing to run: give --modes, --controls or both")
     for k, v in (("HF_HUB_OFFLINE", "1"), ("DS_ACCELERATOR", "cpu"), ("TOKENIZERS_PARALLELISM", "false"),
                  ("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))):
         os.environ.setdefault(k, v)
@@ -92,10 +96,11 @@ def main() -> None:
         runs.append(run)
         print(f"{mode}: " + ", ".join(f"{k} {v:.0f}s" for k, v in run.seconds.items()) + f"; keys {run.keys}",
               flush=True)
-    print()
-    print(format_runs(runs, args.rho))
-    print()
-    print(format_noise_variants(runs, args.rho))
+    if runs:
+        print()
+        print(format_runs(runs, args.rho))
+        print()
+        print(format_noise_variants(runs, args.rho))
     controls = None
     if args.controls:
         controls = run_positive_controls(cfg, reference, train, fraction=args.fraction, seed=args.seed)
