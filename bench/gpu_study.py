@@ -82,6 +82,7 @@ def main(argv=None) -> None:
     from forgetting_ray.config import PipelineConfig
     from forgetting_ray.data.table import read_token_table
     from forgetting_ray.models import load_model, load_tokenizer
+    from forgetting_ray.scoring import response_token_nlls
     from forgetting_ray.selection import partition, three_way
     from forgetting_ray.stages.evaluate import run_eval
     from forgetting_ray.stages.prepare import run_prepare
@@ -143,8 +144,9 @@ def main(argv=None) -> None:
                          micro_batch=args.micro_batch, seed=args.seed, pad=pad, device=device)
     nll = {}
     for split, rows in (("reference split (seen)", ref_rows), ("training split (held out)", train_rows)):
-        nll[split] = {"base": response_token_nll(base, rows, pad, device),
-                      "reference": response_token_nll(reference, rows, pad, device)}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            nll[split] = {"base": response_token_nlls(base, rows, pad, batch_size=64),
+                          "reference": response_token_nlls(reference, rows, pad, batch_size=64)}
     results["reference"] = {"curve": ref_curve, "fit": {
         split: {"base": float(np.mean(np.concatenate(v["base"]))), "reference": float(np.mean(np.concatenate(v["reference"]))),
                 "tokens": int(sum(len(x) for x in v["base"]))} for split, v in nll.items()}}
@@ -270,27 +272,6 @@ def finetune(model, rows, *, strategy: str, epochs: int, lr: float, micro_batch:
             "pos_nll_first_tenth": float(h[:tenth, 1].mean()), "pos_nll_last_tenth": float(h[-tenth:, 1].mean()),
             "neg_nll_first_tenth": float(h[:tenth, 2].mean()), "neg_nll_last_tenth": float(h[-tenth:, 2].mean()),
             "last_lambda": float(h[-1, 3])}
-
-
-def response_token_nll(model, rows, pad: int, device, batch_size: int = 64) -> list[np.ndarray]:
-    """Per row, the NLL of each response token (in order), batched by length."""
-    import torch
-
-    from forgetting_ray.data.collate import collate
-    from forgetting_ray.scoring import token_nll
-
-    out: list[np.ndarray] = [np.empty(0)] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        for start in range(0, len(order), batch_size):
-            picked = order[start:start + batch_size]
-            b = {k: v.to(device) for k, v in collate([rows[i] for i in picked], pad).items()}
-            nll = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"]).float().cpu().numpy()
-            mask = (b["labels"] != -100).cpu().numpy()
-            mask[:, 0] = False  # token_nll leaves position 0 at 0: nothing precedes it
-            for j, i in enumerate(picked):
-                out[i] = nll[j][mask[j]]
-    return out
 
 
 def _split_back(classes: np.ndarray, rows: list[dict]) -> list[dict]:

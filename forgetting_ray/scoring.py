@@ -98,20 +98,31 @@ def naive_token_nll(model: torch.nn.Module, input_ids, attention_mask, labels) -
 
 
 @torch.no_grad()
-def mean_response_nll(model: torch.nn.Module, rows, pad_token_id: int, *, batch_size: int = 8):
-    """Mean NLL over each row's response tokens (``labels != -100``), in row order: how well a model fits
-    whole answers. ``rows``: token-table rows (``input_ids``, ``labels``). Rows are batched by length so
-    that padding stays small; the model is left in the mode it came in."""
+def response_token_nlls(model: torch.nn.Module, rows, pad_token_id: int, *, batch_size: int = 8) -> list[np.ndarray]:
+    """Each row's response-token NLLs (``labels != -100``; position 0 has nothing before it), in row order.
+    ``rows``: token-table rows (``input_ids``, ``labels``). Rows are batched by length so that padding stays
+    small; the model runs on its own device and is left in the mode it came in."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    out = np.full(len(rows), np.nan)
+    out = [np.empty(0, dtype=np.float32)] * len(rows)
     device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        picked = order[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate([rows[i] for i in picked], pad_token_id).items()}
-        nll = token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        counts = batch["labels"][:, 1:].ne(IGNORE_INDEX).sum(dim=1).clamp_min(1)
-        out[picked] = (nll.sum(dim=1) / counts).cpu().numpy()
-    model.train(was_training)
+    try:
+        for start in range(0, len(order), batch_size):
+            picked = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in picked], pad_token_id).items()}
+            nll = token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).float().cpu()
+            scored = batch["labels"].ne(IGNORE_INDEX).cpu()
+            scored[:, 0] = False
+            for j, i in enumerate(picked):
+                out[i] = nll[j][scored[j]].numpy()
+    finally:
+        model.train(was_training)
     return out
+
+
+def mean_response_nll(model: torch.nn.Module, rows, pad_token_id: int, *, batch_size: int = 8) -> np.ndarray:
+    """Mean NLL over each row's response tokens, in row order (0 for a row without any): how well a model
+    fits whole answers."""
+    return np.array([x.sum(dtype=np.float64) / max(x.size, 1)
+                     for x in response_token_nlls(model, rows, pad_token_id, batch_size=batch_size)])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from forgetting_ray.models import load_model, load_tokenizer
-from forgetting_ray.scoring import mean_response_nll, token_nll
+from forgetting_ray.scoring import mean_response_nll, response_token_nlls, token_nll
 
 IGNORE = -100
 TEXTS = [
@@ -237,3 +238,9 @@ def test_mean_response_nll_is_each_rows_own_mean_over_its_response(loaded):
         ids = torch.tensor([row["input_ids"]])
         nll = naive_nll(model, ids, torch.ones_like(ids), torch.tensor([row["labels"]]))
         assert value == pytest.approx(float(nll.sum() / (torch.tensor(row["labels"][1:]) != IGNORE).sum()), rel=1e-4)
+    tokens = response_token_nlls(model, rows, tok.pad_token_id or 0, batch_size=2)
+    for row, value in zip(rows, tokens):
+        ids = torch.tensor([row["input_ids"]])
+        nll = naive_nll(model, ids, torch.ones_like(ids), torch.tensor([row["labels"]]))[0]
+        want = nll[1:][torch.tensor(row["labels"][1:]) != IGNORE]  # one per response token, in order
+        np.testing.assert_allclose(value, want.detach().numpy(), rtol=1e-4, atol=1e-5)
