@@ -237,8 +237,8 @@ def main() -> None:
         per_seed = [{name: read_eval_samples(r.out_dir, runs[s]["cfg"].eval.tasks) for name, r in runs[s]["evals"].items()}
                     for s in eval_seeds]
         comparisons = [compare_models_over_seeds(per_seed, a, b, n_boot=args.n_boot)
-                       for a, b in (("forgetting", "sft"), ("ignore", "sft"), ("forgetting", "ignore"),
-                                    ("sft", "base"), ("variant", "sft"), ("variant", "forgetting"))
+                       for a, b in (("forgetting", "sft"), ("ignore", "sft"), ("forgetting", "ignore"), ("sft", "base"),
+                                    ("forgetting", "base"), ("variant", "sft"), ("variant", "forgetting"))
                        if a in per_seed[0] and b in per_seed[0]]
         per_seed_means = {f"{c.a} − {c.b}": [float(np.mean([per[c.a][t].score() - per[c.b][t].score()
                                                            for t in c.per_task])) for per in per_seed]
