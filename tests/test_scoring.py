@@ -233,14 +233,11 @@ def test_mean_response_nll_is_each_rows_own_mean_over_its_response(loaded):
         rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
     got = mean_response_nll(model, rows, tok.pad_token_id or 0, batch_size=2)  # batched by length, padded
     assert model.training  # left as it came
+    tokens = response_token_nlls(model, rows, tok.pad_token_id or 0, batch_size=2)
     model.eval()
-    for row, value in zip(rows, got):
+    for row, value, token_values in zip(rows, got, tokens):
         ids = torch.tensor([row["input_ids"]])
         nll = naive_nll(model, ids, torch.ones_like(ids), torch.tensor([row["labels"]]))
         assert value == pytest.approx(float(nll.sum() / (torch.tensor(row["labels"][1:]) != IGNORE).sum()), rel=1e-4)
-    tokens = response_token_nlls(model, rows, tok.pad_token_id or 0, batch_size=2)
-    for row, value in zip(rows, tokens):
-        ids = torch.tensor([row["input_ids"]])
-        nll = naive_nll(model, ids, torch.ones_like(ids), torch.tensor([row["labels"]]))[0]
-        want = nll[1:][torch.tensor(row["labels"][1:]) != IGNORE]  # one per response token, in order
-        np.testing.assert_allclose(value, want.detach().numpy(), rtol=1e-4, atol=1e-5)
+        want = nll[0, 1:][torch.tensor(row["labels"][1:]) != IGNORE]  # one per response token, in order
+        np.testing.assert_allclose(token_values, want.detach().numpy(), rtol=1e-4, atol=1e-5)
