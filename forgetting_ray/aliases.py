@@ -11,15 +11,20 @@ The package is located with ``importlib.util.find_spec`` and never imported: ``l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import importlib.util
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelLoadError
 from .store import atomic_dir, atomic_write_json, cache_root, file_lock
+
+log = logging.getLogger(__name__)
 
 # Bump when the conversion's output changes, so old caches are not reused.
 CONVERSION_VERSION = 1
@@ -170,9 +175,12 @@ def materialize(name: str, cache_dir: str | Path | None = None) -> Path:
         for stale in target.parent.glob(f".{target.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         # A leftover without the provenance file is not ours to trust: replace it.
+        log.info("%s: converting %s into %s (once; reused afterwards)", name, gguf_path.name, target)
         with atomic_dir(target, overwrite=True) as tmp:
             tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache may be shared by several users
-            info = _convert(gguf_path, tmp)
+            # transformers draws three progress bars on stderr for a 15 s conversion; the line above says it
+            with contextlib.redirect_stderr(io.StringIO()):
+                info = _convert(gguf_path, tmp)
             atomic_write_json(
                 tmp / PROVENANCE_FILE,
                 {

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -178,7 +180,7 @@ def fake_gguf(monkeypatch, tmp_path) -> dict:
     monkeypatch.setitem(aliases.ALIASES, "fake", aliases.GgufAlias("fake_pkg", "fake==1", "fake.gguf", "t"))
     monkeypatch.setattr(aliases, "locate_gguf", lambda name: gguf)
     monkeypatch.setattr(aliases, "_convert", convert)
-    return {"gguf": gguf, "calls": calls}
+    return {"gguf": gguf, "calls": calls, "convert": convert}
 
 
 def test_concurrent_materialize_converts_once(fake_gguf, tmp_path):
@@ -203,6 +205,20 @@ def test_concurrent_materialize_converts_once(fake_gguf, tmp_path):
     assert (folder / aliases.PROVENANCE_FILE).is_file()
     # No temporary folders are left behind.
     assert sorted(p.name for p in folder.parent.iterdir() if not p.name.endswith(".lock")) == [folder.name]
+
+
+def test_a_conversion_says_so_in_one_line_and_draws_no_progress_bars(fake_gguf, tmp_path, monkeypatch, capfd, caplog):
+    def chatty(path: Path, out: Path) -> dict:
+        print("Converting and de-quantizing GGUF tensors...: 100%", file=sys.stderr)  # what transformers draws
+        return fake_gguf["convert"](path, out)
+
+    monkeypatch.setattr(aliases, "_convert", chatty)
+    with caplog.at_level(logging.INFO, logger="forgetting_ray.aliases"):
+        target = aliases.materialize("fake", cache_dir=tmp_path)
+        aliases.materialize("fake", cache_dir=tmp_path)  # cached: silent
+    assert "Converting" not in capfd.readouterr().err
+    assert [r.getMessage() for r in caplog.records] == [f"fake: converting fake.gguf into {target} (once; reused "
+                                                        "afterwards)"]
 
 
 def test_cache_key_follows_gguf_content_and_env(fake_gguf, tmp_path, monkeypatch):

@@ -135,11 +135,11 @@ def test_an_empty_file_is_an_error_naming_it(tmp_path, body):
         list(read_records([DOLLY_FILE, empty], DOLLY))
 
 
-def test_uncached_hub_dataset_offline_is_one_clear_error(tmp_path, capsys, monkeypatch):
+def test_uncached_hub_dataset_offline_is_one_clear_error(tmp_path, capsys, monkeypatch, tiny_llama):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     rc = main(["prepare", "examples/demo.yaml", f"run_dir={tmp_path}/run", "tracking.enabled=false",
-               "data.train_files=[hf://datasets/nobody/nothing-here]"])
+               f"model.name_or_path={tiny_llama}", "data.train_files=[hf://datasets/nobody/nothing-here]"])
     *before, err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and before == ["== prepare"]  # the stage's start line, then one error line, no traceback
     assert err.startswith("error: hf://datasets/nobody/nothing-here [train]: dataset 'nobody/nothing-here' is "
