@@ -17,6 +17,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+# Ray Train V2's controller polls its workers every 2 s and takes one ray.train.report per worker per poll,
+# so a tiny fit that reports every step (the demo config's default) waits that long per step. Given to the
+# processes of the tests whose fits do (the fresh clone, the multi-node cluster, the GPU check's rehearsal):
+# not to the session's own cluster, whose fits report rarely and whose Tune search stops trials mid-fit.
+FAST_TRAIN_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 # Everything the tests read ships inside the repository (each folder with its licence and provenance).
 FLAN_DIR = REPO / "examples" / "data" / "flan_v2_cot_full"
 DOLLY_FILE = REPO / "examples" / "data" / "dolly" / "dolly.jsonl"

@@ -220,7 +220,8 @@ class Guardrail:
 
 def parse_fault(text: str | None) -> dict[str, Any] | None:
     """``rank=1,after_step=3,marker=/tmp/x`` -> dict (a one-shot crash for recovery tests); with ``hold_s=S``
-    the rank holds still for S seconds instead of exiting (a window for a test to kill its node)."""
+    the rank holds still for up to S seconds instead of exiting (a window for a test to kill its node, or to
+    look at what the run has written so far); a file ``<marker>.release`` ends the hold early."""
     if not text:
         return None
     kv = dict(item.split("=", 1) for item in text.split(",") if item)
@@ -255,7 +256,9 @@ def _maybe_crash(fault: dict[str, Any] | None, rank: int, step_done: int) -> Non
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"{'held' if fault.get('hold_s') else 'crashed'} after step {step_done}\n")
     if fault.get("hold_s"):
-        time.sleep(fault["hold_s"])
+        release, until = Path(f"{marker}.release"), time.monotonic() + fault["hold_s"]
+        while time.monotonic() < until and not release.exists():
+            time.sleep(0.2)
         return
     os._exit(1)
 

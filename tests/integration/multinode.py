@@ -45,6 +45,8 @@ from pathlib import Path
 import boto3
 import pytest
 
+from conftest import FAST_TRAIN_POLL
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 WORKER_NODES = 2
@@ -86,7 +88,8 @@ def _bindable(port: int) -> bool:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
-               DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true", TOKENIZERS_PARALLELISM="false")
+               DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true", TOKENIZERS_PARALLELISM="false",
+               **FAST_TRAIN_POLL)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this venv's
     env.pop("RAY_ADDRESS", None)
     return env

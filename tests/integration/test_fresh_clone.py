@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import FAST_TRAIN_POLL
+
 REPO = Path(__file__).resolve().parents[2]
 # Directories a repository text may point at that a user's clone does not have (spelt in two pieces so
 # that this file does not match its own check).
@@ -52,7 +54,8 @@ def test_tiny_pipeline_runs_through_evaluation_in_a_clone_with_nothing_beside_it
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env.update(PYTHONPATH=str(clone), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", RAY_AUTH_MODE="disabled",
-               RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true", TOKENIZERS_PARALLELISM="false")
+               RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true", TOKENIZERS_PARALLELISM="false",
+               **FAST_TRAIN_POLL)
     where = subprocess.run([sys.executable, "-c", "import forgetting_ray; print(forgetting_ray.__file__)"],
                            cwd=clone, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert Path(where).is_relative_to(clone)

@@ -11,11 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import FAST_TRAIN_POLL
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_check_rehearses_the_gpu_configuration_on_the_cpu(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, with a GPU slot
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | FAST_TRAIN_POLL  # its own cluster, with a GPU slot
     out = tmp_path / "figures.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--cpu-rehearsal", "--steps", "4",
                            "--samples", "120", "--run-dir", str(tmp_path / "run"), "--json", str(out)],
