@@ -1,37 +1,36 @@
-"""The MLflow UI as a user opens it: a real `mlflow server` on a store our Tracker wrote (a pipeline run with
-its stage runs and datasets), rendered by headless Chromium at the link a run prints.  MLflow 3.17 opens an
-experiment on its GenAI overview ("Traces") unless told otherwise; the link opens the runs table, whose
-Dataset column lists the splits.
+"""The MLflow UI as a user opens it: a real `mlflow server` on the store the session's tiny pipeline run wrote
+(``clone_run``: the parent run, its stage runs and the training and reference splits as datasets), rendered
+by headless Chromium at the link a run prints.  MLflow 3.17 opens an experiment on its GenAI overview
+("Traces") unless told otherwise; the link opens the runs table, whose Dataset column lists the splits.
 
 Needs Debian's chromium (``apt-get install -y chromium``); CI installs it.
 """
 
 from __future__ import annotations
 
-from forgetting_ray.tracking import Tracker, experiment_url
+import mlflow
 
-from .multinode import needs_chromium, render
+from forgetting_ray.tracking import experiment_url
 
-pytest_plugins = [f"{__package__}.multinode"]
+from .conftest import CloneRun
+from .multinode import needs_chromium, render, serve_mlflow
+
 pytestmark = needs_chromium
 
 
-def test_the_experiment_opens_on_its_runs_with_their_datasets(mlflow_server, tmp_path):
-    parent = Tracker.start(mlflow_server, "forgetting-ui", "pipeline")
-    parent.log_params({"selection.rho": 0.7})
-    parent.log_dataset("train-split", "1f" * 32, str(tmp_path / "train.parquet"), context="training", num_rows=300)
-    parent.log_dataset("reference-split", "2e" * 32, str(tmp_path / "reference.parquet"), context="reference",
-                       num_rows=100)
-    with parent.stage("train") as train:
-        for step in range(1, 4):
-            train.log_metrics({"loss": 2.0 / step}, step=step)
-    parent.end()
-
-    url = experiment_url(mlflow_server, parent.experiment_id)  # the link a run prints
-    dom = render(url, tmp_path / "profile", "--dump-dom")
+def test_the_experiment_opens_on_its_runs_with_their_datasets(clone_run: CloneRun, tmp_path):
+    store = f"sqlite:///{clone_run.run_dir}/mlflow.db"
+    [parent] = mlflow.MlflowClient(store).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(store).search_experiments()],
+        "attributes.run_name = 'pipeline'")
+    with serve_mlflow(store, tmp_path / "artifacts", tmp_path / "mlflow.log") as ui:
+        url = experiment_url(ui, parent.info.experiment_id)  # the link a run prints
+        dom = render(url, tmp_path / "profile", "--dump-dom")
+        shot = tmp_path / "runs.png"
+        res = render(url, tmp_path / "profile", f"--screenshot={shot}")
     assert dom.returncode == 0, dom.stderr[-3000:]
     page = dom.stdout
-    assert "pipeline" in page and "train-split" in page, page[-3000:]  # the runs table with its Dataset column
-    shot = tmp_path / "runs.png"
-    res = render(url, tmp_path / "profile", f"--screenshot={shot}")
+    # the runs table: the pipeline run, with the splits in its Dataset column
+    for text in ("pipeline", "train-split", "reference-split"):
+        assert text in page, (text, page[-3000:])
     assert res.returncode == 0 and shot.stat().st_size > 10_000, res.stderr[-2000:]
