@@ -15,6 +15,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's per-fit PreemptionWatcher actor watches a cloud's spot-instance notices; a test machine gets
+# none, and the actor costs each fit a process start-up. Inherited by every Ray process the tests start.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 # Ray Train V2's controller polls its workers every 2 s and takes one ray.train.report per worker per poll,

@@ -1,6 +1,6 @@
 """Ray Tune over rho and the lambda schedule on the local 2-CPU cluster, tiny Llama, objective val_nll.
 
-One search of 4 trials, run one at a time so ASHA's rungs fill (grace 1, reduction factor 2, a
+One search of 3 trials, run one at a time so ASHA's rungs fill (grace 1, reduction factor 2, a
 report every 2 steps); the scores are computed once by the pipeline and only re-partitioned by the
 trials; MLflow holds the whole tree.  Then a restart with another search space fails before any
 training, naming both space hashes.
@@ -43,7 +43,7 @@ def make_cfg(run_dir: Path, model: Path, overrides: list[str] = ()):
         "eval": {"enabled": False},
         "baselines": [],
         "resources": {"num_workers": 1, "cpus_per_worker": 1},
-        "tune": {"enabled": True, "num_samples": 4, "rho": {"low": 0.3, "high": 0.9},
+        "tune": {"enabled": True, "num_samples": 3, "rho": {"low": 0.3, "high": 0.9},
                  "t_max": {"low": 0.05, "high": 1.0}, "lambda_schedules": ["linear", "constant"],
                  "lr": {"low": 1e-4, "high": 3e-2, "log": True}, "scheduler": "asha", "searcher": "random",
                  "grace_period": 1, "reduction_factor": 2, "report_every": 2, "max_concurrent_trials": 1,
@@ -66,7 +66,7 @@ def test_search_stops_trials_early_and_reports_the_best(searched):
     tuned = result.outputs["tune"]
     print(format_tune_summary(tuned))
     print("stage seconds:", {k: round(v, 1) for k, v in result.seconds.items()})
-    assert len(tuned.trials) == 4 and not [t for t in tuned.trials if t["status"] == "error"]
+    assert len(tuned.trials) == 3 and not [t for t in tuned.trials if t["status"] == "error"]
     assert tuned.n_stopped_early >= 1  # ASHA cut at least one trial at a rung
     stopped = [t for t in tuned.trials if t["status"] == "stopped"]
     assert all(t["objective"] is None and t["online_nll"] is not None for t in stopped)
@@ -119,7 +119,7 @@ def test_mlflow_lineage(searched):
     assert tracker.uri == f"sqlite:///{Path(cfg.run_dir).resolve() / 'mlflow.db'}"
     parent = client.get_run(tracker.run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["selection.rho"] == "0.7" and parent.data.params["tune.num_samples"] == "4"
+    assert parent.data.params["selection.rho"] == "0.7" and parent.data.params["tune.num_samples"] == "3"
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "run_card.json", "plots"} <= top
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
