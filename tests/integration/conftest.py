@@ -22,10 +22,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
-            # under pytest-xdist (--dist loadgroup): a module's tests, which share its fixtures, stay on one
-            # worker, and so do the tests that read the session's clone run
-            group = "clone_run" if "clone_run" in getattr(item, "fixturenames", ()) else item.module.__name__
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

@@ -125,7 +125,7 @@ def _wait_until(ready: Callable[[], bool], proc: subprocess.Popen, log: Path, wh
                 return False
             state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not up after {timeout_s:.0f} s"
             pytest.fail(f"{what} {state}:\n{log.read_text()[-6000:]}")
-        time.sleep(1)
+        time.sleep(0.25)
     return True
 
 
@@ -291,7 +291,7 @@ class MultinodeCluster:
             if time.monotonic() > deadline:
                 client.stop_job(job_id)
                 deadline = float("inf")
-            time.sleep(2)
+            time.sleep(0.5)
         return str(client.get_job_status(job_id)), client.get_job_logs(job_id)
 
     def node_of(self, actor_class: str) -> str:

@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from conftest import FAST_TRAIN_POLL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,3 +38,13 @@ def test_gpu_check_rehearses_the_gpu_configuration_on_the_cpu(tmp_path):
         assert list(Path(t["export"]).rglob("*.safetensors"))
     assert lora["export"] != full["export"]
     assert "tokens/s" in proc.stdout and "MFU n/a" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
+def test_gpu_check_without_gpu_says_so(ray_cluster):
+    # attaches to the session's cluster (no GPU) rather than starting one of its own
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 2
+    assert "the Ray cluster has no GPUs" in run.stderr and "--cpu-rehearsal" in run.stderr
