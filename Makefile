@@ -47,7 +47,7 @@ demo-tiny: $(STAMP)
 bench: $(STAMP)
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
 
-readme: $(STAMP)  # regenerate the README's config reference from forgetting_ray/config.py
+readme: $(STAMP)  # regenerate the README's config reference from forgetting_ray/config/
 	$(BIN)/python -c "import re, pathlib; from forgetting_ray.config import config_reference_markdown as ref; \
 	p = pathlib.Path('README.md'); s = p.read_text(); a, b = '<!-- config-reference:start -->', '<!-- config-reference:end -->'; \
 	p.write_text(s[:s.index(a) + len(a)] + '\n' + ref() + s[s.index(b):])"

@@ -81,8 +81,8 @@ def main() -> None:
     from forgetting_ray.data.readers import read_records, resolve_files
     from forgetting_ray.data.table import read_token_table
     from forgetting_ray.models import load_model, load_tokenizer
-    from forgetting_ray.noise import (corrupt_records, format_token_marks, harmful_split, load_token_view,
-                                      token_exact_marks, write_jsonl)
+    from forgetting_ray.studies.corruption import corrupt_records, harmful_split, write_jsonl
+    from forgetting_ray.studies.token_view import format_token_marks, load_token_view, token_exact_marks
     from forgetting_ray.pipeline import run_pipeline
     from forgetting_ray.report.study import average_over_seeds, compare_models_over_seeds, comparison_table, \
         read_eval_samples, score_table, seed_example_bootstrap

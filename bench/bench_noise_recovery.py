@@ -14,9 +14,9 @@ Usage (SmolLM2-135M, about 10-15 min on 2 busy CPU cores):
     .venv/bin/python bench/bench_noise_recovery.py --modes swap --fraction 0.3 --ref-steps 40
     .venv/bin/python bench/bench_noise_recovery.py --modes --controls --ref-steps 80 --lr 1e-3  # controls only
 Tiny random model (seconds): ``--model tiny``.  ``--controls`` also runs the positive controls
-(``forgetting_ray.noise.run_positive_controls``: a sentence the reference corpus teaches, planted into a quarter
-of the training responses, must come out positive; an unseen replacement for "So the answer is" negative);
-both print every selection option (score variants, base-NLL floor, three-way split) on the same scores.
+(``forgetting_ray.studies.experiments.run_positive_controls``: a sentence the reference corpus teaches, planted
+into a quarter of the training responses, must come out positive; an unseen replacement for "So the answer is"
+negative); both print every selection option (score variants, base-NLL floor, three-way split) on the same scores.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def main() -> None:
 
     from forgetting_ray.config import PipelineConfig
     from forgetting_ray.data.readers import read_records, resolve_files
-    from forgetting_ray.noise import (format_controls, format_noise_variants, format_runs, run_noise_recovery,
-                                      run_positive_controls, split_reference)
+    from forgetting_ray.studies.corruption import split_reference
+    from forgetting_ray.studies.experiments import run_noise_recovery, run_positive_controls
+    from forgetting_ray.studies.tables import format_controls, format_noise_variants, format_runs
 
     files = resolve_files(args.files)
     model = args.model

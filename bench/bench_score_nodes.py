@@ -48,7 +48,7 @@ def main() -> None:
 
     from forgetting_ray.config import PipelineConfig
     from forgetting_ray.models import resolve_model_path
-    from forgetting_ray.ray_utils import worker_env
+    from forgetting_ray.cluster.session import worker_env
     from forgetting_ray.stages.prepare import run_prepare
     from forgetting_ray.stages.score import run_score
 

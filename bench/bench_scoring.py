@@ -39,7 +39,9 @@ WORK = REPO / ".cache" / "bench_scoring"
 
 def build_reference(base_path: str, out: Path) -> Path:
     """Export folder with a random (non-zero) LoRA on every linear layer, seeded."""
-    if (out / "adapter" / "adapter_config.json").is_file():
+    from forgetting_ray.exports import ADAPTER
+
+    if (out / ADAPTER / "adapter_config.json").is_file():
         return out
     import torch
     from peft import LoraConfig, get_peft_model
@@ -53,7 +55,7 @@ def build_reference(base_path: str, out: Path) -> Path:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    model.save_pretrained(out / "adapter")
+    model.save_pretrained(out / ADAPTER)
     return out
 
 
@@ -81,12 +83,13 @@ def bare_forwards(base_path: str, export: Path, table: Path, batches, pad_id: in
     from peft import PeftModel
 
     from forgetting_ray.data.collate import collate
+    from forgetting_ray.exports import ADAPTER
     from forgetting_ray.models import load_model
 
     torch.set_num_threads(1)
     t = pq.read_table(table, columns=["input_ids", "labels"])
     ids, labels = t.column("input_ids").to_pylist(), t.column("labels").to_pylist()
-    model = PeftModel.from_pretrained(load_model(base_path).eval(), export / "adapter").eval()
+    model = PeftModel.from_pretrained(load_model(base_path).eval(), export / ADAPTER).eval()
 
     def run(rows) -> None:
         b = collate({"input_ids": [ids[i] for i in rows], "labels": [labels[i] for i in rows]}, pad_id)
@@ -116,8 +119,9 @@ def main() -> None:
     from forgetting_ray.config import PipelineConfig
     from forgetting_ray.stages.prepare import run_prepare
     from forgetting_ray.models import load_tokenizer, resolve_model_path
-    from forgetting_ray.ray_utils import init_ray
-    from forgetting_ray.stages.score import padding_waste, run_score, simulate_pipeline_batches
+    from forgetting_ray.cluster.session import init_ray
+    from forgetting_ray.data.batching import padding_waste, simulate_pipeline_batches
+    from forgetting_ray.stages.score import run_score
 
     base_cfg = smollm2_scoring_config(WORK / "run", args.samples, args.max_length, args.shard_size,
                                       args.batch_tokens, num_cpus_per_actor=0.5)

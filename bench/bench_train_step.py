@@ -93,7 +93,8 @@ class TableIterator:
 
 
 def mask_cost(args) -> list[tuple[int, float, float]]:
-    from forgetting_ray.train.loop import DataPlan, micro_batches
+    from forgetting_ray.train.data_plan import DataPlan
+    from forgetting_ray.train.loop import micro_batches
 
     rng = np.random.default_rng(0)
     rows = []

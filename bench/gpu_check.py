@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from forgetting_ray.config import config_to_dict
     from forgetting_ray.plan import lookup_architecture, model_shape
-    from forgetting_ray.ray_utils import init_ray
+    from forgetting_ray.cluster.session import init_ray
     from forgetting_ray.stages.partition import run_partition
     from forgetting_ray.stages.prepare import run_prepare
     from forgetting_ray.stages.score import run_score

@@ -31,7 +31,7 @@ def _log_file(cfg: PipelineConfig) -> Path:
 def _keep_logs(since: float) -> None:
     """After a run (finished or failed): this job's Ray workers' logs beside ``driver.log``, under
     ``logs/workers/<time>/``, and for a bucket ``run_dir`` the logs folder in the bucket too."""
-    from .ray_utils import collect_worker_logs
+    from .cluster.logs import collect_worker_logs
     from .store import push
 
     path = current_log_file()

@@ -11,20 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .cluster.capacity import alive_node_cpus, describe_pool_problem, starves_ray_data
+from .cluster.devices import cluster_gpus, smallest_gpu_gib
+from .cluster.session import default_storage_path, init_ray
 from .config import PipelineConfig
 from .data.readers import read_records, resolve_inputs
 from .data.render import Renderer
 from .models import load_tokenizer, resolve_model_path
 from .plan import plan
-from .ray_utils import (
-    alive_node_cpus,
-    cluster_gpus,
-    default_storage_path,
-    describe_pool_problem,
-    init_ray,
-    smallest_gpu_gib,
-    starves_ray_data,
-)
 from .store import is_uri, join_storage, probe_storage
 from .submit import SubmitError, check_upload
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cluster.run_dir import check_run_dir
 from .config import PipelineConfig, config_to_dict, dump_config, flatten
 from .data.readers import read_records, resolve_inputs
 from .data.sources import FileSource
-from .models import portable_model
-from .ray_utils import check_run_dir
+from .exports import model_identity
 from .report.html import main_report
 from .report.plots import log_finetune_plots
 from .runcard import RunCard
@@ -32,7 +32,7 @@ from .stages.prepare import run_prepare
 from .stages.score import run_score
 from .stages.train import run_finetune
 from .stages.tune import run_tune
-from .store import file_sha256, is_complete, portable, run_root, tree_sha256
+from .store import is_complete, portable, run_root, tree_sha256
 from .tiny import build_demo_model, corpus_lines
 from .tracking import Tracker, compare_runs_url, experiment_url, resolve_tracking_uri
 
@@ -173,18 +173,10 @@ def _tune(t: Tracker, cfg: PipelineConfig, table: Path, scores):
     return run_tune(cfg, table, scores, t)
 
 
-def model_identity(cfg: PipelineConfig, path: str) -> dict[str, Any]:
-    """What makes a model's evaluation numbers: an export's manifest hash, else the model settings."""
-    manifest = Path(path) / "manifest.json"
-    if manifest.is_file():
-        return {"export_manifest": file_sha256(manifest)}
-    return {"model": config_to_dict(portable_model(cfg.model.model_copy(update={"name_or_path": path})))}
-
-
 def _evaluate(t: Tracker, cfg: PipelineConfig, models: dict[str, str]):
     results = {}
     for name, path in models.items():
-        key = eval_key(cfg, model_identity(cfg, path))
+        key = eval_key(cfg, model_identity(path))
         out = run_root(cfg.run_dir) / "eval" / f"{name}-{key}"
         if is_complete(out, EVAL_RESULTS_FILE):  # results.json is written last
             log.info("eval: reusing %s for %s", out, name)

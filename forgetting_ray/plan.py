@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .aliases import ALIASES as MODEL_ALIASES
+from .cluster.devices import cluster_gpus, smallest_gpu_gib
+from .cluster.session import init_ray
 from .config import PipelineConfig, load_config
 from .errors import UserError
-from .ray_utils import cluster_gpus, init_ray, smallest_gpu_gib
 
 GIB = 2**30
 RUNTIME_ALLOWANCE_BYTES = 2 * GIB  # CUDA context + NCCL buffers + allocator fragmentation

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig, config_to_dict
+from .exports import model_identity
 from .store import atomic_write_json, content_hash, file_sha256, portable, remote_of, run_root, tree_sha256
 from .tracking import redact
-from .train.checkpoint import model_identity
 
 PACKAGES = ("forgetting-ray", "torch", "ray", "transformers", "deepspeed", "peft", "accelerate", "datasets",
             "tokenizers", "safetensors", "mlflow", "optuna", "numpy", "pyarrow", "pydantic")
@@ -74,7 +74,8 @@ class RunCard:
             "packages": package_versions(),
             "seeds": seeds(cfg),
             "data": {},
-            "models": {"base": model_identity(cfg.model.name_or_path)},
+            "models": {"base": model_identity(cfg.model.name_or_path, revision=cfg.model.revision,
+                                              tokenizer=cfg.model.tokenizer)},
             "scores": {},
             "stages": {},
         }

@@ -8,6 +8,8 @@ Peak extra memory is ``chunk_size x vocab`` floats instead of ``batch x length x
 
 from __future__ import annotations
 
+from typing import Iterable, Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -98,20 +100,26 @@ def naive_token_nll(model: torch.nn.Module, input_ids, attention_mask, labels) -
 
 
 @torch.no_grad()
-def response_token_nlls(model: torch.nn.Module, rows, pad_token_id: int, *, batch_size: int = 8) -> list[np.ndarray]:
+def response_token_nlls(model: torch.nn.Module, rows, pad_token_id: int, *, batch_size: int = 8,
+                        batches: Iterable[Sequence[int]] | None = None,
+                        chunk_size: int | None = None) -> list[np.ndarray]:
     """Each row's response-token NLLs (``labels != -100``; position 0 has nothing before it), in row order.
-    ``rows``: token-table rows (``input_ids``, ``labels``). Rows are batched by length so that padding stays
-    small; the model runs on its own device and is left in the mode it came in."""
+    ``rows``: token-table rows (``input_ids``, ``labels``). Rows are batched by length, ``batch_size`` at a
+    time, so that padding stays small; ``batches`` (lists of row indices, e.g. cut to a token budget) replaces
+    that batching, and ``chunk_size`` goes to :func:`token_nll`. The model runs on its own device and is left
+    in the mode it came in."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    if batches is None:
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     out = [np.empty(0, dtype=np.float32)] * len(rows)
     device = next(model.parameters()).device
     try:
-        for start in range(0, len(order), batch_size):
-            picked = order[start:start + batch_size]
+        for picked in batches:
             batch = {k: v.to(device) for k, v in collate([rows[i] for i in picked], pad_token_id).items()}
-            nll = token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).float().cpu()
+            nll = token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                            chunk_size=chunk_size).float().cpu()
             scored = batch["labels"].ne(IGNORE_INDEX).cpu()
             scored[:, 0] = False
             for j, i in enumerate(picked):

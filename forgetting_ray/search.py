@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from .config import PipelineConfig, TuneConfig, config_to_dict
+from .constants import RAY_DATA_TASK_CPUS
 from .errors import UserError
-from .ray_utils import RAY_DATA_TASK_CPUS
 from .store import atomic_write_json, content_hash
 
 SPACE_FILE = "search_space.json"

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import urlencode
 
 from .store import run_root
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SECRET_KEY = re.compile(r"(^|[_-])(pass(word)?|secret|token|api[_-]?key|credentials?|auth)($|[_-])", re.I)
 URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:]+)(:(?P<pw>[^/@]*))?@", re.I)
 MAX_PARAM_LEN = 6000  # MLflow's limit for a param value
+TRIAL_ID_TAG = "forgetting_ray.trial_id"  # on a Tune trial's child run
 
 
 class TrackingError(RuntimeError):
@@ -178,6 +179,26 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled:
             self.client.set_terminated(self.run_id, status=status)
+
+    def close_trial_runs(self, stopped: Iterable[str], errored: Iterable[str]) -> None:
+        """End the child runs of the Tune trials that did not finish (tagged :data:`TRIAL_ID_TAG`).
+
+        Trials the scheduler stopped were killed mid-fit: their runs become KILLED, not RUNNING, tagged
+        ``forgetting_ray.stopped_by=scheduler``.  A kill that lands inside the trial's own tracking context
+        can leave the run FAILED first (a race with the trial's teardown); the scheduler's decision is what
+        happened, so that becomes KILLED too.  Runs of trials that errored and are still RUNNING become FAILED.
+        """
+        if not self.enabled:
+            return
+        stopped, errored = set(stopped), set(errored)
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'")
+        for run in runs:
+            tid = run.data.tags.get(TRIAL_ID_TAG)
+            if run.info.status in ("RUNNING", "FAILED") and tid in stopped:
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                self.client.set_tag(run.info.run_id, "forgetting_ray.stopped_by", "scheduler")
+            elif run.info.status == "RUNNING" and tid in errored:
+                self.client.set_terminated(run.info.run_id, status="FAILED")
 
     # -- logging ----------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:

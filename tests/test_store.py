@@ -8,8 +8,8 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from forgetting_ray.cluster.session import default_storage_path
 from forgetting_ray.config import PipelineConfig
-from forgetting_ray.ray_utils import default_storage_path
 from forgetting_ray.stages.train import FinetuneInputError, check_storage
 from forgetting_ray import store
 from forgetting_ray.store import (
@@ -180,7 +180,7 @@ def test_a_model_in_a_bucket_is_fetched_once_per_node_into_a_content_addressed_c
 
 
 def test_an_unreachable_bucket_run_dir_is_one_clear_error(bucket, monkeypatch):
-    from forgetting_ray.ray_utils import RunDirError, check_run_dir
+    from forgetting_ray.cluster.run_dir import RunDirError, check_run_dir
 
     with pytest.raises(RunDirError, match=r"run_dir s3://no-such-bucket/run is not writable.*AWS_ENDPOINT_URL"):
         check_run_dir("s3://no-such-bucket/run")

@@ -112,3 +112,23 @@ def test_compare_runs_url_opens_the_compare_view_of_those_runs():
     assert url.startswith("http://127.0.0.1:5000/#/compare-runs?")
     query = parse_qs(urlsplit(url).fragment.split("?", 1)[1])
     assert query == {"runs": ['["a1", "b2"]'], "experiments": ['["7"]']}
+
+
+def test_close_trial_runs_marks_the_runs_the_scheduler_stopped_or_that_errored(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from forgetting_ray.tracking import TRIAL_ID_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stage = Tracker.start(uri, "exp", "tune")
+    runs = {tid: stage.child(f"trial-{tid}", {TRIAL_ID_TAG: tid}) for tid in ("stopped", "raced", "errored", "done")}
+    runs["raced"].end("FAILED")  # killed inside the trial's own tracking context
+    runs["done"].end("FINISHED")
+    stage.close_trial_runs(stopped=["stopped", "raced", "done"], errored=["errored"])
+    client = MlflowClient(uri)
+    status = {tid: client.get_run(t.run_id) for tid, t in runs.items()}
+    assert {tid: r.info.status for tid, r in status.items()} == {
+        "stopped": "KILLED", "raced": "KILLED", "errored": "FAILED", "done": "FINISHED"}
+    assert status["stopped"].data.tags["forgetting_ray.stopped_by"] == "scheduler"
+    assert "forgetting_ray.stopped_by" not in status["errored"].data.tags
+    Tracker.disabled().close_trial_runs(stopped=["x"], errored=[])  # nothing to close, no store

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import UserError
-from ..store import read_done
+from ..store import atomic_path, read_done
 from .table import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,34 @@ def existing_shards(out: Path, n_shards: int, ids: list[str], n_resp: np.ndarray
             continue
         done.add(i)
     return done
+
+
+def write_shard(out: Path, i: int, parts: list[pa.Table], index: dict[str, int], ids: list[str],
+                n_resp: np.ndarray, size: int, table_path: Path) -> Path:
+    """Write shard ``i`` of the score set in ``out`` (temp file + rename) from the rows gathered for it.
+
+    ``parts`` may come in any order and repeat rows (a retried batch) or carry extra columns (the scorer's
+    bookkeeping): the shard keeps one row per sample, in table order, and the score-set columns only.
+    ``index`` maps a sample_id to its table row; ``ids`` and ``n_resp`` are the table's sample_ids and
+    response-token counts, which the shard must match.  A NaN/inf score is a :class:`ScoreValueError`.
+    """
+    t = pa.concat_tables(parts)
+    local = np.fromiter((index[x] - i * size for x in t.column("sample_id").to_pylist()), np.int64,
+                        count=t.num_rows)
+    _, first = np.unique(local, return_index=True)  # table order, one row per sample
+    t = t.take(pa.array(first)).select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA)
+    lo, hi = i * size, min((i + 1) * size, len(ids))
+    if t.column("sample_id").to_pylist() != ids[lo:hi] or not np.array_equal(
+        pc.list_value_length(t.column("score")).to_numpy(zero_copy_only=False), n_resp[lo:hi]
+    ):
+        raise RuntimeError(f"score: shard {i} came back with rows or token counts that differ from the table")
+    bad = find_nonfinite(t)
+    path = out / shard_name(i)
+    if bad is not None:
+        raise nonfinite_error(table_path, path, *bad)
+    with atomic_path(path) as tmp:
+        pq.write_table(t, tmp)
+    return path
 
 
 def find_nonfinite(scores: pa.Table) -> tuple[str, int, float] | None:

@@ -190,34 +190,8 @@ class Engine:
 
         rest = max(len(c) for _, c in pairs) - 1
         if rest > 0:
-            # Feed cont[:-1] after the cached context; output j predicts cont[j + 1].
-            N = len(pairs)
-            c_ids = torch.full((N, rest), self.pad_id, dtype=torch.long)
-            c_mask = torch.zeros((N, rest), dtype=torch.long)
-            for p, (_, cont) in enumerate(pairs):
-                c_ids[p, : len(cont) - 1] = torch.tensor(cont[:-1])
-                c_mask[p, : len(cont) - 1] = 1
-            rows = torch.tensor([b for b, _ in pairs])
-            cache = _out_cache(ctx_out)
-            cache.reorder_cache(rows.to(dev))  # row p of the cache = its group's context
-            full_mask = torch.cat([mask[rows], c_mask], dim=1)
-            c_pos = ctx_lens[rows][:, None] + torch.arange(rest)[None, :]
-            hid = self.lm.base_model(
-                input_ids=c_ids.to(dev),
-                attention_mask=full_mask.to(dev),
-                position_ids=c_pos.to(dev),
-                use_cache=True,
-                **{self._cache_kw: cache},
-            ).last_hidden_state
-            sel_r, sel_c = c_mask.nonzero(as_tuple=True)
-            logp = self._head_logprobs(hid[sel_r.to(dev), sel_c.to(dev)])
-            targets = torch.tensor([pairs[r][1][c + 1] for r, c in zip(sel_r.tolist(), sel_c.tolist())], device=dev)
-            tok_ll = logp.gather(-1, targets[:, None]).squeeze(-1)
-            hit = logp.argmax(-1) == targets
-            ll_sum = torch.zeros(N, dtype=torch.float64, device=dev).index_add_(0, sel_r.to(dev), tok_ll.double())
-            all_hit = torch.ones(N, dtype=torch.bool, device=dev)
-            all_hit[sel_r.to(dev)[~hit]] = False
-            for p in range(N):
+            ll_sum, all_hit = self._score_after_first_token(pairs, rest, ctx_out, mask, ctx_lens)
+            for p in range(len(pairs)):
                 scores[p] += float(ll_sum[p])
                 greedy[p] = greedy[p] and bool(all_hit[p])
 
@@ -225,6 +199,41 @@ class Engine:
         for p, (b, _) in enumerate(pairs):
             results[b].append(ChoiceScore(scores[p], greedy[p]))
         return results
+
+    def _score_after_first_token(
+        self, pairs: list[tuple[int, list[int]]], rest: int, ctx_out, mask: torch.Tensor, ctx_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (group, choice) pair: the log-likelihood sum of the choice's tokens after its first, and whether
+        each of them is the argmax, from one forward of every choice after its group's cached context."""
+        dev = self.device
+        # Feed cont[:-1] after the cached context; output j predicts cont[j + 1].
+        N = len(pairs)
+        c_ids = torch.full((N, rest), self.pad_id, dtype=torch.long)
+        c_mask = torch.zeros((N, rest), dtype=torch.long)
+        for p, (_, cont) in enumerate(pairs):
+            c_ids[p, : len(cont) - 1] = torch.tensor(cont[:-1])
+            c_mask[p, : len(cont) - 1] = 1
+        rows = torch.tensor([b for b, _ in pairs])
+        cache = _out_cache(ctx_out)
+        cache.reorder_cache(rows.to(dev))  # row p of the cache = its group's context
+        full_mask = torch.cat([mask[rows], c_mask], dim=1)
+        c_pos = ctx_lens[rows][:, None] + torch.arange(rest)[None, :]
+        hid = self.lm.base_model(
+            input_ids=c_ids.to(dev),
+            attention_mask=full_mask.to(dev),
+            position_ids=c_pos.to(dev),
+            use_cache=True,
+            **{self._cache_kw: cache},
+        ).last_hidden_state
+        sel_r, sel_c = c_mask.nonzero(as_tuple=True)
+        logp = self._head_logprobs(hid[sel_r.to(dev), sel_c.to(dev)])
+        targets = torch.tensor([pairs[r][1][c + 1] for r, c in zip(sel_r.tolist(), sel_c.tolist())], device=dev)
+        tok_ll = logp.gather(-1, targets[:, None]).squeeze(-1)
+        hit = logp.argmax(-1) == targets
+        ll_sum = torch.zeros(N, dtype=torch.float64, device=dev).index_add_(0, sel_r.to(dev), tok_ll.double())
+        all_hit = torch.ones(N, dtype=torch.bool, device=dev)
+        all_hit[sel_r.to(dev)[~hit]] = False
+        return ll_sum, all_hit
 
     # -- generation -------------------------------------------------------------------------------
     @torch.inference_mode()

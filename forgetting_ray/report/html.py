@@ -17,7 +17,6 @@ import html
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 from ..config import PipelineConfig
 from ..data.score_set import shard_name
 from ..data.table import IGNORE_INDEX
+from ..data.tokens import decode_pieces
 from ..errors import UserError
 from ..models import load_tokenizer
 from ..selection import variant_scores
@@ -228,32 +228,6 @@ def _check_sample(v: SampleView, tau: float | None, score_path: Path, table_path
         j = int(bad[0])
         raise ReportInputError(f"{score_path}: {where}: response token {j} has score {v.score[j]:.6g} but class "
                                f"{int(cls[j]):+d} under threshold {tau}: score set and partition disagree")
-
-
-# ------------------------------------------------------------------------------------------------
-# tokens
-# ------------------------------------------------------------------------------------------------
-def decode_pieces(tokenizer: "PreTrainedTokenizerBase", ids: Sequence[int]) -> list[str]:
-    """Text of each token such that ``"".join(pieces)`` is the decoded sequence.
-
-    Decoding tokens one by one loses leading spaces (SentencePiece) and splits multi-byte
-    characters; instead decode a small window and keep the new suffix.  A token that ends inside a
-    character gets ``""`` and the character goes to the token that completes it.
-    """
-    kw = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    ids = [int(i) for i in ids]
-    pieces: list[str] = []
-    prefix = read = 0  # ids[prefix:read] is already-emitted context
-    for i in range(len(ids)):
-        before = tokenizer.decode(ids[prefix:read], **kw) if read > prefix else ""
-        now = tokenizer.decode(ids[prefix : i + 1], **kw)
-        if now.endswith("\ufffd") and i + 1 < len(ids):
-            pieces.append("")  # incomplete character: wait for the next token
-            continue
-        # A decoder may rewrite the context's tail once more tokens follow; keep what is new.
-        pieces.append(now[len(before if now.startswith(before) else os.path.commonprefix([before, now])) :])
-        prefix, read = read, i + 1
-    return pieces
 
 
 # ------------------------------------------------------------------------------------------------
@@ -561,5 +535,5 @@ def main_report(cfg: "PipelineConfig", run_dir: str | Path | None = None, out: s
 
 
 __all__ = ["ReportInputError", "PartitionInputs", "SampleView", "find_partition", "load_partition", "select_rows",
-           "load_samples", "decode_pieces", "histogram_svg", "sources_svg", "render_report", "build_report",
+           "load_samples", "histogram_svg", "sources_svg", "render_report", "build_report",
            "log_report", "main_report"]

@@ -25,20 +25,24 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..cluster.capacity import bounded_actor_start, check_actor_pool_cpus
+from ..cluster.session import init_ray, ray_data_bars_off
 from ..config import EvalConfig, ModelConfig, PipelineConfig, config_to_dict
 from ..errors import UserError
 from ..eval import runner
 from ..eval.base import check_input, input_fingerprint
 from ..eval.harness import run_lm_eval
 from ..eval.lm import ChatTemplateError, Engine
+from ..exports import MERGED, resolve
 from ..models import load_model, load_tokenizer, portable_model, stage_device
-from ..ray_utils import bounded_actor_start, check_actor_pool_cpus, init_ray, ray_data_bars_off
-from ..store import atomic_write_json, atomic_write_text, content_hash, exists, is_uri, join_storage
+from ..store import atomic_write_json, atomic_write_text, content_hash
 from ..tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
 EVAL_RESULTS_FILE = "results.json"
+# The user's model settings that eval keeps when it loads the model under test (see _model_config)
+LOAD_SETTINGS = ("dtype", "attn_implementation", "trust_remote_code")
 
 
 class EvalConfigError(UserError, ValueError):
@@ -61,16 +65,10 @@ class EvalResult:
 
 
 def resolve_eval_model(model_path: str | Path) -> str:
-    """A model export folder holds the full model under ``merged/``: accept either (a folder or a URI)."""
-    if is_uri(model_path):
-        merged = join_storage(model_path, "merged")
-        if not exists(join_storage(model_path, "config.json")) and exists(join_storage(merged, "config.json")):
-            return merged
-        return str(model_path)
-    p = Path(model_path)
-    if not (p / "config.json").is_file() and (p / "merged" / "config.json").is_file():
-        return str(p / "merged")
-    return str(model_path)
+    """What eval loads (a folder or a URI): an export's full model (``merged/``), else ``model_path`` as it is
+    (a Hugging Face folder, a hub id)."""
+    source = resolve(model_path, prefer=MERGED)
+    return source.path if source is not None else str(model_path)
 
 
 def _model_config(cfg: PipelineConfig, model_path: str) -> ModelConfig:
@@ -79,9 +77,8 @@ def _model_config(cfg: PipelineConfig, model_path: str) -> ModelConfig:
     return cfg.model.model_copy(update={"name_or_path": model_path, "tokenizer": None, "revision": None})
 
 
-def build_engine(model_cfg: dict[str, Any], eval_cfg: dict[str, Any], device: str | None = None, *,
+def build_engine(mcfg: ModelConfig, ecfg: EvalConfig, device: str | None = None, *,
                  cpu_stands_in: bool = False) -> Engine:
-    mcfg, ecfg = ModelConfig(**model_cfg), EvalConfig(**eval_cfg)
     if device is None:
         device = stage_device(ecfg.num_gpus_per_actor > 0, "eval.num_gpus_per_actor", cpu_stands_in=cpu_stands_in)
     tok = load_tokenizer(mcfg)
@@ -93,7 +90,7 @@ def build_engine(model_cfg: dict[str, Any], eval_cfg: dict[str, Any], device: st
 class EvalPredictor:
     """Ray Data actor: loads the model once, answers batches of JSON request rows."""
 
-    def __init__(self, model_cfg: dict[str, Any], eval_cfg: dict[str, Any], threads: int,
+    def __init__(self, model_cfg: ModelConfig, eval_cfg: EvalConfig, threads: int,
                  cpu_stands_in: bool = False) -> None:
         torch.set_num_threads(max(1, threads))
         self.engine = build_engine(model_cfg, eval_cfg, cpu_stands_in=cpu_stands_in)
@@ -137,8 +134,8 @@ def _predict(e: Any, model_cfg: ModelConfig, requests: list[dict[str, Any]], lab
     out = ds.map_batches(
         EvalPredictor,
         fn_constructor_kwargs={
-            "model_cfg": config_to_dict(portable_model(model_cfg)),  # the actors may run on other nodes
-            "eval_cfg": config_to_dict(e),
+            "model_cfg": portable_model(model_cfg),  # the actors may run on other nodes
+            "eval_cfg": e,
             "threads": max(1, int(e.num_cpus_per_actor)),
             "cpu_stands_in": cpu_stands_in,
         },
@@ -207,8 +204,11 @@ def eval_data_fingerprint(ecfg: EvalConfig) -> dict[str, list[str]]:
 
 
 def eval_key(cfg: PipelineConfig, model: dict[str, Any]) -> str:
-    """Key of an evaluation's folder: the model's identity, the eval settings and the benchmark data's content."""
-    return content_hash({"model": model, "eval": config_to_dict(cfg.eval), "data": eval_data_fingerprint(cfg.eval)})
+    """Key of an evaluation's folder: the model's identity (:func:`forgetting_ray.exports.model_identity`), the
+    settings it is loaded with, the eval settings and the benchmark data's content."""
+    load = {k: v for k, v in config_to_dict(cfg.model).items() if k in LOAD_SETTINGS}
+    return content_hash({"model": model, "load": load, "eval": config_to_dict(cfg.eval),
+                         "data": eval_data_fingerprint(cfg.eval)})
 
 
 def _check_request(cfg: PipelineConfig, harness: str | None) -> str:
@@ -234,7 +234,7 @@ def _evaluate_native(cfg: PipelineConfig, model_cfg: ModelConfig, model_path: st
     if cfg.eval.backend == "ray":
         answers = _answer_on_ray(cfg, model_cfg, requests, label)
     else:
-        engine = build_engine(config_to_dict(model_cfg), config_to_dict(cfg.eval),
+        engine = build_engine(model_cfg, cfg.eval,
                               cpu_stands_in=cfg.resources.cpu_stands_in_for_gpu)
         answers = runner.answer_requests(engine, requests)
     return runner.score_tasks(docs, rows, answers)

@@ -18,8 +18,9 @@ Recipe, top to bottom (``run_score``):
 6. ``_mark_done``: the completion marker, with the throughput stats.
 
 Shard ``i`` always holds table rows ``[i*shard_size, (i+1)*shard_size)`` in table order, whatever
-order Ray Data delivers them in: that is what makes resume exact.  The maths (``token_nll``) and the
-batch planner are plain functions, testable without a cluster.
+order Ray Data delivers them in: that is what makes resume exact.  The maths (``scoring.token_nll``), the
+batch planner (``data/batching.py``) and the shard writer (``data/score_set.py``) are plain functions,
+testable without a cluster.
 """
 
 from __future__ import annotations
@@ -31,42 +32,35 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ModelConfig, PipelineConfig, config_to_dict
+from ..cluster.capacity import bounded_actor_start, check_actor_pool_cpus
+from ..cluster.session import init_ray, ray_data_bars_off
+from ..config import ModelConfig, PipelineConfig
+from ..data.batching import plan_batches
 from ..data.collate import collate
-from ..data.score_set import (
-    LAYOUT_FILE,
-    SCORE_SCHEMA,
-    existing_shards,
-    find_nonfinite,
-    nonfinite_error,
-    shard_name,
-)
+from ..data.score_set import LAYOUT_FILE, existing_shards, shard_name, write_shard
 from ..data.table import IGNORE_INDEX, TokenTableError, read_token_table, token_table_hash
 from ..errors import UserError
+from ..exports import ADAPTER, ModelSource, model_identity, resolve
+from ..faults import SCORE_FAULT_ENV, maybe_exit_after_shards, parse_score_fault
 from ..models import load_model, load_tokenizer, portable_model, resolve_model_path, stage_device, tokenizer_fingerprint
-from ..ray_utils import bounded_actor_start, check_actor_pool_cpus, init_ray, ray_data_bars_off
 from ..scoring import token_nll
 from ..store import (
-    atomic_path,
     atomic_write_json,
     content_hash,
-    file_sha256,
     fetch_partial,
     is_complete,
     local_copy,
     mark_complete,
     portable,
     read_done,
-    run_root,
     stage_dir,
     unmark_complete,
 )
@@ -76,25 +70,10 @@ log = logging.getLogger(__name__)
 STAGE = "score"
 # Bump when the numbers or the shard layout change, so old score sets are not reused.
 SCORE_VERSION = 1
-# Test hook: "exit_after_shards=N" makes the driver die hard (os._exit) right after writing its N-th
-# shard, exactly like a killed job: no cleanup, no marker.
-FAULT_ENV = "FORGETTING_RAY_SCORE_FAULT"
-FAULT_EXIT_CODE = 17
-_STAT_COLS = ("_padded_len", "_busy_s", "_actor", "_node")  # per-row actor bookkeeping, stripped before writing
 
 
 class ScoreInputError(UserError, ValueError):
     """Bad input found before any scoring work (table, models, tokenizers)."""
-
-
-@dataclass(frozen=True)
-class ReferenceSpec:
-    """Where the reference model comes from and how an actor builds it."""
-
-    mode: Literal["adapter", "merged", "plain"]
-    path: Path  # adapter folder, or a full HF folder
-    export_dir: Path | None  # the export folder when one was given
-    tokenizer_dir: Path | None  # folder holding the reference's tokenizer, when it ships one
 
 
 @dataclass
@@ -117,145 +96,25 @@ class ScoreResult:
 
 
 # ------------------------------------------------------------------------------------------------
-# pure helpers (no Ray)
+# the models
 # ------------------------------------------------------------------------------------------------
-def plan_batches(lengths: np.ndarray, batch_tokens: int, *, sort: bool = True,
-                 pad_tolerance: float | None = None) -> list[np.ndarray]:
-    """Cut rows into batches whose ``rows x padded length`` stays within ``batch_tokens``.
-
-    With ``sort`` the rows go in ascending length order (stable), so each batch pads to nearly its
-    own rows' lengths; ``pad_tolerance`` also cuts where a row is that fraction longer than the
-    batch's shortest, which bounds the padding of every batch.  A row longer than the budget gets a
-    batch of its own.  Returns row indices.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    order = np.argsort(lengths, kind="stable") if sort else np.arange(lengths.size)
-    cap = math.inf if pad_tolerance is None or not sort else 1.0 + pad_tolerance
-    batches: list[np.ndarray] = []
-    start, width = 0, 0
-    for pos, i in enumerate(order):
-        n = int(lengths[i])
-        if pos > start and ((pos - start + 1) * max(width, n) > batch_tokens or n > cap * lengths[order[start]]):
-            batches.append(order[start:pos])
-            start, width = pos, 0
-        width = max(width, n)
-    if start < order.size:
-        batches.append(order[start:])
-    return batches
-
-
-def padding_waste(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
-    """Fraction of the padded batch area that is padding."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    area = sum(len(b) * int(lengths[b].max()) for b in batches if len(b))
-    return 1.0 - float(lengths.sum()) / area if area else 0.0
-
-
-def simulate_pipeline_batches(
-    lengths: np.ndarray, shard_size: int, batch_size: int, batch_tokens: int, *, bucketing: bool = True,
-    pad_tolerance: float | None = None,
-) -> list[np.ndarray]:
-    """The sub-batches the stage forms on a fresh run: blocks of ``shard_size`` rows, sorted by
-    length (when ``bucketing``), handed out ``batch_size`` rows at a time, cut by the token budget.
-    Used by the benchmark to replay the same batches outside Ray."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    rows: list[np.ndarray] = []
-    for s in range(0, lengths.size, shard_size):
-        idx = np.arange(s, min(s + shard_size, lengths.size))
-        rows.append(idx[np.argsort(lengths[idx], kind="stable")] if bucketing else idx)
-    stream = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    out: list[np.ndarray] = []
-    for s in range(0, stream.size, batch_size):
-        chunk = stream[s : s + batch_size]
-        out.extend(chunk[b] for b in plan_batches(lengths[chunk], batch_tokens, sort=bucketing,
-                                                  pad_tolerance=pad_tolerance))
-    return out
-
-
-def _sum_by(keys: np.ndarray, values: np.ndarray) -> tuple[list[int], list[float]]:
-    uniq, inv = np.unique(keys, return_inverse=True)
-    return uniq.tolist(), np.bincount(inv, weights=values).tolist()
-
-
-def parse_fault(text: str | None) -> int | None:
-    """``exit_after_shards=N`` -> N (see FAULT_ENV)."""
-    if not text:
-        return None
-    kv = dict(item.split("=", 1) for item in text.split(",") if "=" in item)
-    if "exit_after_shards" not in kv:
-        raise ValueError(f"{FAULT_ENV}={text!r}: expected exit_after_shards=N")
-    return int(kv["exit_after_shards"])
-
-
-# ------------------------------------------------------------------------------------------------
-# model resolution and identity
-# ------------------------------------------------------------------------------------------------
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
-
-
-def resolve_reference(reference_model: str | Path) -> ReferenceSpec:
-    """Export folder -> its ``adapter/`` (one base copy per actor) or ``merged/``; else a plain folder."""
+def resolve_reference(reference_model: str | Path) -> ModelSource:
+    """Export folder -> its ``adapter/`` (one base copy per actor) or ``merged/``; else an adapter or HF folder."""
     p = Path(reference_model).expanduser().resolve()
     if not p.is_dir():
         raise ScoreInputError(f"reference model {p} is not a folder")
-    if (p / "adapter" / "adapter_config.json").is_file():
-        adapter = p / "adapter"
-        tok = next((d for d in (adapter, p / "merged") if _has_tokenizer(d)), None)
-        return ReferenceSpec("adapter", adapter, p, tok)
-    if (p / "merged" / "config.json").is_file():
-        merged = p / "merged"
-        return ReferenceSpec("merged", merged, p, merged if _has_tokenizer(merged) else None)
-    if (p / "adapter_config.json").is_file():
-        return ReferenceSpec("adapter", p, None, p if _has_tokenizer(p) else None)
-    if (p / "config.json").is_file():
-        return ReferenceSpec("plain", p, None, p if _has_tokenizer(p) else None)
-    raise ScoreInputError(
-        f"reference model {p}: expected an export folder (adapter/ or merged/), a PEFT adapter folder "
-        "or a Hugging Face model folder with config.json"
-    )
+    ref = resolve(p, prefer=ADAPTER)
+    if ref is None:
+        raise ScoreInputError(
+            f"reference model {p}: expected an export folder (adapter/ or merged/), a PEFT adapter folder "
+            "or a Hugging Face model folder with config.json"
+        )
+    return ref
 
 
-_SHA_MEMO_FILE = ".file_hashes.json"
-
-
-def _memo_sha(path: Path, memo: dict[str, Any]) -> str:
-    # Weights of an 8B model are ~16 GB: re-hash only when size or mtime changed (as git's index).
-    st = path.stat()
-    stamp = [st.st_size, st.st_mtime_ns]
-    hit = memo.get(str(path))
-    if hit and hit["stamp"] == stamp:
-        return hit["sha256"]
-    sha = file_sha256(path)
-    memo[str(path)] = {"stamp": stamp, "sha256": sha}
-    return sha
-
-
-def _weights_identity(folder: Path, memo: dict[str, Any]) -> dict[str, str]:
-    """sha256 of the files that define a model's numbers (weights and configs), by relative name."""
-    files = sorted(
-        f for f in folder.iterdir()
-        if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", "adapter_config.json"))
-    )
-    if not any(f.suffix == ".safetensors" for f in files):
+def _require_safetensors(folder: str | Path) -> None:
+    if not any(Path(folder).glob("*.safetensors")):
         raise ScoreInputError(f"{folder} holds no *.safetensors weights (only safetensors are loaded)")
-    return {f.name: _memo_sha(f, memo) for f in files}
-
-
-def _base_identity(model: ModelConfig, path: str, memo: dict[str, Any]) -> dict[str, Any]:
-    p = Path(path)
-    if p.is_dir():
-        return {"files": _weights_identity(p, memo)}
-    # A hub id: the revision is all we can key on without downloading.
-    return {"hub_id": model.name_or_path, "revision": model.revision or "main"}
-
-
-def _reference_identity(ref: ReferenceSpec, memo: dict[str, Any]) -> dict[str, Any]:
-    manifest = ref.export_dir / "manifest.json" if ref.export_dir else None
-    if manifest is not None and manifest.is_file():
-        # The export manifest lists the sha256 of every file it wrote: hashing it is O(1) in model size.
-        return {"mode": ref.mode, "manifest": content_hash(json.loads(manifest.read_text()), length=64)}
-    return {"mode": ref.mode, "files": _weights_identity(ref.path, memo)}
 
 
 def _config_vocab(folder: Path) -> int | None:
@@ -280,7 +139,7 @@ def score_key(parts: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------
 # inputs and key
 # ------------------------------------------------------------------------------------------------
-def _check_tokenizers(cfg: PipelineConfig, table: pa.Table, table_path: Path, ref: ReferenceSpec,
+def _check_tokenizers(cfg: PipelineConfig, table: pa.Table, table_path: Path, ref: ModelSource,
                       base_path: str) -> tuple[str, int]:
     """Every mismatch that would make scores silently wrong, before any work. Returns (fingerprint, pad id)."""
     tok = load_tokenizer(cfg.model)
@@ -295,7 +154,7 @@ def _check_tokenizers(cfg: PipelineConfig, table: pa.Table, table_path: Path, re
                 f"model's {cfg.model.name_or_path!r} (fingerprint {fp}): token ids would mean different tokens"
             )
     vocab_base = _config_vocab(Path(base_path)) if Path(base_path).is_dir() else None
-    vocab_ref = _config_vocab(ref.path) if ref.mode != "adapter" else vocab_base
+    vocab_ref = _config_vocab(Path(ref.path)) if ref.mode != ADAPTER else vocab_base
     if vocab_base is not None and vocab_ref is not None and vocab_base != vocab_ref:
         raise ScoreInputError(
             f"vocabulary sizes differ: base {base_path} has vocab_size {vocab_base}, reference {ref.path} has "
@@ -329,7 +188,7 @@ def _check_table_tokenizer(cfg: PipelineConfig, table_path: Path, fp: str) -> No
 @dataclass
 class _Inputs:
     table_path: Path
-    ref: ReferenceSpec
+    ref: ModelSource
     base_path: str
     pad_id: int
     dtype: str
@@ -355,19 +214,19 @@ def _resolve_inputs(cfg: PipelineConfig, train_table: Path, reference_model: Pat
     base_path = resolve_model_path(cfg.model)
     fingerprint, pad_id = _check_tokenizers(cfg, table, train_table, ref, base_path)
 
-    memo_file = run_root(cfg.run_dir) / STAGE / _SHA_MEMO_FILE
-    memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
+    if Path(base_path).is_dir():
+        _require_safetensors(base_path)
+    _require_safetensors(ref.path)
     table_hash = token_table_hash(table)
     dtype = _actor_dtype(cfg)
     key_parts = {
-        "base": _base_identity(cfg.model, base_path, memo),
-        "reference": _reference_identity(ref, memo),
+        "base": model_identity(base_path, revision=cfg.model.revision),
+        "reference": {"mode": ref.mode, **model_identity(ref.export_dir or ref.path)},
         "tokenizer": fingerprint,
         "table": table_hash,
         "dtype": dtype,
         "attn_implementation": cfg.model.attn_implementation,
     }
-    atomic_write_json(memo_file, memo)
     key = score_key(key_parts)
     return _Inputs(train_table, ref, base_path, pad_id, dtype, key_parts, key, stage_dir(cfg.run_dir, STAGE, key),
                    table.column("sample_id").to_pylist(), table.column("n_response").to_numpy(),
@@ -398,7 +257,7 @@ class ScoreActor:
     the LoRA on and the base pass inside ``disable_adapter()``.
     """
 
-    def __init__(self, base_cfg: dict[str, Any], ref: dict[str, Any], dtype: str, use_gpu: bool,
+    def __init__(self, base_cfg: ModelConfig, ref: dict[str, Any], dtype: str, use_gpu: bool,
                  threads: int, batch_tokens: int, pad_tolerance: float | None, chunk_size: int | None,
                  pad_token_id: int, cpu_stands_in: bool = False) -> None:
         # transformers and peft take seconds to import: only the actors, which load models, pay for them.
@@ -413,14 +272,14 @@ class ScoreActor:
             torch.set_num_threads(max(1, threads))  # its CPU share, not every core of the node
         self.batch_tokens, self.pad_tolerance = batch_tokens, pad_tolerance
         self.chunk_size, self.pad_token_id = chunk_size, pad_token_id
-        base = load_model(ModelConfig(**base_cfg), device=self.device, dtype=dtype).eval()
-        if ref["mode"] == "adapter":
+        base = load_model(base_cfg, device=self.device, dtype=dtype).eval()
+        if ref["mode"] == ADAPTER:
             from peft import PeftModel
 
             self.ref = PeftModel.from_pretrained(base, str(local_copy(ref["path"])), is_trainable=False).eval()
             self.base = None
         else:
-            ref_cfg = ModelConfig(**{**base_cfg, "name_or_path": ref["path"], "tokenizer": None, "revision": None})
+            ref_cfg = base_cfg.model_copy(update={"name_or_path": ref["path"], "tokenizer": None, "revision": None})
             self.ref = load_model(ref_cfg, device=self.device, dtype=dtype).eval()
             self.base = base
 
@@ -491,7 +350,7 @@ def _actor_kwargs(cfg: PipelineConfig, inp: _Inputs) -> dict[str, Any]:
     s = cfg.scoring
     return {
         # locations that load on any node: URIs for what is in a bucket-backed run, alias names for aliases
-        "base_cfg": config_to_dict(portable_model(cfg.model.model_copy(update={"name_or_path": inp.base_path}))),
+        "base_cfg": portable_model(cfg.model.model_copy(update={"name_or_path": inp.base_path})),
         "ref": {"mode": inp.ref.mode, "path": portable(inp.ref.path)},
         "dtype": inp.dtype,
         "use_gpu": s.num_gpus_per_actor > 0,
@@ -543,27 +402,6 @@ def _scores_dataset(cfg: PipelineConfig, table_path: Path, pending_ids: list[str
 # ------------------------------------------------------------------------------------------------
 # shards on disk
 # ------------------------------------------------------------------------------------------------
-def _write_shard(out: Path, i: int, parts: list[pa.Table], index: dict[str, int], ids: list[str],
-                 n_resp: np.ndarray, size: int, table_path: Path) -> Path:
-    t = pa.concat_tables(parts)
-    local = np.fromiter((index[x] - i * size for x in t.column("sample_id").to_pylist()), np.int64,
-                        count=t.num_rows)
-    _, first = np.unique(local, return_index=True)  # table order, one row per sample
-    t = t.take(pa.array(first)).drop_columns(list(_STAT_COLS)).cast(SCORE_SCHEMA)
-    lo, hi = i * size, min((i + 1) * size, len(ids))
-    if t.column("sample_id").to_pylist() != ids[lo:hi] or not np.array_equal(
-        pc.list_value_length(t.column("score")).to_numpy(zero_copy_only=False), n_resp[lo:hi]
-    ):
-        raise RuntimeError(f"score: shard {i} came back with rows or token counts that differ from the table")
-    bad = find_nonfinite(t)
-    path = out / shard_name(i)
-    if bad is not None:
-        raise nonfinite_error(table_path, path, *bad)
-    with atomic_path(path) as tmp:
-        pq.write_table(t, tmp)
-    return path
-
-
 class _ShardCollector:
     """Gathers the actors' rows shard by shard, in whatever order they come, and writes each pending
     shard the moment all its rows are in."""
@@ -597,9 +435,14 @@ class _ShardCollector:
             self.buffers[i].append(batch.take(pa.array(mine)))
             self.received[i].update(rows[mine].tolist())
             if len(self.received[i]) == self.expected[i]:
-                _write_shard(inp.out, i, self.buffers.pop(i), self.index, inp.ids, inp.n_resp, size, inp.table_path)
+                write_shard(inp.out, i, self.buffers.pop(i), self.index, inp.ids, inp.n_resp, size, inp.table_path)
                 del self.received[i]
                 yield i
+
+
+def _sum_by(keys: np.ndarray, values: np.ndarray) -> tuple[list[int], list[float]]:
+    uniq, inv = np.unique(keys, return_inverse=True)
+    return uniq.tolist(), np.bincount(inv, weights=values).tolist()
 
 
 class _Meter:
@@ -689,7 +532,7 @@ def _score_pending(cfg: PipelineConfig, inp: _Inputs, pending: list[int], result
     """Score the pending shards on Ray Data, writing each one as it completes (``result.shards_scored``)."""
     ray = init_ray(cfg.resources.ray_address)
     _check_cpu_budget(cfg, ray)
-    exit_after = parse_fault(os.environ.get(FAULT_ENV))
+    exit_after = parse_score_fault(os.environ.get(SCORE_FAULT_ENV))
     size, ids = result.shard_size, inp.ids
     # None: every shard is pending, so the per-block filter can be skipped
     pending_ids = None if not result.shards_reused else [sid for i in pending for sid in ids[i * size : (i + 1) * size]]
@@ -703,8 +546,7 @@ def _score_pending(cfg: PipelineConfig, inp: _Inputs, pending: list[int], result
             meter.add(batch, int(inp.lengths[rows].sum()))
             for i in shards.add(batch, rows):
                 result.shards_scored.append(i)
-                if exit_after is not None and len(result.shards_scored) >= exit_after:
-                    os._exit(FAULT_EXIT_CODE)  # simulated kill: nothing below runs
+                maybe_exit_after_shards(exit_after, len(result.shards_scored))
             stats.setdefault("first_result_s", meter.elapsed())  # ~ actor startup + one batch
             bar.update(batch.num_rows)
             bar.set_postfix_str(meter.rate())

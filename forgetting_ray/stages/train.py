@@ -22,10 +22,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..cluster.capacity import check_worker_group, placement_timeout_error
+from ..cluster.relay import step_relay
+from ..cluster.session import default_storage_path, init_ray
 from ..config import FinetuneConfig, PipelineConfig, ReferenceConfig, TrainingConfig, config_to_dict
 from ..errors import UserError
+from ..exports import model_identity
+from ..faults import TRAIN_FAULT_ENV, parse_train_fault
 from ..models import load_tokenizer, portable_model_ref, resolve_model_path
-from ..ray_utils import check_worker_group, default_storage_path, init_ray, placement_timeout_error, step_relay
 from ..store import (
     atomic_write_json,
     atomic_write_text,
@@ -40,17 +44,10 @@ from ..store import (
     probe_storage,
     stage_dir,
 )
-from ..train.checkpoint import fingerprint, fingerprint_parts, model_identity, read_state
+from ..train.checkpoint import fingerprint, fingerprint_parts, read_state
 from ..train.deepspeed_setup import LoraTargetError, build_deepspeed_config, meta_model, resolve_lora_targets
-from ..train.loop import (
-    FAULT_ENV,
-    DataPlan,
-    FinetuneJob,
-    columns_for,
-    parse_fault,
-    strategy_of,
-    train_loop_per_worker,
-)
+from ..train.data_plan import DataPlan
+from ..train.loop import FinetuneJob, columns_for, strategy_of, train_loop_per_worker
 
 if TYPE_CHECKING:  # pragma: no cover
     from ray.train import Result
@@ -272,7 +269,8 @@ def _check_inputs(cfg: PipelineConfig, ft: FinetuneConfig, table: str | Path) ->
 def _identify(cfg: PipelineConfig, stage: Stage, ft: FinetuneConfig, inputs: _Inputs) -> _RunIdentity:
     """Key the run by everything that changes the numbers (and the output also by the export settings)."""
     table_hash = content_hash([(f.name, file_sha256(f)) for f in inputs.files])
-    parts = fingerprint_parts(stage=stage, finetune=config_to_dict(ft), model=model_identity(inputs.model_path),
+    model = model_identity(inputs.model_path, revision=cfg.model.revision, tokenizer=inputs.tokenizer_path)
+    parts = fingerprint_parts(stage=stage, finetune=config_to_dict(ft), model=model,
                               table_hash=table_hash, world_size=cfg.resources.num_workers)
     run_id = fingerprint(parts)
     key = content_hash({"run": run_id, "export": ft.export, "export_dtype": ft.export_dtype})
@@ -307,7 +305,7 @@ def _worker_job(cfg: PipelineConfig, stage: Stage, ft: ReferenceConfig | Trainin
                 run: _RunIdentity, out: Path, run_storage: str, inject_fault: str | None,
                 relay: str | None = None) -> FinetuneJob:
     res = cfg.resources
-    fault = parse_fault(inject_fault or os.environ.get(FAULT_ENV))
+    fault = parse_train_fault(inject_fault or os.environ.get(TRAIN_FAULT_ENV))
     if fault:
         fault["run_storage"] = run_storage
     return FinetuneJob(

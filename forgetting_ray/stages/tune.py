@@ -9,7 +9,8 @@ Recipe, top to bottom (``run_tune``):
 4. ``_data_plan``: check the remaining samples make at least one step;
 5. ``_scheduler`` (ASHA | FIFO) and ``_searcher`` (random | Optuna), sized to the cluster;
 6. ``_fit``: ``Tuner.fit`` (or restore an interrupted search), reaping what stopped trials leave behind;
-7. ``_collect_trials``: one record per trial; close the MLflow runs of the trials the scheduler stopped;
+7. ``_collect_trials``: one record per trial; ``Tracker.close_trial_runs`` closes the MLflow runs of the
+   trials the scheduler stopped;
 8. ``_finish``: pick the best finished trial, write ``result.json``, load its model and partition.
 
 A trial (``_trial``, a function trainable: the Ray Train V2 pattern, not ``Tuner(trainer)``)
@@ -17,16 +18,19 @@ re-partitions the cached scores with its rho (``run_partition``; the scores are 
 their key does not depend on rho or lambda), drops the validation samples, trains with the
 forgetting strategy through ``run_finetune`` (its own ``TorchTrainer``), and reports:
 
-* every training report, through :class:`TrialReportCallback`, with ``online_nll``: the NLL of all
-  response tokens of the step's micro-batches, measured by the forward pass *before* the update
-  that uses them (progressive validation: in the first epoch those samples are unseen).  ASHA
-  compares trials on it at its rungs, so it can stop a trial long before the objective exists;
+* every training report, through :class:`~forgetting_ray.tuning.callbacks.TrialReport`, with
+  ``online_nll``: the NLL of all response tokens of the step's micro-batches, measured by the
+  forward pass *before* the update that uses them (progressive validation: in the first epoch
+  those samples are unseen).  ASHA compares trials on it at its rungs, so it can stop a trial long
+  before the objective exists;
 * once, after training, ``objective``: the mean eval score on the seeded dev subset, or the NLL of
-  every response token of the held-out validation split under the exported model.
+  every response token of the held-out validation split under the exported model
+  (:mod:`forgetting_ray.tuning.objectives`).
 
 The maths (space description and hash, trial configs, online NLL, the split, best-trial choice)
-lives in :mod:`forgetting_ray.search`, plain functions testable without Ray; the private-Ray-API
-clean-up after stopped trials in :mod:`forgetting_ray.ray_internals`.
+lives in :mod:`forgetting_ray.search`, plain functions testable without Ray; the search's Ray
+callbacks (progress bar, pending-trial watch, the trials' MLflow runs) in :mod:`forgetting_ray.tuning`;
+the private-Ray-API clean-up after stopped trials in :mod:`forgetting_ray.cluster.internals`.
 """
 
 from __future__ import annotations
@@ -34,36 +38,25 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
-from ..config import ModelConfig, PipelineConfig, TuneConfig, config_to_dict
-from ..constants import IGNORE_INDEX
-from ..data.collate import collate
-from ..models import load_model, load_tokenizer
-from ..console import quiet
-from ..ray_internals import pg_recorder_class, reaper_class
-from ..ray_utils import (
+from ..cluster.capacity import (
     PlacementTimeout,
     alive_node_cpus,
     check_worker_group,
     describe_pool_problem,
-    init_ray,
-    placement_timeout_error,
     starves_ray_data,
 )
-from ..report.plots import log_finetune_plots
-from ..scoring import token_nll
+from ..cluster.internals import pg_recorder_class, reaper_class
+from ..cluster.session import init_ray
+from ..config import PipelineConfig, TuneConfig, config_to_dict
+from ..console import quiet
 from ..search import (
     OBJECTIVE_METRIC,
     ONLINE_METRIC,
@@ -74,7 +67,6 @@ from ..search import (
     default_max_concurrent,
     in_validation,
     objective_mode,
-    online_nll,
     pick_best,
     resolve_objective,
     space_hash,
@@ -86,20 +78,19 @@ from ..store import (
     atomic_write_json,
     content_hash,
     fetch,
-    is_complete,
     join_storage,
-    local_copy,
     local_path,
     portable,
     run_root,
-    tree_sha256,
 )
 from ..tracking import Tracker
-from ..train.loop import DataPlan
-from .evaluate import eval_data_fingerprint, resolve_eval_model, run_eval
+from ..train.data_plan import DataPlan
+from ..tuning.callbacks import PendingTrialWatch, TrialProgress, trial_report_callback, tune_callback
+from ..tuning.objectives import final_metrics
+from ..tuning.trial_tracker import TrialTracker, load_trial_result
+from .evaluate import eval_data_fingerprint
 from .partition import PartitionResult, run_partition
-from .score import plan_batches
-from .train import FinetuneResult, load_result, run_finetune
+from .train import FinetuneResult, run_finetune
 
 log = logging.getLogger(__name__)
 
@@ -133,159 +124,8 @@ class TuneResult:
 
 
 # ------------------------------------------------------------------------------------------------
-# the objective
-# ------------------------------------------------------------------------------------------------
-def validation_nll(model_dir: str, val_table: str, *, model_cfg: dict[str, Any], batch_tokens: int,
-                   chunk_size: int | None = None) -> dict[str, float]:
-    """Mean NLL of every response token of ``val_table`` under the model in ``model_dir`` (either may be a
-    URI: this may run as a GPU task on a node that sees the run only through its bucket)."""
-    path = resolve_eval_model(local_copy(model_dir))
-    mc = ModelConfig.model_validate({**model_cfg, "name_or_path": path, "tokenizer": None, "revision": None})
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = load_tokenizer(mc)
-    model = load_model(mc, device=device).eval()
-    tbl = pq.read_table(val_table, columns=["input_ids", "labels"])
-    ids = [np.asarray(x) for x in tbl.column("input_ids").to_pylist()]
-    labels = [np.asarray(x) for x in tbl.column("labels").to_pylist()]
-    total, count = 0.0, 0
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    with torch.inference_mode():
-        for rows in plan_batches(np.array([len(x) for x in ids]), batch_tokens):
-            b = collate({"input_ids": [ids[i] for i in rows], "labels": [labels[i] for i in rows]}, pad)
-            b = {k: v.to(device) for k, v in b.items()}
-            nll = token_nll(model, b["input_ids"], b["attention_mask"], b["labels"], chunk_size=chunk_size)
-            mask = b["labels"] != IGNORE_INDEX
-            mask[:, 0] = False  # position 0 is never predicted
-            total += float(nll[mask].double().sum())
-            count += int(mask.sum())
-    if count == 0:
-        raise TuneInputError(f"validation split {val_table} has no response tokens")
-    return {"val_nll": total / count, "val_tokens": count}
-
-
-def _val_nll_objective(ctx: dict[str, Any], base: PipelineConfig, res: FinetuneResult) -> dict[str, Any]:
-    kwargs = {"model_cfg": config_to_dict(base.model), "batch_tokens": base.scoring.batch_tokens,
-              "chunk_size": base.scoring.chunk_size}
-    if base.eval.num_gpus_per_actor > 0:  # a GPU task outside the trial's 0.1-CPU placement group
-        # ray is imported where a search uses it: it takes seconds, and the pipeline imports this module
-        # for runs without a search too.
-        import ray
-
-        task = ray.remote(validation_nll).options(num_cpus=base.eval.num_cpus_per_actor,
-                                                    num_gpus=base.eval.num_gpus_per_actor,
-                                                    scheduling_strategy="DEFAULT")
-        v = ray.get(task.remote(portable(res.export_dir), portable(ctx["val_table"]), **kwargs))
-    else:  # on CPU here: the trial process has torch loaded and its fit has released the workers
-        v = validation_nll(str(res.export_dir), str(ctx["val_table"]), **kwargs)
-    return {**v, OBJECTIVE_METRIC: v["val_nll"]}
-
-
-def _eval_objective(ctx: dict[str, Any], cfg: PipelineConfig, res: FinetuneResult, folder: Path,
-                    trial_id: str) -> dict[str, Any]:
-    ecfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
-        "limit": float(ctx["eval_limit"]), "limit_mode": "random"})})
-    # the trial reports its eval numbers through Tune; the driver logs them (MLflow is reached from there only)
-    ev = run_eval(ecfg, str(res.export_dir), folder / "eval" / trial_id, tracker=Tracker.disabled())
-    out: dict[str, Any] = {f"eval.{k}": v for k, v in ev.headline.items()}
-    # the mean over the tasks this search evaluates (ev.average is None unless all five ran)
-    out["eval_mean"] = float(np.mean([ev.headline[task] for task in cfg.eval.tasks]))
-    out[OBJECTIVE_METRIC] = out["eval_mean"]
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # one trial
 # ------------------------------------------------------------------------------------------------
-def _report_callback_class():
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class TrialReportCallback(TuneReportCallback):
-        """Forwards rank 0's training reports to Tune with ``online_nll`` added (the driver's
-        :class:`TrialTracker` logs them to MLflow).
-
-        Runs in the Ray Train controller of the trial's fit.  ``online_nll`` is averaged over the last
-        ``window`` reports, so one unlucky micro-batch does not decide a rung.
-        """
-
-        def __init__(self, window: int = 2):
-            super().__init__()
-            self.recent: deque[float] = deque(maxlen=window)
-
-        def after_report(self, run_context, metrics, checkpoint):
-            m = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            value = online_nll(m)
-            if value is not None and math.isfinite(value):
-                self.recent.append(value)
-                m["online_nll_step"] = value
-            if self.recent:
-                m[ONLINE_METRIC] = float(np.mean(self.recent))
-            super().after_report(run_context, [m], checkpoint)
-
-    return TrialReportCallback
-
-
-def _trial_output(location: str, cfg: PipelineConfig) -> Path:
-    """A trial's fine-tune folder, as the trial reported it, present on this node."""
-    out = local_path(location, cfg.run_dir)
-    if not is_complete(out):
-        raise RuntimeError(f"tune: the trial's output {location} is not complete")
-    return out
-
-
-_TUNE_AUTO_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid", "done",
-                   "time_since_restore", "iterations_since_restore", "step", "trained"}
-
-
-def _trial_tracker_class():
-    from ray.tune import Callback
-
-    class TrialTracker(Callback):
-        """The trials' MLflow runs, written from the driver as Tune hands it the trials' reports: the
-        tracking server need only be reachable from here (on a cluster, the head)."""
-
-        def __init__(self, parent: Tracker, base: PipelineConfig, report_every: int, score_key: str):
-            self.parent, self.base, self.report_every, self.score_key = parent, base, report_every, score_key
-            self.runs: dict[str, Tracker] = {}
-            self.run_ids: dict[str, str] = {}  # every trial's, kept after it ends
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            tid = trial.trial_id
-            if not self.parent.enabled or tid in self.runs:
-                return
-            t = self.parent.child(f"trial-{tid}", {"forgetting_ray.stage": "tune-trial", "forgetting_ray.trial_id": tid})
-            params = dict(trial.config or {})
-            _log_trial_params(t, tid, params, trial_config(self.base, params, report_every=self.report_every))
-            t.log_params({"score_key": self.score_key})
-            self.runs[tid], self.run_ids[tid] = t, t.run_id
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            t = self.runs.get(trial.trial_id)
-            if t is None:
-                return
-            t.log_metrics({k: v for k, v in result.items() if k not in _TUNE_AUTO_KEYS}, step=int(result.get("step", 0)))
-            if "partition_key" in result:  # the final report
-                t.log_params({"partition_key": result["partition_key"], "train_table": result["train_table_used"]})
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            t = self.runs.pop(trial.trial_id, None)
-            last = trial.last_result or {}
-            if t is None or OBJECTIVE_METRIC not in last:
-                return  # stopped by the scheduler: _close_stopped_runs marks its run KILLED
-            try:
-                res = load_result(_trial_output(last["out_dir"], self.base))
-                log_finetune_plots(t, res, trial_config(self.base, dict(trial.config or {})).training)
-                t.log_model_reference("trial", portable(res.export_dir), tree_sha256(res.export_dir), upload=False)
-            finally:
-                t.end("FINISHED")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            t = self.runs.pop(trial.trial_id, None)
-            if t is not None:
-                t.end("FAILED")
-
-    return TrialTracker
-
-
 def _trial_tables(part: PartitionResult, val_ids: set[str], folder: Path) -> Path:
     """The partitioned table at this rho minus the validation samples (written once per rho)."""
     if not val_ids:
@@ -300,34 +140,12 @@ def _trial_tables(part: PartitionResult, val_ids: set[str], folder: Path) -> Pat
     return out
 
 
-def _log_trial_params(t: Any, trial_id: str, params: dict[str, Any], cfg: PipelineConfig) -> None:
-    t.log_params({"trial_id": trial_id, **{f"search.{k}": v for k, v in sorted(params.items())},
-                  "selection.rho": cfg.selection.rho, "training.lambda_schedule": cfg.training.lambda_schedule,
-                  "training.t_max": cfg.training.t_max, "training.t_min": cfg.training.t_min,
-                  "training.lr": cfg.training.lr, "training.strategy": cfg.training.strategy})
-
-
 def _train_trial(cfg: PipelineConfig, table: Path, folder: Path, trial_id: str) -> FinetuneResult:
-    callbacks = [_report_callback_class()(), pg_recorder_class()(trial_id)]
+    callbacks = [trial_report_callback(), pg_recorder_class()(trial_id)]
     res = run_finetune(cfg, "train", table, folder / "trials" / trial_id, callbacks=callbacks)
     if res.export_dir is None:
         raise RuntimeError(f"trial {trial_id} stopped without an export: {res.stop_reason}")
     return res
-
-
-def _final_metrics(ctx: dict[str, Any], base: PipelineConfig, cfg: PipelineConfig, res: FinetuneResult,
-                   folder: Path, trial_id: str) -> dict[str, Any]:
-    """The trial's last report: the objective, and the online NLL of its last two training reports."""
-    final: dict[str, Any] = {"step": res.total_steps, "trained": 1}
-    if ctx["objective"] == "val_nll":
-        final.update(_val_nll_objective(ctx, base, res))
-    else:
-        final.update(_eval_objective(ctx, cfg, res, folder, trial_id))
-    online = [online_nll(m) for m in res.metrics[-2:]]
-    online = [x for x in online if x is not None]
-    if online:
-        final[ONLINE_METRIC] = float(np.mean(online))
-    return final
 
 
 def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -337,7 +155,7 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     map to this node's mirror; it writes no MLflow (the driver's :class:`TrialTracker` does)."""
     import ray.tune
 
-    base = PipelineConfig.model_validate(ctx["cfg"])
+    base: PipelineConfig = ctx["cfg"]
     cfg = trial_config(base, params, report_every=ctx["report_every"])
     trial_id = ray.tune.get_context().get_trial_id()
     here = {k: local_path(ctx[k], base.run_dir) for k in ("dir", "train_table", "score_dir", "val_table")}
@@ -346,7 +164,7 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     part = run_partition(cfg, fetch(here["train_table"]), here["score_dir"])
     table = _trial_tables(part, set(ctx["val_ids"]), folder / "tables")
     res = _train_trial(cfg, table, folder, trial_id)
-    final = _final_metrics(ctx, base, cfg, res, folder, trial_id)
+    final = final_metrics(ctx, base, cfg, res, folder, trial_id)
     ray.tune.report({**final, "out_dir": portable(res.out_dir), "partition_dir": portable(part.dir),
                      "partition_key": part.key, "train_table_used": portable(table),
                      "node_id": ray.get_runtime_context().get_node_id()})
@@ -467,8 +285,8 @@ def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_al
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": TRIAL_CPUS})
     reaper = reaper_class()()
     storage = portable(folder / "ray")  # trials on other nodes write there too: the bucket of a bucket run
-    watch = _pending_watch_class()(placement_timeout_s)
-    progress = _trial_progress_class()(tc.num_samples, mode)
+    watch = tune_callback(PendingTrialWatch, placement_timeout_s)
+    progress = tune_callback(TrialProgress, tc.num_samples, mode)
     # quiet: the bar instead of Tune's status tables
     run_config = tune.RunConfig(name="search", storage_path=storage, verbose=0 if quiet() else 1,
                                 callbacks=[reaper, trial_tracker, watch, progress])
@@ -496,71 +314,6 @@ def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_al
     return grid, experiment
 
 
-def _trial_progress_class():
-    from ray.tune import Callback
-    from tqdm.auto import tqdm
-
-    class TrialProgress(Callback):
-        """The search's bar on the driver: trials ended (finished, stopped early, failed) of all, how many run
-        now, and the best objective so far."""
-
-        def __init__(self, total: int, mode: str):
-            self.total, self.mode, self.best, self.bar = total, mode, None, None
-
-        def _show(self, trials) -> None:
-            if self.bar is None:
-                self.bar = tqdm(total=self.total, desc="tune", unit="trial", mininterval=1.0, dynamic_ncols=True)
-            ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-            self.bar.update(ended - self.bar.n)
-            best = "-" if self.best is None else f"{self.best:.4g}"
-            self.bar.set_postfix_str(f"running={sum(t.status == 'RUNNING' for t in trials)} best={best}")
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self._show(trials)
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            value = result.get(OBJECTIVE_METRIC)
-            if value is not None and (self.best is None or (value < self.best if self.mode == "min" else value > self.best)):
-                self.best = float(value)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._show(trials)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._show(trials)
-
-        def on_experiment_end(self, trials, **info):
-            if self.bar is not None:
-                self._show(trials)
-                self.bar.close()
-
-    return TrialProgress
-
-
-def _pending_watch_class():
-    from ray.tune import Callback
-
-    class PendingTrialWatch(Callback):
-        """Tune keeps a trial it cannot place PENDING forever: when trials are pending and none runs for longer
-        than resources.placement_timeout_s, stop the search, naming the demand."""
-
-        def __init__(self, timeout_s: float):
-            self.timeout_s, self.idle_since = timeout_s, None
-
-        def on_step_begin(self, iteration, trials, **info):
-            if any(t.status == "RUNNING" for t in trials) or not any(t.status == "PENDING" for t in trials):
-                self.idle_since = None
-                return
-            self.idle_since = self.idle_since or time.monotonic()
-            if time.monotonic() - self.idle_since > self.timeout_s:
-                import ray
-
-                raise placement_timeout_error(f"Tune trials (each holding {TRIAL_CPUS:g} CPU while its fit runs)",
-                                              "tune.max_concurrent_trials", self.timeout_s, ray)
-
-    return PendingTrialWatch
-
-
 def _collect_trials(grid) -> list[dict[str, Any]]:
     """One record per trial, by trial id: finished (has the objective), stopped (by the scheduler) or error."""
     trials = []
@@ -577,27 +330,6 @@ def _collect_trials(grid) -> list[dict[str, Any]]:
     return trials
 
 
-def _close_stopped_runs(tracker: Any, trials: list[dict[str, Any]]) -> None:
-    """Trials the scheduler stopped were killed mid-fit: mark their MLflow runs KILLED, not RUNNING.
-
-    A kill that lands inside the trial's own tracking context can leave the run FAILED first (a race
-    with the trial's teardown); the scheduler's decision is what happened, so that becomes KILLED too.
-    """
-    if not getattr(tracker, "enabled", False):
-        return
-    stopped = {t["trial_id"] for t in trials if t["status"] == "stopped"}
-    errored = {t["trial_id"] for t in trials if t["status"] == "error"}
-    runs = tracker.client.search_runs([tracker.experiment_id],
-                                      filter_string=f"tags.mlflow.parentRunId = '{tracker.run_id}'")
-    for run in runs:
-        tid = run.data.tags.get("forgetting_ray.trial_id")
-        if run.info.status in ("RUNNING", "FAILED") and tid in stopped:
-            tracker.client.set_terminated(run.info.run_id, status="KILLED")
-            tracker.client.set_tag(run.info.run_id, "forgetting_ray.stopped_by", "scheduler")
-        elif run.info.status == "RUNNING" and tid in errored:
-            tracker.client.set_terminated(run.info.run_id, status="FAILED")
-
-
 def _finish(result: TuneResult, cfg: PipelineConfig, train_table: Path, score: Any, experiment: Path,
             tracker: Any) -> TuneResult:
     """Write ``result.json``; load the best trial's config, model and partition and log them."""
@@ -607,7 +339,7 @@ def _finish(result: TuneResult, cfg: PipelineConfig, train_table: Path, score: A
     if best is None:
         raise RuntimeError(f"tune: no trial finished with an objective ({len(trials)} trials; see {experiment})")
     result.best_config = trial_config(cfg, best["config"])
-    result.best_train = load_result(_trial_output(best["out_dir"], cfg))
+    result.best_train = load_trial_result(best["out_dir"], cfg)
     result.best_partition = run_partition(result.best_config, train_table, score.dir)  # cached by the trial
     result.best_table = fetch(local_path(best["train_table"], cfg.run_dir))
     tracker.log_metrics({"best_objective": best["objective"], "trials_stopped_early": result.n_stopped_early,
@@ -651,19 +383,20 @@ def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> Tun
     tracker = tracker if tracker is not None else Tracker.disabled()
     report_every = tc.report_every or cfg.training.report_every
     # portable locations: a trial may run on a node that sees the run only through its bucket
-    ctx = {"cfg": config_to_dict(cfg), "dir": portable(folder), "train_table": portable(Path(train_table).resolve()),
+    ctx = {"cfg": cfg, "dir": portable(folder), "train_table": portable(Path(train_table).resolve()),
            "score_dir": portable(Path(score.dir).resolve()), "score_key": score.key, "val_ids": val_ids,
            "val_table": portable(val_table), "objective": objective, "eval_limit": tc.eval_limit,
            "report_every": report_every}
     tracker.log_params({"tune.key": key, "tune.space_hash": space_hash(spec), "tune.objective_resolved": objective,
                         "tune.max_concurrent_trials_resolved": concurrent, "tune.total_steps": plan.total_steps,
                         "tune.val_samples": len(val_ids)})
-    trial_tracker = _trial_tracker_class()(tracker, cfg, report_every, score.key)
+    trial_tracker = tune_callback(TrialTracker, tracker, cfg, report_every, score.key)
     grid, experiment = _fit(tc, folder, ctx, scheduler, search_alg, trial_tracker, cfg.resources.placement_timeout_s,
                             mode)
 
     trials = _collect_trials(grid)
-    _close_stopped_runs(tracker, trials)
+    tracker.close_trial_runs(stopped=[t["trial_id"] for t in trials if t["status"] == "stopped"],
+                             errored=[t["trial_id"] for t in trials if t["status"] == "error"])
     result = TuneResult(folder, key, space_hash(spec), objective, mode, trials, pick_best(trials, mode),
                         stats={"max_concurrent_trials": concurrent, "total_steps": plan.total_steps,
                                "val_samples": len(val_ids)}, trial_runs=dict(trial_tracker.run_ids))

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..aliases import alias_of_folder
-from ..store import atomic_write_json, atomic_write_text, content_hash, file_sha256, portable
+from ..store import atomic_write_json, atomic_write_text, content_hash
 
 STATE_FILE = "forgetting_state.json"
 METRICS_FILE = "metrics.jsonl"
@@ -54,20 +53,6 @@ class TrainState:
         return cls(**known)
 
 
-def model_identity(model_path: str | Path) -> dict[str, Any]:
-    """What identifies a base model cheaply: config.json's hash and the weight files' names and sizes."""
-    p = Path(model_path)
-    if not p.is_dir():
-        return {"name": str(model_path)}
-    weights = sorted(f for f in p.iterdir() if f.suffix == ".safetensors" or f.name.endswith(".safetensors.index.json"))
-    return {
-        # where it is in the run, not on this node: a bucket run resumed from another head keeps its keys
-        "path": alias_of_folder(p) or portable(p.resolve()),
-        "config_sha256": file_sha256(p / "config.json") if (p / "config.json").is_file() else None,
-        "weights": {f.name: f.stat().st_size for f in weights},
-    }
-
-
 def fingerprint_parts(
     *,
     stage: str,
@@ -81,7 +66,7 @@ def fingerprint_parts(
         "format": FORMAT_VERSION,
         "stage": stage,
         "finetune": {k: v for k, v in sorted(finetune.items()) if k not in NEUTRAL_FIELDS},
-        "model": model,
+        "model": model,  # exports.model_identity of the base model (and tokenizer)
         "table": table_hash,
         "world_size": world_size,  # DeepSpeed shards and the data split depend on it
     }

@@ -334,6 +334,18 @@ def apply_lora(model: torch.nn.Module, ft: FinetuneConfig) -> torch.nn.Module:
     return get_peft_model(model, cfg)
 
 
+def _enable_gradient_checkpointing(model: torch.nn.Module, *, lora: bool) -> None:
+    """Recompute activations in backward (non-reentrant); engages only in training mode."""
+    # transformers 5 renamed it (the old name warns)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        model.enable_input_require_grads()
+
+
 def create_runner(
     model_path: str,
     ft: FinetuneConfig,
@@ -362,14 +374,7 @@ def create_runner(
     model = load_causal_lm(model_path, ds_config=ds_config, trust_remote_code=trust_remote_code,
                            attn_implementation=attn_implementation)
     if ft.gradient_checkpointing:
-        # transformers 5 renamed it (the old name warns); either engages only in training mode
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if ft.lora.enabled:
-            model.enable_input_require_grads()
+        _enable_gradient_checkpointing(model, lora=ft.lora.enabled)
     if ft.lora.enabled:
         model = apply_lora(model, ft)
     wrapper = TokenNLL(model, chunk_size=chunk_size)

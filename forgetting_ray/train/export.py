@@ -1,11 +1,7 @@
 """Consolidated Hugging Face export of a trained model, validated before it is declared done.
 
-Layout of ``out_dir`` (built in a temporary sibling and renamed into place in one step):
-
-    merged/        full HF folder: safetensors in the chosen dtype, config.json, tokenizer
-    adapter/       PEFT LoRA adapter (adapter_model.safetensors, adapter_config.json) + tokenizer,
-                   only when the model was trained with LoRA
-    manifest.json  sha256 of every file, training config, base model, dtype, validation figures
+``out_dir`` gets the layout :mod:`forgetting_ray.exports` describes (``merged/``, ``adapter/`` with
+LoRA, the manifest), built in a temporary sibling and renamed into place in one step.
 
 :func:`export_model` is a collective: every rank calls it.  Under ZeRO-3 each rank holds a slice of
 every weight, so the slices are gathered module by module with ``GatheredParameters`` (every rank
@@ -22,31 +18,26 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import json
 import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from ..errors import UserError
+from ..exports import ADAPTER, MERGED, ExportError, write_manifest
 from ..models import resolve_model_path, tokenizer_fingerprint
-from ..store import atomic_dir, atomic_write_json, file_sha256
+from ..store import atomic_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MERGED = "merged"
-ADAPTER = "adapter"
-FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Allowed |export - trained| on the probe logits: atol + rtol * max|trained logit|.  The reload
@@ -58,10 +49,6 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "float16": (2e-2, 2e-2),
 }
 PROBE_BATCH, PROBE_LENGTH, PROBE_SEED = 2, 16, 1234
-
-
-class ExportError(UserError, RuntimeError):
-    """The export could not be written or does not match its manifest."""
 
 
 class ExportValidationError(ExportError):
@@ -369,42 +356,39 @@ def validate_export(
         out[MERGED] = fig
         _check_close("merged", fig, tol)
         if has_adapter:
-            from peft import PeftModel
-
-            base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32, use_safetensors=True)
-            peft = PeftModel.from_pretrained(base, folder / ADAPTER, is_trainable=False)
-            fig = compare_logits(model_logits(peft, ids, torch.device(device)), reference_logits)
-            with peft.disable_adapter():
-                base_logits = model_logits(peft, ids, torch.device(device))
-            del peft, base
-            gc.collect()
-            out[ADAPTER] = fig
-            _check_close("base + adapter", fig, tol)
-            # How far training moved the logits: the export must sit closer to the trained model than
-            # to the base, else the tolerance above was too loose to see a missing merge.
-            effect = compare_logits(base_logits, reference_logits)["max_abs_diff"]
-            out["training_effect_max_abs_diff"] = effect
-            if effect > out[MERGED]["limit"] and out[MERGED]["max_abs_diff"] > 0.5 * effect:
-                raise ExportValidationError(
-                    f"merged export is about as far from the trained model ({out[MERGED]['max_abs_diff']:.3g}) as the "
-                    f"base model is ({effect:.3g}): was the adapter merged?"
-                )
+            _validate_adapter(folder, reference_logits, ids, out, tol, base_model_path=base_model_path, device=device)
     return out
+
+
+def _validate_adapter(folder: Path, reference_logits: torch.Tensor, ids: torch.Tensor, out: dict[str, Any],
+                      tol: dict[str, float], *, base_model_path: str, device: str | torch.device) -> None:
+    """The base + adapter route against the trained model, and the merged route against training's effect."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float32, use_safetensors=True)
+    peft = PeftModel.from_pretrained(base, folder / ADAPTER, is_trainable=False)
+    fig = compare_logits(model_logits(peft, ids, torch.device(device)), reference_logits)
+    with peft.disable_adapter():
+        base_logits = model_logits(peft, ids, torch.device(device))
+    del peft, base
+    gc.collect()
+    out[ADAPTER] = fig
+    _check_close("base + adapter", fig, tol)
+    # How far training moved the logits: the export must sit closer to the trained model than
+    # to the base, else the tolerance above was too loose to see a missing merge.
+    effect = compare_logits(base_logits, reference_logits)["max_abs_diff"]
+    out["training_effect_max_abs_diff"] = effect
+    if effect > out[MERGED]["limit"] and out[MERGED]["max_abs_diff"] > 0.5 * effect:
+        raise ExportValidationError(
+            f"merged export is about as far from the trained model ({out[MERGED]['max_abs_diff']:.3g}) as the "
+            f"base model is ({effect:.3g}): was the adapter merged?"
+        )
 
 
 # ------------------------------------------------------------------------------------------
 # write (rank 0)
 # ------------------------------------------------------------------------------------------
-def file_hashes(folder: str | Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` except the manifest, by relative path."""
-    folder = Path(folder)
-    return {
-        str(f.relative_to(folder)): file_sha256(f)
-        for f in sorted(folder.rglob("*"))
-        if f.is_file() and f.name != MANIFEST
-    }
-
-
 def _write_export(
     live: torch.nn.Module,
     params: dict[str, torch.Tensor],
@@ -556,8 +540,7 @@ def _write_validated(
         t_write = time.perf_counter() - t0 - gathered.seconds
         validation = validate_export(tmp, gathered.reference, gathered.ids, dtype=dtype,
                                      base_model_path=base_model_path, atol=atol, rtol=rtol)
-        manifest = {
-            "format": FORMAT_VERSION,
+        write_manifest(tmp, {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "base_model_path": base_model_path,
             "base_model": base_model,
@@ -574,9 +557,7 @@ def _write_validated(
                 "write": round(t_write, 3),
                 "validate": round(time.perf_counter() - t0 - gathered.seconds - t_write, 3),
             },
-            "files": file_hashes(tmp),
-        }
-        atomic_write_json(tmp / MANIFEST, manifest)
+        })
     log.info("exported %s (merged max |diff| %.3g)", out_dir, validation[MERGED]["max_abs_diff"])
 
 
@@ -590,67 +571,3 @@ def _raise_on_every_rank(error: str | None, failure: Exception | None, out_dir: 
         cls = ExportValidationError if error.startswith("ExportValidationError") else ExportError
         raise cls(f"export to {out_dir} failed on rank 0: {error}") from failure
 
-
-# ------------------------------------------------------------------------------------------
-# consumers
-# ------------------------------------------------------------------------------------------
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise ExportError(f"{path} is not a forgetting-ray export: {MANIFEST} is missing")
-    return json.loads(mpath.read_text())
-
-
-def verify_export(path: str | Path) -> dict[str, Any]:
-    """Re-hash every file against the manifest; raise :class:`ExportError` naming a changed, missing or extra file."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    for rel, digest in manifest["files"].items():
-        f = path / rel
-        if not f.is_file():
-            raise ExportError(f"{f}: listed in {path / MANIFEST} but missing")
-        if file_sha256(f) != digest:
-            raise ExportError(f"{f}: sha256 differs from {path / MANIFEST} (modified after export)")
-    extra = sorted(set(file_hashes(path)) - set(manifest["files"]))
-    if extra:
-        raise ExportError(f"{path}: files not listed in {MANIFEST} (added after export): {extra[:5]}")
-    return manifest
-
-
-def load_export(
-    path: str | Path,
-    prefer: Literal["merged", "adapter"] = "merged",
-    *,
-    dtype: str | torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    verify: bool = False,
-) -> torch.nn.Module:
-    """Load an export for scoring or evaluation.
-
-    ``prefer="merged"`` loads ``merged/`` with ``from_pretrained``; ``"adapter"`` loads the base model
-    named in the manifest plus ``adapter/`` (a PEFT model).  Falls back to the other form when the
-    preferred one is absent.  ``dtype`` defaults to the export's dtype; ``verify`` re-hashes files.
-    """
-    from transformers import AutoModelForCausalLM
-
-    if prefer not in (MERGED, ADAPTER):
-        raise ValueError(f"prefer must be 'merged' or 'adapter', got {prefer!r}")
-    path = Path(path)
-    manifest = verify_export(path) if verify else read_manifest(path)
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or DTYPES[manifest["dtype"]])
-    available = [k for k in (MERGED, ADAPTER) if (path / k).is_dir()]
-    if not available:
-        raise ExportError(f"{path}: neither {MERGED}/ nor {ADAPTER}/ is present")
-    form = prefer if prefer in available else available[0]
-    if form == MERGED:
-        model = AutoModelForCausalLM.from_pretrained(path / MERGED, dtype=torch_dtype, use_safetensors=True)
-    else:
-        from peft import PeftModel
-
-        base_path = resolve_model_path(manifest["base_model_path"])
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype, use_safetensors=True)
-        model = PeftModel.from_pretrained(base, path / ADAPTER, is_trainable=False)
-    if device is not None:
-        model = model.to(device)
-    return model.eval()

@@ -12,19 +12,16 @@ order (``preserve_order``; a seeded sort for shuffling) in global micro-batches 
 it cannot skip to a resume position.  The price is that each worker reads every row (token ids
 only; cheap next to the forward pass).
 
-Pure helpers (``DataPlan``, ``Guardrail``, ``prepare_micro_batch``, ``class_counts``,
-``loss_multiplier``) carry the maths and are unit-tested without Ray.
+Pure helpers (``prepare_micro_batch``, ``class_counts``, ``loss_multiplier``; ``DataPlan`` in
+``data_plan.py``, ``Guardrail`` in ``guardrail.py``) carry the maths and are unit-tested without Ray.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -37,85 +34,24 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from ..config import FinetuneConfig, ReferenceConfig, TrainingConfig
 from ..constants import IGNORE_INDEX
 from ..data.collate import collate
+from ..exports import MANIFEST
+from ..faults import maybe_crash_after_step
 from ..losses import classes_from_labels, forgetting_loss, lambda_schedule
 from ..models import load_tokenizer, resolve_model_path, stage_device
-from ..store import cache_root, content_hash, is_uri, join_storage, read_text, upload_tree
+from ..store import cache_root, content_hash, is_uri, upload_tree
 from .checkpoint import TrainState, checkpoint_tag, read_state, write_state
+from .data_plan import DataPlan, rank_rows
 from .deepspeed_setup import DDPRunner, Runner, create_runner
 from .export import export_model
+from .guardrail import GUARDRAIL_CODES, Guardrail
 
 COLUMNS_WITH_CLASS = ("input_ids", "labels", "token_class")
 COLUMNS_NO_CLASS = ("input_ids", "labels")
-MAX_BACKOFFS = 10  # lambda multiplier 2**-10 ~ 1e-3: halving further cannot rescue a run
-GUARDRAIL_CODES = {"none": 0, "backoff": 1, "stop": 2}  # metrics stay numeric (MLflow); reasons go to events
-FAULT_ENV = "FORGETTING_RAY_INJECT_FAULT"  # "rank=1,after_step=3,marker=/path[,hold_s=S]" (tests of recovery)
 
 
 # ------------------------------------------------------------------------------------------
 # pure helpers
 # ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DataPlan:
-    """How a table of ``num_rows`` maps onto micro-batches, optimizer steps and epochs.
-
-    A global micro-batch is ``micro_batch_size * world_size`` consecutive rows; rank r takes rows
-    r, r+world, ...  A final global micro-batch with fewer than ``world_size`` rows would leave a
-    rank empty and is dropped, as are trailing micro-batches that do not fill an optimizer step.
-    """
-
-    num_rows: int
-    world_size: int
-    micro_batch_size: int
-    grad_accum: int
-    epochs: int = 1
-    max_steps: int | None = None
-
-    @classmethod
-    def of(cls, ft: FinetuneConfig, num_rows: int, world_size: int) -> "DataPlan":
-        return cls(num_rows, world_size, ft.micro_batch_size, ft.grad_accum, ft.epochs, ft.max_steps)
-
-    @property
-    def global_batch_rows(self) -> int:
-        return self.micro_batch_size * self.world_size
-
-    @property
-    def micro_batches_per_epoch(self) -> int:
-        full, rest = divmod(self.num_rows, self.global_batch_rows)
-        return full + (1 if rest >= self.world_size else 0)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.micro_batches_per_epoch // self.grad_accum
-
-    @property
-    def total_steps(self) -> int:
-        return self.max_steps if self.max_steps else self.epochs * self.steps_per_epoch
-
-    @property
-    def num_epochs(self) -> int:
-        return math.ceil(self.total_steps / self.steps_per_epoch)
-
-    def check(self, origin: str = "the table") -> None:
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{origin} has {self.num_rows} rows, fewer than one optimizer step needs "
-                f"(micro_batch_size {self.micro_batch_size} x workers {self.world_size} x "
-                f"grad_accum {self.grad_accum} = {self.global_batch_rows * self.grad_accum})"
-            )
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, global micro-batches consumed in that epoch) before optimizer step ``step``."""
-        return step // self.steps_per_epoch, (step % self.steps_per_epoch) * self.grad_accum
-
-    def dropped_rows_per_epoch(self) -> int:
-        return self.num_rows - min(self.num_rows, self.steps_per_epoch * self.grad_accum * self.global_batch_rows)
-
-
-def rank_rows(n_rows: int, rank: int, world_size: int) -> np.ndarray:
-    """Rows of a global micro-batch that belong to ``rank`` (interleaved, so sizes differ by <= 1)."""
-    return np.arange(rank, n_rows, world_size)
-
-
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Dropout RNG per (step, rank): a resumed run draws exactly what the uninterrupted one drew."""
     return (seed * 1_000_003 + step * 10_007 + rank) % (2**63 - 1)
@@ -160,109 +96,6 @@ def loss_multiplier(normalization: str, grad_accum: int, world_size: int) -> flo
     return 1.0 / grad_accum if normalization == "micro_batch" else float(world_size)
 
 
-@dataclass
-class GuardrailDecision:
-    action: str  # "none" | "backoff" | "stop"
-    reason: str = ""
-
-
-@dataclass
-class Guardrail:
-    """Watches the step's negative and positive NLL; backs lambda off or stops the run.
-
-    ``neg_nll_max``: the forgetting term is unbounded gradient ascent (docs/method.md §11.6), so a
-    negative-token NLL past this value means it is running away.  ``pos_factor``: the positive NLL
-    above ``pos_factor`` x its first value means training diverges.  A non-finite loss always stops.
-    """
-
-    neg_nll_max: float | None = None
-    pos_factor: float | None = None
-    action: str = "backoff"
-    pos_baseline: float | None = None
-    backoffs: int = 0
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-    def state(self) -> dict[str, Any]:
-        return {"pos_baseline": self.pos_baseline, "backoffs": self.backoffs, "events": list(self.events)}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.pos_baseline = state.get("pos_baseline")
-        self.backoffs = int(state.get("backoffs", 0))
-        self.events = list(state.get("events", []))
-
-    def check(self, step: int, *, loss: float, pos_nll: float, neg_nll: float, n_pos: int, n_neg: int,
-              can_backoff: bool) -> GuardrailDecision:
-        if not math.isfinite(loss):
-            return self._record(step, "stop", f"non-finite loss {loss} at step {step}")
-        if self.pos_baseline is None and n_pos > 0:
-            self.pos_baseline = pos_nll
-        breach = ""
-        if self.neg_nll_max is not None and n_neg > 0 and neg_nll > self.neg_nll_max:
-            breach = f"negative-token NLL {neg_nll:.4g} > guardrail_neg_nll_max {self.neg_nll_max:.4g}"
-        elif (self.pos_factor is not None and self.pos_baseline is not None and n_pos > 0
-              and pos_nll > self.pos_factor * self.pos_baseline):
-            breach = (f"positive-token NLL {pos_nll:.4g} > guardrail_pos_nll_factor {self.pos_factor:g} x "
-                      f"first value {self.pos_baseline:.4g}")
-        if not breach:
-            return GuardrailDecision("none")
-        if self.action == "backoff" and can_backoff and self.backoffs < MAX_BACKOFFS:
-            self.backoffs += 1
-            return self._record(step, "backoff", f"{breach} at step {step}: lambda multiplier halved "
-                                                 f"to {0.5 ** self.backoffs:g}")
-        why = "guardrail_action is 'stop'" if self.action == "stop" else (
-            "lambda cannot be backed off further" if can_backoff else "no lambda to back off for this strategy")
-        return self._record(step, "stop", f"{breach} at step {step} ({why})")
-
-    def _record(self, step: int, action: str, reason: str) -> GuardrailDecision:
-        self.events.append({"step": step, "action": action, "reason": reason})
-        return GuardrailDecision(action, reason)
-
-
-def parse_fault(text: str | None) -> dict[str, Any] | None:
-    """``rank=1,after_step=3,marker=/tmp/x`` -> dict (a one-shot crash for recovery tests); with ``hold_s=S``
-    the rank holds still for up to S seconds instead of exiting (a window for a test to kill its node, or to
-    look at what the run has written so far); a file ``<marker>.release`` ends the hold early."""
-    if not text:
-        return None
-    kv = dict(item.split("=", 1) for item in text.split(",") if item)
-    try:
-        return {"rank": int(kv["rank"]), "after_step": int(kv["after_step"]), "marker": kv["marker"],
-                "hold_s": float(kv.get("hold_s", 0))}
-    except KeyError as e:
-        raise ValueError(f"{FAULT_ENV}={text!r} lacks {e.args[0]} (want rank=..,after_step=..,marker=..)") from None
-
-
-def _has_registered_checkpoint(run_storage: str) -> bool:
-    try:
-        snapshot = json.loads(read_text(join_storage(run_storage, "checkpoint_manager_snapshot.json")))
-    except (OSError, ValueError):  # not written yet, or caught mid-write
-        return False
-    return bool(snapshot.get("checkpoint_results"))
-
-
-def _maybe_crash(fault: dict[str, Any] | None, rank: int, step_done: int) -> None:
-    if not fault or fault["rank"] != rank or fault["after_step"] != step_done:
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return  # one crash only: the restarted worker passes this step
-    # Ray Train registers a checkpoint only once every rank's report of it has been polled (every
-    # 2 s); crash after that, so the test exercises a resume and not a restart from scratch.
-    deadline = time.monotonic() + 60
-    while fault.get("run_storage") and time.monotonic() < deadline and not _has_registered_checkpoint(
-        fault["run_storage"]
-    ):
-        time.sleep(0.2)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{'held' if fault.get('hold_s') else 'crashed'} after step {step_done}\n")
-    if fault.get("hold_s"):
-        release, until = Path(f"{marker}.release"), time.monotonic() + fault["hold_s"]
-        while time.monotonic() < until and not release.exists():
-            time.sleep(0.2)
-        return
-    os._exit(1)
-
-
 # ------------------------------------------------------------------------------------------
 # the job: what the driver hands every worker
 # ------------------------------------------------------------------------------------------
@@ -301,8 +134,8 @@ class FinetuneJob(BaseModel):
     chunk_size: int | None  # None: token_nll sizes the chunks from the vocabulary
     export_dir: str | None = None  # None: no export
     train_config: dict[str, Any]  # recorded in the export manifest
-    fault: dict[str, Any] | None = None  # parse_fault's one-shot crash (recovery tests)
-    step_relay: str | None = None  # named actor rank 0 sends each step's metrics to (ray_utils.step_relay)
+    fault: dict[str, Any] | None = None  # faults.parse_train_fault's one-shot crash (recovery tests)
+    step_relay: str | None = None  # named actor rank 0 sends each step's metrics to (cluster.relay.step_relay)
     system_metrics: bool = False  # rank 0 adds its CPU, memory and GPU memory to each step's metrics
     attn_implementation: str | None = None  # model.attn_implementation
     dtype: str = "auto"  # model.dtype: the compute precision (bfloat16 = bf16 mixed precision over fp32 masters)
@@ -425,7 +258,7 @@ def _worker_nodes(w: _Worker) -> list[str]:
 
 def _set_up(job: FinetuneJob) -> _Worker:
     """This worker's rank, data plan and engine (model, LoRA, optimizer, schedule)."""
-    # ray stays lazy: the driver imports this module (DataPlan, FinetuneJob) before Ray is needed
+    # ray stays lazy: the driver imports this module (FinetuneJob) before Ray is needed
     import ray.train
 
     ctx = ray.train.get_context()
@@ -502,7 +335,7 @@ def _train_epoch(w: _Worker, state: TrainState, history: list[dict[str, Any]], g
             w.relay.put.remote(metrics)  # fire and forget: the driver logs it to MLflow while the fit runs
         last = state.global_step >= w.plan.total_steps or state.stop_reason is not None
         _report(w, state, history, metrics, last=last)
-        _maybe_crash(w.job.fault, w.rank, state.global_step)
+        maybe_crash_after_step(w.job.fault, w.rank, state.global_step)
         if last:
             return
 
@@ -635,6 +468,6 @@ def _export(w: _Worker, export_dir: str) -> str:
                  lora=ft.lora.enabled, dtype=ft.export_dtype, base_model_path=w.job.model_path,
                  train_config=w.job.train_config)
     if is_uri(export_dir) and w.rank == 0:
-        upload_tree(local, export_dir, last="manifest.json")
+        upload_tree(local, export_dir, last=MANIFEST)
         shutil.rmtree(local, ignore_errors=True)
     return export_dir

@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def ray_cluster():
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
-    from forgetting_ray.ray_utils import init_ray
+    from forgetting_ray.cluster.session import init_ray
 
     ray = init_ray(num_cpus=2, include_dashboard=True)
     yield ray

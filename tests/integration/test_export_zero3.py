@@ -15,7 +15,29 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from forgetting_ray import exports
+
 from . import _export_zero3_worker as worker
+
+
+def _verified_manifest(out: Path) -> dict:
+    """The manifest, after checking it lists every file of the export with its current sha256."""
+    manifest = exports.read_manifest(out)
+    assert exports.file_hashes(out) == manifest["files"]
+    return manifest
+
+
+def _reload(out: Path, prefer: str = exports.MERGED) -> torch.nn.Module:
+    """The export as the product loads it: eval's merged model, or the score actors' base + adapter (float32)."""
+    from peft import PeftModel
+
+    from forgetting_ray.models import load_model
+
+    source = exports.resolve(out, prefer=prefer)
+    if source.mode == exports.ADAPTER:
+        base = load_model(exports.read_manifest(out)["base_model_path"], dtype="float32")
+        return PeftModel.from_pretrained(base, source.path, is_trainable=False).eval()
+    return load_model(source.path, dtype="float32").eval()
 
 
 @pytest.mark.integration
@@ -47,7 +69,7 @@ def test_zero3_lora_export_in_ray_train(ray_cluster, tiny_llama, tmp_path):
 
     out = Path(cfg["out"])
     records = load_file(cfg["records"])
-    manifest = ex.verify_export(out)
+    manifest = _verified_manifest(out)
     assert manifest["source"] == {"engine": "deepspeed", "zero_stage": 3, "world_size": 2, "zero3_gathered": True}
     assert manifest["model"]["trainable_params"] > 0
 
@@ -68,8 +90,8 @@ def test_zero3_lora_export_in_ray_train(ray_cluster, tiny_llama, tmp_path):
 
     # merged and base+adapter reproduce the trained (sharded) model's logits
     probe, trained = records["probe"], records["logits"]
-    for prefer in ("merged", "adapter"):
-        model = ex.load_export(out, prefer=prefer)
+    for prefer in (exports.MERGED, exports.ADAPTER):
+        model = _reload(out, prefer=prefer)
         diff = (ex.model_logits(model, probe, torch.device("cpu")) - trained).abs().max()
         assert diff <= 1e-4, (prefer, float(diff))
     assert manifest["validation"]["merged"]["max_abs_diff"] <= 1e-4
@@ -77,10 +99,10 @@ def test_zero3_lora_export_in_ray_train(ray_cluster, tiny_llama, tmp_path):
 
     # the same workers' second engine: ZeRO-2, full fine-tune
     out2 = Path(cfg["out_zero2"])
-    manifest2 = ex.verify_export(out2)
+    manifest2 = _verified_manifest(out2)
     assert manifest2["source"] == {"engine": "deepspeed", "zero_stage": 2, "world_size": 2, "zero3_gathered": False}
     assert manifest2["lora"] is False and not (out2 / "adapter").exists()
-    diff = (ex.model_logits(ex.load_export(out2), probe, torch.device("cpu")) - records["zero2_logits"]).abs().max()
+    diff = (ex.model_logits(_reload(out2), probe, torch.device("cpu")) - records["zero2_logits"]).abs().max()
     assert diff <= 1e-4
     base = load_file(Path(cfg["base"]) / "model.safetensors")
     merged2 = load_file(out2 / "merged" / "model.safetensors")

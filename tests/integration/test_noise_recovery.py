@@ -14,7 +14,9 @@ import pytest
 from conftest import REPO, tiny_reference_config
 
 from forgetting_ray.data.readers import read_records
-from forgetting_ray.noise import auroc, negative_set_quality, run_noise_recovery, split_reference
+from forgetting_ray.studies.corruption import split_reference
+from forgetting_ray.studies.experiments import run_noise_recovery
+from forgetting_ray.studies.metrics import auroc, negative_set_quality
 
 FRACTION = 0.3
 N_TRAIN = 100

@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from forgetting_ray.cluster.capacity import PlacementTimeout
 from forgetting_ray.config import PipelineConfig
 from forgetting_ray.models import load_tokenizer, tokenizer_fingerprint
-from forgetting_ray.ray_utils import PlacementTimeout
 from forgetting_ray.stages.score import run_score
 from forgetting_ray.stages.train import run_finetune
 from conftest import make_partitioned_table
@@ -68,9 +68,9 @@ def test_tune_stops_when_its_trials_stay_pending(ray_cluster):
     the timeout (a trial that runs resets the clock)."""
     from types import SimpleNamespace
 
-    from forgetting_ray.stages.tune import _pending_watch_class
+    from forgetting_ray.tuning.callbacks import PendingTrialWatch, tune_callback
 
-    watch = _pending_watch_class()(timeout_s=0.2)
+    watch = tune_callback(PendingTrialWatch, timeout_s=0.2)
     pending, running = SimpleNamespace(status="PENDING"), SimpleNamespace(status="RUNNING")
     watch.on_step_begin(0, [pending])
     time.sleep(0.3)

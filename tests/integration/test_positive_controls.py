@@ -11,7 +11,9 @@ import pytest
 from conftest import REPO, tiny_reference_config
 
 from forgetting_ray.data.readers import read_records
-from forgetting_ray.noise import format_controls, run_positive_controls, split_reference
+from forgetting_ray.studies.corruption import split_reference
+from forgetting_ray.studies.experiments import run_positive_controls
+from forgetting_ray.studies.tables import format_controls
 
 
 @pytest.fixture(scope="module")

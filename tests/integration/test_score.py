@@ -23,11 +23,10 @@ from forgetting_ray.config import PipelineConfig
 from forgetting_ray.data.table import write_token_table
 from forgetting_ray.models import load_model, load_tokenizer, tokenizer_fingerprint
 from forgetting_ray.scoring import token_nll
-from forgetting_ray.stages import score as score_stage
 from forgetting_ray.stages.partition import PartitionInputError, run_partition
 from forgetting_ray.data.score_set import SCORE_SCHEMA, ScoreValueError, shard_name
-from forgetting_ray.stages.score import (FAULT_ENV, FAULT_EXIT_CODE, ScoreInputError, padding_waste, plan_batches,
-                                         run_score, score_location)
+from forgetting_ray.faults import SCORE_FAULT_ENV, SCORE_FAULT_EXIT_CODE
+from forgetting_ray.stages.score import ScoreInputError, run_score, score_location
 
 from conftest import flan_texts
 
@@ -118,24 +117,6 @@ def stamps(paths) -> dict[str, tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------------------------
-# batching (no cluster)
-# ------------------------------------------------------------------------------------------------
-def test_plan_batches_respects_budget_and_covers_every_row():
-    lengths = np.random.default_rng(0).integers(1, 300, size=500)
-    for sort in (True, False):
-        batches = plan_batches(lengths, 1024, sort=sort)
-        assert sorted(np.concatenate(batches).tolist()) == list(range(500))
-        for b in batches:
-            assert len(b) == 1 or len(b) * lengths[b].max() <= 1024
-    assert padding_waste(lengths, plan_batches(lengths, 1024)) < 0.05
-    capped = plan_batches(lengths, 1024, pad_tolerance=0.1)
-    assert sorted(np.concatenate(capped).tolist()) == list(range(500))
-    assert all(lengths[b].max() <= 1.1 * lengths[b].min() or len(b) == 1 for b in capped)
-    assert padding_waste(lengths, plan_batches(lengths, 1024, sort=False)) > 0.3
-    assert [b.tolist() for b in plan_batches(np.array([5000, 3]), 100)] == [[1], [0]]  # over-budget row alone
-
-
-# ------------------------------------------------------------------------------------------------
 # correctness
 # ------------------------------------------------------------------------------------------------
 def test_ray_scores_equal_single_process_token_nll(env, scored):
@@ -206,10 +187,10 @@ def test_resume_after_killed_driver_recomputes_no_finished_shard(env, scored, ra
         run_score(cfg, {str(env['table'])!r}, {str(env['ref'])!r})
         raise SystemExit("the fault hook did not fire")
     """)
-    child_env = {**os.environ, FAULT_ENV: "exit_after_shards=3",
+    child_env = {**os.environ, SCORE_FAULT_ENV: "exit_after_shards=3",
                  "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     proc = subprocess.run([sys.executable, "-c", script], env=child_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == FAULT_EXIT_CODE, proc.stderr[-3000:]
+    assert proc.returncode == SCORE_FAULT_EXIT_CODE, proc.stderr[-3000:]
     key, out = score_location(cfg, env["table"], env["ref"])
     finished = sorted(out.glob("shard-*.parquet"))
     assert len(finished) == 3 and not (out / "_SUCCESS.json").exists()
@@ -290,10 +271,3 @@ def test_nonfinite_score_names_sample_and_position(env, ray_cluster, tmp_path):
     with pytest.raises(PartitionInputError, match="not complete"):
         run_partition(cfg, table, out)
     assert not (tmp_path / "run" / "partition").exists()
-
-
-def test_fault_hook_parsing():
-    assert score_stage.parse_fault("exit_after_shards=3") == 3
-    assert score_stage.parse_fault(None) is None
-    with pytest.raises(ValueError, match="exit_after_shards"):
-        score_stage.parse_fault("after=3")

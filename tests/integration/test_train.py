@@ -219,12 +219,12 @@ def test_step_metrics_reach_mlflow_while_the_fit_runs(ray_cluster, tmp_path, tab
 
     from forgetting_ray.pipeline import _finetune
     from forgetting_ray.tracking import Tracker
-    from forgetting_ray.train.loop import FAULT_ENV
+    from forgetting_ray.faults import TRAIN_FAULT_ENV
 
     cfg = make_cfg(tmp_path, tiny_llama, deepspeed={"enabled": False}, max_steps=4, checkpoint_every=2)
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"system_metrics": True})})
     held = tmp_path / "held-after-step-2"
-    monkeypatch.setenv(FAULT_ENV, f"rank=0,after_step=2,marker={held},hold_s=20")
+    monkeypatch.setenv(TRAIN_FAULT_ENV, f"rank=0,after_step=2,marker={held},hold_s=20")
     tracker = Tracker.start(f"sqlite:///{tmp_path / 'mlflow.db'}", "live", "train")
     client = MlflowClient(tracker.uri)
     with ThreadPoolExecutor(1) as pool:

@@ -14,7 +14,8 @@ from .conftest import REPO
 
 SECOND_CLUSTER = textwrap.dedent("""
     import sys, time
-    from forgetting_ray.ray_utils import collect_worker_logs, init_ray
+    from forgetting_ray.cluster.logs import collect_worker_logs
+    from forgetting_ray.cluster.session import init_ray
     started = time.time()
     ray = init_ray(num_cpus=1)
 
@@ -40,7 +41,7 @@ def test_an_actors_output_is_copied_through_the_state_api(ray_cluster, tmp_path)
             return text
 
     ray_cluster.get(Talker.remote().say.remote("first cluster's actor speaking"))
-    from forgetting_ray.ray_utils import collect_worker_logs
+    from forgetting_ray.cluster.logs import collect_worker_logs
 
     files = collect_worker_logs(tmp_path / "first", started)
     assert any(f.name.startswith("Talker-") and "first cluster's actor speaking" in f.read_text() for f in files), files

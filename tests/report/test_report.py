@@ -19,9 +19,10 @@ import pytest
 from conftest import FLAN_DIR
 from forgetting_ray.config import ModelConfig, PipelineConfig
 from forgetting_ray.data.table import read_token_table, token_table_hash, write_token_table
+from forgetting_ray.data.tokens import decode_pieces
 from forgetting_ray.models import load_tokenizer
-from forgetting_ray.report.html import (ReportInputError, build_report, decode_pieces, find_partition, load_partition,
-                                        log_report, main_report, select_rows)
+from forgetting_ray.report.html import (ReportInputError, build_report, find_partition, load_partition, log_report,
+                                        main_report, select_rows)
 from forgetting_ray.stages.partition import run_partition
 from forgetting_ray.data.score_set import SCORE_SCHEMA, shard_name
 from forgetting_ray.store import mark_complete

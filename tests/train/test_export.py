@@ -11,6 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from forgetting_ray import exports
+from forgetting_ray.exports import ADAPTER, MANIFEST, MERGED
+from forgetting_ray.models import load_model
 from forgetting_ray.store import file_sha256
 from forgetting_ray.train import export as ex
 
@@ -51,6 +54,24 @@ def _logits(model, ids):
     return ex.model_logits(model, ids, torch.device("cpu"))
 
 
+def _reload(out: Path, prefer: str = MERGED) -> torch.nn.Module:
+    """An export as the product loads it: what ``exports.resolve`` names, loaded like eval does (merged) or like
+    the score actors do (the base named in the manifest + the adapter), in float32."""
+    from peft import PeftModel
+
+    source = exports.resolve(out, prefer=prefer)
+    if source.mode == ADAPTER:
+        base = load_model(exports.read_manifest(out)["base_model_path"], dtype="float32")
+        return PeftModel.from_pretrained(base, source.path, is_trainable=False).eval()
+    return load_model(source.path, dtype="float32").eval()
+
+
+def _changed_since_export(out: Path) -> list[str]:
+    """Files changed, missing or added since the manifest was written."""
+    listed, now = exports.read_manifest(out)["files"], exports.file_hashes(out)
+    return sorted(rel for rel in set(listed) | set(now) if listed.get(rel) != now.get(rel))
+
+
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):
@@ -59,8 +80,8 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _assert_manifest_matches(out: Path) -> dict:
-    manifest = json.loads((out / "manifest.json").read_text())
-    on_disk = {str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and f.name != "manifest.json"}
+    manifest = exports.read_manifest(out)
+    on_disk = {str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and f.name != MANIFEST}
     assert set(manifest["files"]) == on_disk
     for rel, digest in manifest["files"].items():
         assert file_sha256(out / rel) == digest, rel
@@ -94,7 +115,7 @@ def test_export_plain_model(tiny_llama, tmp_path):
     assert set(saved) == set(live)
     for k, t in saved.items():
         assert torch.equal(t, live[k]), k
-    reloaded = ex.load_export(out)
+    reloaded = _reload(out)
     assert torch.allclose(_logits(reloaded, ids), trained, atol=1e-5)
     assert list(tmp_path.iterdir()) == [out], "no temporary folders left behind"
 
@@ -137,11 +158,11 @@ def test_export_lora_tied_embeddings_bf16(tiny_models, tmp_path):
     assert not any("lora" in k or "base_layer" in k for k in keys)
     assert "lm_head.weight" not in keys  # tied: stored once
     assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
-    m = ex.load_export(out, dtype="float32")
+    m = _reload(out)
     assert m.lm_head.weight is m.model.embed_tokens.weight
     assert m.config.vocab_size == model.config.vocab_size  # no embedding resizing
     torch.testing.assert_close(_logits(m, ids), trained, atol=val["merged"]["limit"], rtol=0)
-    a = ex.load_export(out, prefer="adapter", dtype="float32")
+    a = _reload(out, prefer=ADAPTER)
     from peft import PeftModel
 
     assert isinstance(a, PeftModel)
@@ -151,7 +172,7 @@ def test_export_lora_tied_embeddings_bf16(tiny_models, tmp_path):
 def test_export_lora_fp32_matches_tightly(tiny_llama, tmp_path):
     model = _train(_lora(_load(tiny_llama)))
     out = _export(model, tiny_llama, tmp_path / "export", lora=True, dtype="float32")
-    val = json.loads((out / "manifest.json").read_text())["validation"]
+    val = exports.read_manifest(out)["validation"]
     assert val["merged"]["max_abs_diff"] <= 1e-4 and val["adapter"]["max_abs_diff"] <= 1e-4
     # the merge really changed the weights: merged differs from base where LoRA was applied
     base = _tensors(tiny_llama)
@@ -212,7 +233,7 @@ def test_untrained_lora_is_caught(tiny_llama, tmp_path):
 
 
 def test_lora_flag_must_match_model(tiny_llama, tmp_path):
-    with pytest.raises(ex.ExportError, match="lora=True but the model is not a PEFT model"):
+    with pytest.raises(exports.ExportError, match="lora=True but the model is not a PEFT model"):
         _export(_load(tiny_llama), tiny_llama, tmp_path / "e", lora=True)
     with pytest.raises(ValueError, match="export dtype"):
         ex.export_model(_load(tiny_llama), None, tmp_path / "e", lora=False, dtype="int8",
@@ -237,23 +258,23 @@ def test_logits_mismatch_and_tampering_are_caught(tiny_llama, tmp_path):
     save_file(tensors, f, metadata={"format": "pt"})
     with pytest.raises(ex.ExportValidationError, match="merged: logits"):
         ex.validate_export(out, trained, ids, dtype="float32", base_model_path=str(tiny_llama))
-    with pytest.raises(ex.ExportError, match="sha256 differs"):
-        ex.load_export(out, verify=True)
+    assert _changed_since_export(out) == ["merged/model.safetensors"]
     (tmp_path / "export2").mkdir()
     out2 = _export(model, tiny_llama, tmp_path / "export2", lora=True)  # overwrites an existing folder
-    ex.verify_export(out2)
+    assert _changed_since_export(out2) == []
     (out2 / "merged" / "extra.safetensors").write_bytes(b"")
-    with pytest.raises(ex.ExportError, match="not listed"):
-        ex.verify_export(out2)
+    assert _changed_since_export(out2) == ["merged/extra.safetensors"]
 
 
-def test_load_export_falls_back_and_rejects_non_exports(tiny_llama, tmp_path):
+def test_resolve_falls_back_to_merged_and_rejects_non_exports(tiny_llama, tmp_path):
     model = _train(_load(tiny_llama), steps=1)
     out = _export(model, tiny_llama, tmp_path / "export", lora=False)
-    m = ex.load_export(out, prefer="adapter")  # no adapter/: the merged model
+    source = exports.resolve(out, prefer=ADAPTER)  # no adapter/: the merged model
+    assert (source.mode, source.path, source.export_dir) == (MERGED, str(out / MERGED), str(out))
+    m = _reload(out, prefer=ADAPTER)
     assert m.dtype == torch.float32 and not hasattr(m, "peft_config")
-    with pytest.raises(ex.ExportError, match="manifest.json is missing"):
-        ex.load_export(tiny_llama)
+    with pytest.raises(exports.ExportError, match="manifest.json is missing"):
+        exports.read_manifest(tiny_llama)
 
 
 @pytest.mark.parametrize("arch", ["gpt_neo", "gemma3"])
@@ -267,4 +288,4 @@ def test_export_other_architectures_lora(tiny_models, tmp_path, arch):
     out = _export(model, base, tmp_path / "export", lora=True)
     manifest = _assert_manifest_matches(out)
     assert manifest["validation"]["merged"]["max_abs_diff"] <= 1e-4
-    torch.testing.assert_close(_logits(ex.load_export(out), ids), trained, atol=1e-4, rtol=0)
+    torch.testing.assert_close(_logits(_reload(out), ids), trained, atol=1e-4, rtol=0)

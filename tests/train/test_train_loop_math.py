@@ -15,6 +15,7 @@ import torch
 
 from conftest import make_partitioned_table
 from forgetting_ray.config import FinetuneConfig, TrainingConfig, config_to_dict
+from forgetting_ray.exports import model_identity
 from forgetting_ray.losses import forgetting_loss, lambda_schedule
 from forgetting_ray.train import checkpoint as ck
 from forgetting_ray.train.deepspeed_setup import (
@@ -27,17 +28,13 @@ from forgetting_ray.train.deepspeed_setup import (
     resolve_lora_targets,
     warmup_steps,
 )
+from forgetting_ray.train.data_plan import DataPlan, rank_rows
+from forgetting_ray.train.guardrail import GUARDRAIL_CODES, MAX_BACKOFFS, Guardrail
 from forgetting_ray.train.loop import (
-    GUARDRAIL_CODES,
-    MAX_BACKOFFS,
-    DataPlan,
-    Guardrail,
     class_counts,
     loss_multiplier,
     micro_batches,
-    parse_fault,
     prepare_micro_batch,
-    rank_rows,
     train_loop_per_worker,
 )
 
@@ -278,15 +275,6 @@ def test_guardrail_backoff_stop_and_state_roundtrip():
     assert d.action == "stop" and "no lambda to back off" in d.reason
 
 
-def test_parse_fault():
-    assert parse_fault(None) is None
-    assert parse_fault("rank=1,after_step=3,marker=/tmp/m") == {"rank": 1, "after_step": 3, "marker": "/tmp/m",
-                                                                "hold_s": 0.0}
-    assert parse_fault("rank=0,after_step=4,marker=/tmp/m,hold_s=90")["hold_s"] == 90.0
-    with pytest.raises(ValueError, match="lacks marker"):
-        parse_fault("rank=1,after_step=3")
-
-
 # ------------------------------------------------------------------------------------------
 # checkpoint fingerprint
 # ------------------------------------------------------------------------------------------
@@ -367,7 +355,7 @@ def loop_config(model_dir: Path, table: pa.Table, **training) -> dict:
     d = config_to_dict(ft)
     return {
         "stage": "train", "finetune": d,
-        "fingerprint_parts": ck.fingerprint_parts(stage="train", finetune=d, model=ck.model_identity(model_dir),
+        "fingerprint_parts": ck.fingerprint_parts(stage="train", finetune=d, model=model_identity(model_dir),
                                                   table_hash="t", world_size=1),
         "num_rows": table.num_rows, "table": "mem.parquet", "model_path": str(model_dir),
         "tokenizer_path": str(model_dir), "pad_token_id": 0, "use_gpu": False, "torch_threads": 1,

@@ -1,12 +1,18 @@
-"""Actor-pool placement per node (forgetting_ray.ray_utils): the rule every stage applies before it starts a
+"""Actor-pool placement per node (forgetting_ray.cluster.capacity): the rule every stage applies before it starts a
 pool, so that nothing waits forever for a CPU that no node has."""
 
 from __future__ import annotations
 
 import pytest
 
-from forgetting_ray.config import EvalConfig, ScoringConfig, load_config
-from forgetting_ray.ray_utils import describe_pool_problem, largest_fitting_concurrency, spread_actors, starves_ray_data
+from forgetting_ray.cluster.capacity import (
+    check_worker_group,
+    describe_pool_problem,
+    largest_fitting_concurrency,
+    spread_actors,
+    starves_ray_data,
+)
+from forgetting_ray.config import EvalConfig, ResourcesConfig, ScoringConfig, load_config
 from forgetting_ray.search import default_max_concurrent, trial_cpus
 
 HEAD_AND_TWO_WORKERS = [0.0, 1.0, 1.0]  # cluster.yaml's layout in small: a head without CPUs
@@ -63,9 +69,6 @@ class _Nodes:
 
 
 def test_a_worker_group_is_counted_per_node_and_refused_before_it_waits():
-    from forgetting_ray.config import ResourcesConfig
-    from forgetting_ray.ray_utils import check_worker_group
-
     two_small = _Nodes({"CPU": 0}, {"CPU": 1}, {"CPU": 1})  # a head without CPUs, two 1-CPU workers
     check_worker_group(two_small, ResourcesConfig(num_workers=2, cpus_per_worker=1), error=ValueError)
     with pytest.raises(ValueError) as e:  # 2 CPUs in all, but no node holds a 2-CPU worker
@@ -80,25 +83,3 @@ def test_a_worker_group_is_counted_per_node_and_refused_before_it_waits():
     # joined by address: an autoscaler may add the nodes, and placement_timeout_s bounds the wait
     check_worker_group(two_small, ResourcesConfig(num_workers=1, cpus_per_worker=2, ray_address="10.0.0.1:6379"),
                        error=ValueError)
-
-
-def test_own_job_lines_keeps_this_jobs_sections_of_a_reused_workers_log():
-    from forgetting_ray.ray_utils import own_job_lines
-
-    text = (":job_id:01000000\n:task_name:other\nnot ours\n"
-            ":job_id:02000000\n:actor_name:ScoreActor\nloading the model\nWarning: slow\n"
-            ":job_id:01000000\n:task_name:other\nstill not ours\n"
-            ":job_id:02000000\n:task_name:later\ndone\n")
-    assert own_job_lines(text, "02000000") == ("ScoreActor", "loading the model\nWarning: slow\ndone\n")
-    assert own_job_lines(text, "03000000") == (None, "")
-
-
-def test_gpu_memory_as_nvidia_smi_reports_it():
-    from forgetting_ray.ray_utils import parse_nvidia_smi, smallest_gpu_gib
-
-    smi = "NVIDIA H100 80GB HBM3, 81559\nNVIDIA H100 80GB HBM3, 81559\n"
-    assert parse_nvidia_smi(smi) == [("NVIDIA H100 80GB HBM3", 81559 / 1024)] * 2
-    l40s = parse_nvidia_smi("NVIDIA L40S, 46068\n")
-    gib, desc = smallest_gpu_gib({"10.0.0.2": parse_nvidia_smi(smi), "10.0.0.3": l40s, "10.0.0.4": []})
-    assert gib == 46068 / 1024 and "10.0.0.3: NVIDIA L40S 45 GiB" in desc and "10.0.0.4: unreadable" in desc
-    assert smallest_gpu_gib({}) is None and smallest_gpu_gib({"10.0.0.4": []}) is None

@@ -1,0 +1,80 @@
+"""Starting or joining Ray, with the environment every worker of the pipeline needs."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..console import quiet, route_ray_logs
+from ..store import join_storage
+
+# Passed to every Ray worker: DeepSpeed must pick the CPU accelerator without guessing on CPU
+# boxes, its JIT ops must land in one shared cache, nothing may reach for a model hub, and a bucket
+# behind an S3-compatible endpoint is reached the same way from every node.  Not passed: the node-local
+# cache (FORGETTING_RAY_CACHE is each node's own), MLflow (only the driver writes to it) and credentials
+# (each node has its own, e.g. an instance role; a job's runtime env can add them).
+WORKER_ENV_VARS = (
+    "DS_ACCELERATOR",
+    "TORCH_EXTENSIONS_DIR",
+    "HF_HUB_OFFLINE",
+    "HF_HOME",
+    "TOKENIZERS_PARALLELISM",
+    "PYTHONPATH",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in WORKER_ENV_VARS if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwargs: Any):
+    """Join ``address`` (or $RAY_ADDRESS), else start a local cluster bound to 127.0.0.1.
+
+    Idempotent: returns at once when this process is already connected.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    kwargs.setdefault("log_to_driver", not quiet())  # quiet CLI runs: workers' output stays in Ray's logs
+    route_ray_logs()  # before init too: Ray logs its own start
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, **kwargs)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=kwargs.pop("include_dashboard", True),
+            dashboard_host="127.0.0.1",
+            runtime_env=runtime_env,
+            **kwargs,
+        )
+    route_ray_logs()
+    return ray
+
+
+def default_storage_path(run_dir: str | Path) -> str:
+    return join_storage(run_dir, "ray_storage")
+
+
+@contextmanager
+def ray_data_bars_off() -> Iterator[None]:
+    """Ray Data draws a bar per operator and prints its plan: off, so a stage shows one bar of its own on the
+    driver.  Set before the Dataset is built (it copies the context)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start)
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = ctx.print_on_execution_start = False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start = saved
