@@ -1,18 +1,23 @@
-"""The layering docs/architecture.md draws, checked on the source: no import circles, imports at module top,
-the maths and the formats free of Ray, the report below the stages."""
+"""The layering docs/architecture.md draws, checked on the source: the documented layer order, no import
+circles, imports at module top, the maths and the formats free of Ray, the report below the stages."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "forgetting_ray"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "forgetting_ray"
+ARCHITECTURE_DOC = REPO / "docs" / "architecture.md"
 # The CLI dispatches to heavy commands (Ray, torch, DeepSpeed) only when one is called, so that
 # `forgetting-ray config` or `plan` answer at once: its lazy imports are the one exception.
 LAZY_ALLOWED = {"forgetting_ray.cli"}
 RAY_FREE = ("forgetting_ray.config", "forgetting_ray.constants", "forgetting_ray.errors", "forgetting_ray.losses",
             "forgetting_ray.selection", "forgetting_ray.scoring", "forgetting_ray.search", "forgetting_ray.store",
-            "forgetting_ray.data", "forgetting_ray.report", "forgetting_ray.eval.base", "forgetting_ray.eval.metrics")
+            "forgetting_ray.data", "forgetting_ray.report", "forgetting_ray.eval.base", "forgetting_ray.eval.metrics",
+            "forgetting_ray.exports", "forgetting_ray.faults", "forgetting_ray.train.data_plan",
+            "forgetting_ray.train.guardrail")
 
 
 def module_name(path: Path) -> str:
@@ -85,11 +90,59 @@ def test_maths_formats_and_report_do_not_touch_ray_or_the_stages():
     offenders = []
     for mod, e in scan().items():
         imports = e["top"] + e["inner"]
-        if mod.startswith(RAY_FREE):
-            offenders += [f"{mod} -> {t}" for t in imports if t == "ray" or t.startswith("ray.")]
-        if mod.startswith(("forgetting_ray.report", "forgetting_ray.data", "forgetting_ray.eval")):
+        if mod.startswith(RAY_FREE):  # neither Ray itself nor the package's Ray glue
+            offenders += [f"{mod} -> {t}" for t in imports if t == "ray" or t.startswith(("ray.", "forgetting_ray.cluster"))]
+        if mod.startswith(("forgetting_ray.report", "forgetting_ray.data", "forgetting_ray.eval", "forgetting_ray.exports")):
             offenders += [f"{mod} -> {t}" for t in imports if t.startswith("forgetting_ray.stages")]
-        if mod == "forgetting_ray.config":
-            offenders += [f"{mod} -> {t}" for t in imports
-                          if t.startswith("forgetting_ray") and t != "forgetting_ray.errors"]
+        if mod == "forgetting_ray.config" or mod.startswith("forgetting_ray.config."):
+            offenders += [f"{mod} -> {t}" for t in imports if t.startswith("forgetting_ray")
+                          and t != "forgetting_ray.errors" and not t.startswith("forgetting_ray.config.")]
     assert not offenders
+
+
+def test_the_product_does_not_import_the_studies():
+    offenders = []
+    for mod, e in scan().items():
+        if not mod.startswith("forgetting_ray.studies"):  # the CLI may dispatch to a study when it is called
+            imports = e["top"] + ([] if mod in LAZY_ALLOWED else e["inner"])
+            offenders += [f"{mod} -> {t}" for t in imports if t.startswith("forgetting_ray.studies")]
+        else:  # the study reads the stage outputs itself, not through the audit page's renderer
+            offenders += [f"{mod} -> {t}" for t in e["top"] + e["inner"] if t.startswith("forgetting_ray.report.html")]
+    assert not offenders
+
+
+def documented_layers() -> dict[str, int]:
+    """module or package prefix -> its layer, read from the numbered list of docs/architecture.md's
+    "## Layers" section (every backticked path there; those outside the package, e.g. `jobs/`, are skipped)."""
+    text = ARCHITECTURE_DOC.read_text(encoding="utf-8")
+    section = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    layers: dict[str, int] = {}
+    for number, body in re.findall(r"^(\d)\. (.*?)(?=^\d\. |\Z)", section, flags=re.M | re.S):
+        for path in re.findall(r"`([\w/]+(?:\.py|/))`", body):
+            if (REPO / path).exists() and not (PACKAGE / path).exists():
+                continue  # jobs/, bench/: outside the package
+            assert (PACKAGE / path).exists(), f"docs/architecture.md names {path}, which is not in the package"
+            name = ".".join(["forgetting_ray", *Path(path.removesuffix(".py")).parts])
+            assert layers.get(name, int(number)) == int(number), f"{path} is drawn in two layers"
+            layers[name] = int(number)
+    return layers
+
+
+def layer_of(module: str, layers: dict[str, int]) -> int | None:
+    parts = module.split(".")
+    for n in range(len(parts), 1, -1):  # the longest documented path that names it
+        if ".".join(parts[:n]) in layers:
+            return layers[".".join(parts[:n])]
+    return None
+
+
+def test_every_module_has_a_documented_layer_and_imports_point_down():
+    layers = documented_layers()
+    assert len(set(layers.values())) == 6, layers
+    graph = scan()
+    modules = [m for m in graph if m != "forgetting_ray"]
+    assert [m for m in modules if layer_of(m, layers) is None] == []
+    upward = [f"{m} (layer {layer_of(m, layers)}) -> {t} (layer {layer_of(t, layers)})"
+              for m in modules for t in graph[m]["top"] + graph[m]["inner"]
+              if t.startswith("forgetting_ray.") and layer_of(t, layers) > layer_of(m, layers)]
+    assert upward == []
