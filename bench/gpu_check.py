@@ -9,9 +9,11 @@ with a small BPE tokenizer trained on the corpus):
    activation checkpointing on); each export is written as safetensors and validated by the train stage.
 
 It reports, per fine-tune: tokens/s (all GPUs, median over the steps after the first few), MFU and rank 0's peak
-GPU memory against `plan`'s estimate; for scoring, tokens/s.  MFU = 6 * N * tokens/s / (GPUs * peak bf16 FLOP/s),
-with N the parameters in matmuls (PaLM, appendix B; "+attn" adds 12 * layers * hidden * seq per token).  Peaks
-come from PEAK_BF16 by GPU name; pass --peak-tflops for others.
+GPU memory against `plan`'s estimate; for scoring, tokens/s and MFU.  MFU = model FLOPs/s / (GPUs * peak bf16
+FLOP/s), the FLOPs counted by `forgetting_ray.flops`: 6N per token for a full fine-tune, 4N for LoRA (no weight
+gradients for the frozen base), 2N per model for scoring, the output head only on the positions that reach it,
+attention included; "hardware" adds the forward that activation checkpointing recomputes.  Peaks come from
+PEAK_BF16 by GPU name; pass --peak-tflops for others (on the CPU rehearsal too, to check the arithmetic).
 
     python bench/gpu_check.py                        # every GPU Ray sees on this machine
     python bench/gpu_check.py --address auto         # a running Ray cluster's GPUs (multi-node ZeRO-3)
@@ -121,24 +123,53 @@ def pipeline_config(args: argparse.Namespace, run_dir: Path, model: Path, worker
     })
 
 
+def mfu(flops_per_token: dict[str, float], tokens_s: float, workers: int, peak: float | None) -> dict:
+    return {k: (f * tokens_s / (workers * peak) if peak else None) for k, f in flops_per_token.items()}
+
+
+def scoring_figures(stats: dict, train_table, shape, workers: int, peak: float | None) -> dict:
+    """tokens/s and MFU of the score stage: two forwards (base and reference) per token."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from forgetting_ray.flops import scoring_flops
+
+    tokens = stats.get("real_tokens", 0.0)
+    if not tokens:  # the scores came from an earlier run's cache: nothing was timed
+        return {"tokens_per_s": None, "flops_per_token": None, "mfu": {"model": None}}
+    labels = pq.read_table(train_table, columns=["labels"]).column("labels")
+    head_tokens = pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py()
+    tokens_s = tokens / max(stats["score_s"], 1e-9)
+    work = scoring_flops(shape, tokens=tokens, head_tokens=head_tokens, seq_len=tokens / len(labels))
+    per_token = {"model": work.model / tokens}
+    return {"tokens_per_s": tokens_s, "tokens": tokens, "head_tokens": head_tokens, "rows": len(labels),
+            "flops_per_token": per_token, "mfu": mfu(per_token, tokens_s, workers, peak)}
+
+
 def fine_tune_figures(name: str, res, shape, cfg, workers: int, peak: float | None) -> dict:
     """tokens/s, MFU and rank 0's peak memory against the plan, from the fit's step metrics."""
+    from forgetting_ray.flops import finetune_flops
     from forgetting_ray.plan import plan
 
+    ft = cfg.training
     rows = res.metrics[WARMUP_STEPS:] or res.metrics
     tokens_s = statistics.median(r["tokens_per_s"] for r in rows)
-    mean_seq = statistics.mean(r["n_tokens"] for r in rows) / (cfg.training.micro_batch_size * workers)
-    n_matmul = shape.params - (0 if shape.tied_embeddings else shape.embedding_params)
-    flops = {"6N": 6 * n_matmul, "6N+attn": 6 * n_matmul + 12 * shape.num_layers * shape.hidden_size * mean_seq}
-    ft = cfg.training
+    tokens, head_tokens = sum(r["n_tokens"] for r in rows), sum(r["n_pos"] + r["n_neg"] for r in rows)
+    mean_seq = tokens / len(rows) / (ft.micro_batch_size * ft.grad_accum * workers)
+    work = finetune_flops(shape, tokens=tokens, head_tokens=head_tokens,
+                          seq_len=mean_seq, lora=ft.lora.enabled,
+                          lora_params=shape.lora_params(ft.lora.r) if ft.lora.enabled else 0,
+                          recompute=ft.gradient_checkpointing)
+    per_token = {"model": work.model / tokens, "hardware": work.hardware / tokens}
     est = plan(cfg.model.name_or_path, num_nodes=1, gpus_per_node=workers, lora=ft.lora.enabled, zero_stage=3,
                offload="none", micro_batch_size=ft.micro_batch_size, seq_len=cfg.data.max_length, lora_r=ft.lora.r,
                lora_targets=ft.lora.target_modules, gradient_checkpointing=ft.gradient_checkpointing, attention="sdpa")
     peak_gib = max((r.get("system/rank0_gpu_peak_gib", 0.0) for r in res.metrics), default=0.0)
     return {
         "fine_tune": name, "steps": res.global_step, "export": str(res.export_dir),
-        "tokens_per_s": tokens_s, "mean_tokens_per_sequence": mean_seq,
-        "mfu": {k: (f * tokens_s / (workers * peak) if peak else None) for k, f in flops.items()},
+        "tokens_per_s": tokens_s, "mean_tokens_per_sequence": mean_seq, "flops_per_token": per_token,
+        "tokens": tokens, "head_tokens": head_tokens,
+        "mfu": mfu(per_token, tokens_s, workers, peak),
         "peak_gpu_gib_rank0": peak_gib or None,
         "plan_gpu_gib": est.gpu_total_bytes / 2**30,
         "final_loss": res.final_metrics.get("loss"),
@@ -178,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir or f"/tmp/forgetting-ray-gpu-check-{args.model if not args.cpu_rehearsal else 'rehearsal'}")
     corpus = corpus_lines(sorted((REPO / "examples/data/flan_v2_cot_full").glob("*.tsv")))
     model = build_model(shape_cfg, run_dir / "model", corpus, on_gpu=not args.cpu_rehearsal and torch.cuda.is_available())
-    shape = model_shape(str(model))
     cfg = pipeline_config(args, run_dir, model, workers)
+    shape = model_shape(str(model), lora_targets=cfg.training.lora.target_modules)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (None if args.cpu_rehearsal else peak_flops(device_name))
 
     timings: dict[str, float] = {}
@@ -203,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {
         "device": device_name, "gpus": workers, "model": args.model if not args.cpu_rehearsal else "tiny llama",
         "params": shape.params, "peak_bf16_tflops": peak / 1e12 if peak else None, "stage_seconds": timings,
-        "score_tokens_per_s": scores.stats.get("real_tokens", 0.0) / max(scores.stats.get("score_s", 0.0), 1e-9),
+        "scoring": scoring_figures(scores.stats, prep.train_path, shape, workers, peak),
         "fine_tunes": [fine_tune_figures("LoRA r64", lora, shape, cfg, workers, peak),
                        fine_tune_figures("full", full, shape, full_cfg, workers, peak)],
         "config": config_to_dict(cfg),
@@ -223,12 +254,13 @@ def report(f: dict) -> str:
              f"peak bf16     {f['peak_bf16_tflops']:,.0f} TFLOP/s per GPU" if f["peak_bf16_tflops"] else
              "peak bf16     n/a (CPU, or a GPU not in PEAK_BF16: --peak-tflops)",
              "stages        " + ", ".join(f"{k} {v:.1f} s" for k, v in f["stage_seconds"].items()),
-             f"scoring       {f['score_tokens_per_s']:,.0f} tokens/s (base + reference NLL, all actors)"]
+             f"scoring       {f['scoring']['tokens_per_s'] or 0:,.0f} tokens/s (base + reference NLL, all actors), "
+             f"MFU {pct(f['scoring']['mfu']['model'])}"]
     for t in f["fine_tunes"]:
         mem = (f"rank-0 peak {t['peak_gpu_gib_rank0']:.1f} GiB vs plan {t['plan_gpu_gib']:.1f} GiB"
                if t["peak_gpu_gib_rank0"] else f"plan {t['plan_gpu_gib']:.1f} GiB (no GPU memory measured)")
-        lines.append(f"{t['fine_tune']:<13} {t['tokens_per_s']:,.0f} tokens/s, MFU {pct(t['mfu']['6N'])} (6N) "
-                     f"{pct(t['mfu']['6N+attn'])} (6N+attn), {mem}, {t['steps']} steps, loss {t['final_loss']:.3f}, "
+        lines.append(f"{t['fine_tune']:<13} {t['tokens_per_s']:,.0f} tokens/s, MFU {pct(t['mfu']['model'])} "
+                     f"(hardware {pct(t['mfu']['hardware'])}), {mem}, {t['steps']} steps, loss {t['final_loss']:.3f}, "
                      f"export {t['export']}")
     return "\n".join(lines)
 
