@@ -1,5 +1,8 @@
 # `make test` and `make demo` work on a fresh clone: both create .venv first.
+# PY: the interpreter that creates .venv; given as a bare version (`make gpu-kit PY=3.11`), the GPU machine's Python.
 PY ?= python3
+VENV_PY := $(if $(filter 3.%,$(PY)),python3,$(PY))
+KIT_PY := $(if $(filter 3.%,$(PY)),$(PY),3.11)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -11,10 +14,10 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test test-fast demo demo-tiny bench readme clean
+.PHONY: install test test-fast demo demo-tiny bench gpu-kit gpu-kit-rehearsal readme clean
 
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	test -x $(BIN)/python || $(VENV_PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
@@ -46,6 +49,14 @@ demo-tiny: $(STAMP)
 
 bench: $(STAMP)
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
+
+# Wheels an offline GPU machine lacks for bench/gpu_check.py, in .gpu-kit/ parts <= 60 MiB (bench/README.md).
+gpu-kit: $(STAMP)
+	$(BIN)/python bench/gpu_kit.py build --python $(KIT_PY)
+
+# The kit installed offline into a venv holding only what the GPU machine holds, then gpu_check --cpu-rehearsal.
+gpu-kit-rehearsal: gpu-kit
+	$(BIN)/python bench/gpu_kit.py rehearse
 
 readme: $(STAMP)  # regenerate the README's config reference from forgetting_ray/config/
 	$(BIN)/python -c "import re, pathlib; from forgetting_ray.config import config_reference_markdown as ref; \
