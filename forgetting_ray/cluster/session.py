@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,9 +29,32 @@ WORKER_ENV_VARS = (
 )
 
 
+# Ray's job manager hands the submitted job's config (its runtime env included) to the driver in this variable.
+RAY_JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_env_var_names() -> set[str]:
+    """Variables the submitted job's own runtime env sets (``ray job submit --runtime-env-json``).
+
+    Ray refuses a driver whose ``ray.init`` runtime env sets any of them again ("Failed to merge the Job's
+    runtime env ... because of a conflict"), and the job's values already reach every worker.
+    """
+    raw = os.environ.get(RAY_JOB_CONFIG_VAR)
+    if not raw:
+        return set()
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+        return set(runtime_env.get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
+
+
 def worker_env() -> dict[str, str]:
+    """What every worker needs from this process's environment, less what the submitted job already sets."""
     env = {k: os.environ[k] for k in WORKER_ENV_VARS if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in job_env_var_names():
+        env.pop(name, None)
     return env
 
 

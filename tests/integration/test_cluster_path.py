@@ -60,7 +60,8 @@ def test_pipeline_and_tune_on_three_nodes_with_a_bucket_and_mlflow_on_the_head(
     assert f"error: run_dir {unseen} is a local folder that 1 of the 2 other Ray node(s) do not see" in logs
     assert "s3://" in logs and "Traceback" not in logs and not (unseen / "prepare").exists()
 
-    status, logs = cluster.submit(pipeline, timeout_s=1200)
+    # the job hands itself its storage settings, the ordinary way: the product must not set them again
+    status, logs = cluster.submit(pipeline, env_vars=s3.env, timeout_s=1200)
     assert status == "SUCCEEDED", logs[-8000:]
     assert "| model | asdiv | boolq | logiqa | truthfulqa | tydiqa | mean |" in logs  # the job's comparison table
     for row in ("| base |", "| sft |", "| forgetting |"):

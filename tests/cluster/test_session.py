@@ -1,0 +1,24 @@
+"""The environment the pipeline hands its Ray workers (forgetting_ray.cluster.session)."""
+
+from __future__ import annotations
+
+import json
+
+from forgetting_ray.cluster.session import RAY_JOB_CONFIG_VAR, worker_env
+
+
+def test_worker_env_leaves_to_a_submitted_job_what_its_runtime_env_sets(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv(RAY_JOB_CONFIG_VAR, raising=False)
+    assert worker_env()["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"  # a plain run forwards it
+
+    # under `ray job submit --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": ...}}'` Ray refuses a driver
+    # runtime env that sets the same key again; the job's value reaches the workers anyway
+    job = {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}, "working_dir": "gcs://x"}}
+    monkeypatch.setenv(RAY_JOB_CONFIG_VAR, json.dumps(job))
+    env = worker_env()
+    assert "AWS_ENDPOINT_URL" not in env and env["DS_ACCELERATOR"] == "cpu"
+
+    monkeypatch.setenv(RAY_JOB_CONFIG_VAR, "not json")  # unreadable: forward everything, as before
+    assert "AWS_ENDPOINT_URL" in worker_env()
