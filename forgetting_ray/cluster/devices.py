@@ -1,6 +1,8 @@
-"""The GPUs' memory, read from the devices on every GPU node."""
+"""The GPUs' memory, read from the devices on every GPU node; a process's own peak host memory."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 def parse_nvidia_smi(text: str) -> list[tuple[str, float]]:
@@ -66,3 +68,66 @@ def smallest_gpu_gib(gpus: dict[str, list[tuple[str, float]]]) -> tuple[float, s
     desc = "; ".join(f"{ip}: " + (", ".join(f"{n} {g:.0f} GiB" for n, g in node) or "unreadable")
                      for ip, node in sorted(gpus.items()))
     return min(sizes), desc
+
+
+
+def _resident_bytes(mapped_files: bool) -> int | None:
+    """Resident anonymous + shared-memory bytes of this process, + file pages when ``mapped_files`` (Linux);
+    None where /proc is not there."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    fields = ("RssAnon:", "RssShmem:", "RssFile:") if mapped_files else ("RssAnon:", "RssShmem:")
+    kib = [int(line.split()[1]) for line in status.splitlines() if line.startswith(fields)]
+    return sum(kib) * 1024 if kib else None
+
+
+class PeakMemory:
+    """This process's peak resident memory, sampled every ``interval_s`` by a daemon thread.
+
+    By default private memory: anonymous + shared-memory pages, what the process allocated and the kernel
+    cannot drop. A training worker maps the safetensors file only while it copies its partition out of it,
+    page cache the kernel reclaims under pressure, so those pages do not count. ``mapped_files=True`` counts
+    them: a scoring actor computes from weights mapped from the file (fp32 on disk, fp32 in memory: torch
+    keeps the mapping) and reads all of them on every batch. The kernel's own high-water mark (ru_maxrss,
+    which counts both) is the fallback where there is no /proc. A spike shorter than the interval can be missed.
+    """
+
+    def __init__(self, interval_s: float = 0.05, *, mapped_files: bool = False):
+        import threading
+
+        self._mapped_files = mapped_files
+        self._peak = self._now()
+        self._lock = threading.Lock()
+        if self._peak is not None:
+            threading.Thread(target=self._sample, args=(interval_s,), daemon=True, name="peak-memory").start()
+
+    def _sample(self, interval_s: float) -> None:
+        import time
+
+        while True:
+            self._observe()
+            time.sleep(interval_s)
+
+    def _now(self) -> int | None:
+        return _resident_bytes(self._mapped_files)
+
+    def _observe(self) -> int:
+        now = self._now() or 0
+        with self._lock:
+            self._peak = max(self._peak or 0, now)
+            return self._peak
+
+    def peak_bytes(self, *, reset: bool = False) -> int:
+        """The peak so far (``reset``: then start a new window from the current level)."""
+        if self._peak is None:
+            import resource
+            import sys
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        peak = self._observe()
+        if reset:
+            with self._lock:
+                self._peak = self._now() or 0
+        return peak

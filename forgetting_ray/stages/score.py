@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cluster.capacity import bounded_actor_start, check_actor_pool_cpus
+from ..cluster.devices import PeakMemory
 from ..cluster.session import init_ray, ray_data_bars_off
 from ..config import ModelConfig, PipelineConfig
 from ..data.batching import plan_batches
@@ -266,6 +267,7 @@ class ScoreActor:
         import ray
 
         hf_logging.disable_progress_bar()  # one bar for the stage (driver), not one per actor
+        self.memory = PeakMemory(mapped_files=True)  # the weights are read from their mapping on every batch
         self.node_id = ray.get_runtime_context().get_node_id()
         self.device = stage_device(use_gpu, "scoring.num_gpus_per_actor", cpu_stands_in=cpu_stands_in)
         if self.device.type == "cpu":
@@ -316,11 +318,12 @@ class ScoreActor:
                     base_vals[i], ref_vals[i] = b[j].numpy(), r[j].numpy()
                 padded[rows] = t["input_ids"].shape[1]
                 busy[rows] = (time.perf_counter() - t0) / len(rows)
-        return _score_table(batch.column("sample_id"), base_vals, ref_vals, padded, busy, self.node_id)
+        return _score_table(batch.column("sample_id"), base_vals, ref_vals, padded, busy, self.node_id,
+                            self.memory.peak_bytes())
 
 
 def _score_table(sample_ids: pa.ChunkedArray, base_vals: list, ref_vals: list, padded: np.ndarray,
-                 busy: np.ndarray, node_id: str = "") -> pa.Table:
+                 busy: np.ndarray, node_id: str = "", peak_rss: int = 0) -> pa.Table:
     """An actor's answer: per-row lists of NLLs and scores, plus the per-row bookkeeping columns."""
     n = len(base_vals)
     offsets = np.concatenate([[0], np.cumsum([v.size for v in base_vals])]).astype(np.int32)
@@ -337,6 +340,7 @@ def _score_table(sample_ids: pa.ChunkedArray, base_vals: list, ref_vals: list, p
             "_busy_s": pa.array(busy),
             "_actor": pa.array(np.full(n, os.getpid(), dtype=np.int64)),
             "_node": pa.array([node_id] * n, pa.string()),
+            "_peak_rss": pa.array(np.full(n, peak_rss, dtype=np.int64)),
         }
     )
 
@@ -462,6 +466,9 @@ class _Meter:
         busy_s = batch.column("_busy_s").to_numpy()
         stats["actor_busy_s"] += float(busy_s.sum())
         self.nodes.update(batch.column("_node").unique().to_pylist())
+        if len(batch):  # the largest of any actor's high-water marks: what one actor needs
+            stats["actor_peak_rss_bytes"] = max(stats.get("actor_peak_rss_bytes", 0.0),
+                                                float(pc.max(batch.column("_peak_rss")).as_py()))
         for pid, b in zip(*_sum_by(batch.column("_actor").to_numpy(), busy_s)):
             self.per_actor[str(pid)] = self.per_actor.get(str(pid), 0.0) + b
         self.tokens += real_tokens

@@ -77,6 +77,9 @@ class FinetuneResult:
     guardrail_events: list[dict[str, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)  # one row per optimizer step
     nodes: list[str] = field(default_factory=list)  # Ray node id of each rank (of the last fit)
+    # each rank's peak resident memory in the fit (before the export), and including the export
+    peak_rss_bytes: list[int] = field(default_factory=list)
+    export_peak_rss_bytes: list[int] = field(default_factory=list)
 
     @property
     def final_metrics(self) -> dict[str, Any]:
@@ -273,7 +276,8 @@ def _identify(cfg: PipelineConfig, stage: Stage, ft: FinetuneConfig, inputs: _In
     parts = fingerprint_parts(stage=stage, finetune=config_to_dict(ft), model=model,
                               table_hash=table_hash, world_size=cfg.resources.num_workers)
     run_id = fingerprint(parts)
-    key = content_hash({"run": run_id, "export": ft.export, "export_dtype": ft.export_dtype})
+    key = content_hash({"run": run_id, "export": ft.export, "export_dtype": ft.export_dtype,
+                        "export_max_shard_size": ft.export_max_shard_size})
     return _RunIdentity(table_hash=table_hash, parts=parts, run_name=f"{stage}-{run_id}", key=key)
 
 
@@ -397,6 +401,8 @@ def _finished(result: "Result", stage: str, key: str, out: Path, plan: DataPlan)
         guardrail_events=list(state.get("guardrail", {}).get("events", [])),
         metrics=list(rv.get("history", [])),
         nodes=list(rv.get("nodes", [])),
+        peak_rss_bytes=list(rv.get("peak_rss_bytes", [])),
+        export_peak_rss_bytes=list(rv.get("export_peak_rss_bytes", [])),
     )
 
 
@@ -423,4 +429,5 @@ def load_result(out_dir: str | Path) -> FinetuneResult:
         checkpoint_path=d.get("checkpoint_path"), total_steps=d["total_steps"], global_step=d["global_step"],
         stop_reason=d.get("stop_reason"), resumed_at=d.get("resumed_at", []),
         guardrail_events=d.get("guardrail_events", []), metrics=metrics, nodes=d.get("nodes", []),
+        peak_rss_bytes=d.get("peak_rss_bytes", []), export_peak_rss_bytes=d.get("export_peak_rss_bytes", []),
     )

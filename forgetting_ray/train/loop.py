@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
+from ..cluster.devices import PeakMemory
 from ..config import FinetuneConfig, ReferenceConfig, TrainingConfig
 from ..constants import IGNORE_INDEX
 from ..data.collate import collate
@@ -230,30 +231,38 @@ class _Worker:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train entry point; ``config`` is a :class:`FinetuneJob` dump made by ``forgetting_ray.stages.train``."""
+    memory = PeakMemory()  # before the model loads: the load is part of the fit's peak
     w = _set_up(FinetuneJob.from_loop_config(config))
     state, history = _restore(w)
     guard = w.job.guardrail()
     guard.load(state.guardrail)
     while state.global_step < w.plan.total_steps and state.stop_reason is None:
         _train_epoch(w, state, history, guard)
+    fit_peak = memory.peak_bytes(reset=True)
     export_dir = _export(w, w.job.export_dir) if state.stop_reason is None and w.job.export_dir else None
-    nodes = _worker_nodes(w)
+    ranks = _gather_from_ranks(w, {"node": _node_id(), "peak_rss_bytes": fit_peak,
+                                   "export_peak_rss_bytes": memory.peak_bytes()})
     if w.rank != 0:
         return None
-    return {"state": state.to_json(), "history": history, "export_dir": export_dir, "nodes": nodes,
+    return {"state": state.to_json(), "history": history, "export_dir": export_dir,
+            "nodes": [r["node"] for r in ranks], "peak_rss_bytes": [r["peak_rss_bytes"] for r in ranks],
+            "export_peak_rss_bytes": [r["export_peak_rss_bytes"] for r in ranks],
             "total_steps": w.plan.total_steps, "dropped_rows_per_epoch": w.plan.dropped_rows_per_epoch()}
 
 
-def _worker_nodes(w: _Worker) -> list[str]:
-    """The Ray node id of every rank, in rank order (recorded with the result: where the fit ran)."""
+def _node_id() -> str:
     import ray
 
-    mine = ray.get_runtime_context().get_node_id()
+    return ray.get_runtime_context().get_node_id()
+
+
+def _gather_from_ranks(w: _Worker, mine: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's ``mine``, in rank order (recorded with the result: where the fit ran, what it held)."""
     if w.world == 1 or not dist.is_initialized():
         return [mine]
-    nodes: list[Any] = [None] * w.world
-    dist.all_gather_object(nodes, mine)
-    return nodes
+    out: list[Any] = [None] * w.world
+    dist.all_gather_object(out, mine)
+    return out
 
 
 def _set_up(job: FinetuneJob) -> _Worker:
@@ -340,6 +349,12 @@ def _train_epoch(w: _Worker, state: TrainState, history: list[dict[str, Any]], g
             return
 
 
+def without_timings(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Step metrics less what the clock and the machine decide: what a resumed fit must reproduce exactly."""
+    return [{k: v for k, v in m.items() if k != "tokens_per_s" and not k.startswith(("time/", "system/"))}
+            for m in history]
+
+
 def process_metrics(device: torch.device) -> dict[str, float]:
     """This process's CPU use since the last call, resident memory, and on a GPU its memory (now, peak, held
     by the allocator), as ``system/rank0_*`` step metrics."""
@@ -367,7 +382,7 @@ def _train_step(w: _Worker, state: TrainState, batches: Iterator[dict[str, torch
         step_counts = _all_reduce([sum(c[0] for c in counts), sum(c[1] for c in counts)], w.device)
     lam = w.lambda_of_step(step) * state.lambda_multiplier
     lr = w.runner.lr()  # the rate this step applies (the scheduler advances inside step)
-    acc, grad_norm = _accumulate(w, group, counts, lam, step_counts)
+    acc, grad_norm, split = _accumulate(w, group, counts, lam, step_counts)
     s = _all_reduce(acc.tolist(), w.device)
     state.global_step += 1
     state.epoch, state.micro_batches_in_epoch = w.plan.position(state.global_step)  # the next to read
@@ -380,28 +395,37 @@ def _train_step(w: _Worker, state: TrainState, batches: Iterator[dict[str, torch
         "grad_norm": grad_norm, "tokens_per_s": s[6] / dt, "n_pos": int(s[1]), "n_neg": int(s[3]),
         "n_tokens": int(s[6]), "n_microbatches_without_positive": int(s[5]),
         "n_microbatches_without_positive_total": state.microbatches_without_positive,
+        **{f"time/{k}_s": v for k, v in split.items()},
     }
 
 
 def _accumulate(w: _Worker, group: list[dict[str, torch.Tensor]], counts: list[tuple[int, int]], lam: float,
-                step_counts: list[float] | None) -> tuple[np.ndarray, float | None]:
-    """Forward and backward every micro-batch (the engine steps after the last); this rank's sums."""
+                step_counts: list[float] | None) -> tuple[np.ndarray, float | None, dict[str, float]]:
+    """Forward and backward every micro-batch (the engine steps after the last); this rank's sums, and its
+    seconds in forward, backward and the optimizer step (on rank 0: where a step's time goes)."""
     n_pos_step, n_neg_step = step_counts if step_counts is not None else (None, None)
     acc = np.zeros(7)  # sum_pos, n_pos, sum_neg, n_neg, loss, micro-batches without positives, tokens
+    split = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     grad_norm = None
     for i, (mb, (n_pos, _)) in enumerate(zip(group, counts)):
         boundary = i == w.job.finetune.grad_accum - 1
         if isinstance(w.runner, DDPRunner):
             w.runner.set_boundary(boundary)
+        t0 = time.perf_counter()
         nll = w.runner.forward(mb)
         out = forgetting_loss(nll, mb["token_class"].to(nll.device), lam, strategy=w.job.strategy,
                               normalization=w.job.normalization, n_pos=n_pos_step, n_neg=n_neg_step,
                               forget_loss=w.job.forget_loss)
+        t1 = time.perf_counter()
         w.runner.backward(out.loss * w.loss_multiplier, boundary)
+        t2 = time.perf_counter()
         grad_norm = w.runner.step(boundary)
+        split["forward"] += t1 - t0
+        split["backward"] += t2 - t1
+        split["optimizer"] += time.perf_counter() - t2
         acc += [float(out.pos_nll) * out.n_pos, out.n_pos, float(out.neg_nll) * out.n_neg, out.n_neg,
                 float(out.loss.detach()) * w.loss_multiplier, n_pos == 0, int(mb["attention_mask"].sum())]
-    return acc, grad_norm
+    return acc, grad_norm, split
 
 
 def _apply_guardrail(w: _Worker, guard: Guardrail, state: TrainState, step: int, metrics: dict[str, Any]) -> None:
@@ -466,6 +490,7 @@ def _export(w: _Worker, export_dir: str) -> str:
     local = cache_root() / "staging" / content_hash(export_dir) if is_uri(export_dir) else Path(export_dir)
     export_model(w.runner.export_handle(), load_tokenizer(w.job.tokenizer_path), local,
                  lora=ft.lora.enabled, dtype=ft.export_dtype, base_model_path=w.job.model_path,
+                 max_shard_size=ft.export_max_shard_size,
                  train_config=w.job.train_config)
     if is_uri(export_dir) and w.rank == 0:
         upload_tree(local, export_dir, last=MANIFEST)

@@ -21,6 +21,7 @@ import torch
 from forgetting_ray.config import PipelineConfig
 from forgetting_ray.stages.train import FinetuneInputError, run_finetune
 from forgetting_ray.train.checkpoint import CheckpointMismatchError, checkpoint_tag, read_state
+from forgetting_ray.train.loop import without_timings
 from conftest import make_partitioned_table
 
 STEPS_PER_EPOCH = 6  # 48 rows / (2 rows x 2 workers x 2 micro-batches)
@@ -118,10 +119,7 @@ def test_zero3_trains_exports_and_resumes_exactly_after_a_worker_crash(ray_clust
     assert_trained(clean)
     assert clean.resumed_at == [] and (tmp_path / "crashed").is_file() and crashed.resumed_at == [4]
 
-    def timeless(hist):
-        return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in hist]
-
-    assert timeless(crashed.metrics) == timeless(clean.metrics)
+    assert without_timings(crashed.metrics) == without_timings(clean.metrics)
     a, b = zero_weights(clean), zero_weights(crashed)
     assert a.keys() == b.keys() and len(a) > 10
     assert max(float((a[k] - b[k]).detach().abs().max()) for k in a) <= 1e-6

@@ -36,6 +36,7 @@ from forgetting_ray.train.loop import (
     micro_batches,
     prepare_micro_batch,
     train_loop_per_worker,
+    without_timings,
 )
 
 
@@ -406,10 +407,7 @@ def test_loop_resume_is_exact(tiny_llama, table16, tmp_path, monkeypatch):
     b.resume_from_latest()
     resumed = train_loop_per_worker(loop_config(tiny_llama, table16, **kw))
     assert resumed["state"]["resumed_at"] == [4]
-    def timeless(hist):
-        return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in hist]
-
-    assert timeless(resumed["history"]) == timeless(full["history"])  # restored history + identical tail
+    assert without_timings(resumed["history"]) == without_timings(full["history"])  # restored history + identical tail
     wa, wb = trained_params(a.checkpoints[-1]), trained_params(b.checkpoints[-1])
     assert wa.keys() == wb.keys() and any("lora_B" in k for k in wa)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
