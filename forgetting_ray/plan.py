@@ -36,7 +36,8 @@ from typing import Any, Literal
 from .aliases import ALIASES as MODEL_ALIASES
 from .cluster.devices import cluster_gpus, smallest_gpu_gib
 from .cluster.session import init_ray
-from .config import PipelineConfig, load_config
+from .config import PipelineConfig, ScoringConfig, load_config
+from .constants import logit_chunk_rows
 from .errors import UserError
 
 GIB = 2**30
@@ -66,6 +67,11 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
         max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False,
     ),
+    "Qwen/Qwen2.5-0.5B": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+        max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
+    ),
     "Qwen/Qwen2.5-3B": dict(
         model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
         num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
@@ -88,6 +94,7 @@ SHORT_NAMES = {
     "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
     "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
     "qwen2.5-3b": "Qwen/Qwen2.5-3B",
     "gpt-neo-2.7b": "EleutherAI/gpt-neo-2.7B",
     **{name: alias.hub_id for name, alias in MODEL_ALIASES.items() if alias.hub_id},
@@ -238,22 +245,25 @@ def activation_bytes(
     lora_r: int,
     gradient_checkpointing: bool,
     attention: str | None = None,
+    value_bytes: int = 2,
 ) -> int:
-    """Bytes autograd keeps for one micro-batch (bf16 activations), see the module docstring."""
+    """Bytes autograd keeps for one micro-batch (``value_bytes``: 2 for bf16 activations on a GPU, 4 for fp32
+    on the CPU), see the module docstring."""
     tokens = micro_batch_size * seq_len
-    h, i, kv = shape.hidden_size, shape.intermediate_size, shape.kv_size
+    h, i, kv, b = shape.hidden_size, shape.intermediate_size, shape.kv_size, value_bytes
     mlp = 4 * i if shape.gated_mlp else 2 * i  # gate, up, act(gate), act*up  |  fc, act(fc)
-    per_layer = 2 * tokens * (6 * h + 2 * kv + mlp)
-    if lora:  # per targeted linear: dropout output (bf16) + dropout mask (1 byte) + A output
-        per_layer += (3 * tokens * shape.lora_in_features + 2 * tokens * lora_r * shape.lora_modules) // shape.num_layers
+    per_layer = b * tokens * (6 * h + 2 * kv + mlp)
+    if lora:  # per targeted linear: dropout output + dropout mask (1 byte) + A output
+        per_layer += ((b + 1) * tokens * shape.lora_in_features + b * tokens * lora_r * shape.lora_modules) \
+            // shape.num_layers
     if (attention or shape.attention) not in FUSED_ATTENTION:
-        per_layer += EAGER_SCORE_BYTES * micro_batch_size * shape.num_heads * seq_len * seq_len
+        per_layer += (EAGER_SCORE_BYTES + 2 * (b - 2)) * micro_batch_size * shape.num_heads * seq_len * seq_len
     if gradient_checkpointing:
-        body = shape.num_layers * 2 * tokens * h + per_layer
+        body = shape.num_layers * b * tokens * h + per_layer
     else:
         body = shape.num_layers * per_layer
-    head = tokens * (2 * h + 4 * shape.vocab_size)  # picked hidden states + fp32 log-softmax per scored position
-    return body + head + 2 * tokens * h  # + embedding output
+    head = tokens * (b * h + 4 * shape.vocab_size)  # picked hidden states + fp32 log-softmax per scored position
+    return body + head + b * tokens * h  # + embedding output
 
 
 def model_states_bytes(
@@ -292,6 +302,106 @@ def model_states_bytes(
             gpu += int(2 * trained * (1 - 1 / world))  # stage 1 keeps whole 16-bit gradients
         gpu += 2 * frozen  # every GPU holds the whole frozen base below ZeRO-3
     return int(gpu), int(cpu)
+
+
+# ------------------------------------------------------------------------------------------
+# host memory: training and scoring on the CPU (fp32), what bench/bench_scale.py measures
+# ------------------------------------------------------------------------------------------
+# A Ray worker process with torch, transformers, peft and DeepSpeed imported and the gloo group up, before any
+# weights: the peak private memory (cluster.devices.PeakMemory) of the tiny-shape workers of bench/gpu_check.py
+# --cpu-rehearsal, where weights are negligible (tests/integration/test_gpu_check.py holds the plan to it).
+HOST_RUNTIME_BYTES = int(0.5 * GIB)
+# A scoring actor before its models load: no DeepSpeed or process group, but its resident figure counts the
+# shared libraries' mapped pages too (it counts the mapped weights); measured the same way.
+SCORING_RUNTIME_BYTES = int(0.6 * GIB)
+DS_REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's reduce_bucket_size default: gradients held before reducing
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """Peak host bytes of one process, by part (the parts are summed: they are alive at the same time)."""
+
+    parts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def host_training_memory(
+    shape: ModelShape,
+    *,
+    workers: int,
+    lora: bool,
+    lora_r: int,
+    zero_stage: int,
+    micro_batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    deepspeed: bool = True,
+) -> HostMemory:
+    """Peak private memory of one Ray Train worker fine-tuning on the CPU: fp32 weights and compute
+    (``model.dtype: auto`` on a CPU), torch AdamW, ``workers`` ranks.
+
+    * parameters: every weight at 4 bytes, partitioned over the ranks at ZeRO-3;
+    * trained states: per trained weight AdamW's two moments (8 bytes), the gradient (4) and, under DeepSpeed,
+      its fp32 master copy (4), partitioned from ZeRO-1 (gradients from ZeRO-2); DDP adds its 4-byte buckets;
+    * gathered (ZeRO-3): every weight once more, whole. Each layer is gathered for its forward and again for
+      the backward; on the CPU the freed buffers mostly stay in the process (the C allocator keeps blocks under
+      its mmap threshold, up to 32 MiB, for reuse), so at the peak nearly the whole model is resident in both
+      forms. bench/bench_scale.py measured it at Llama-3.2-1B's shape with ``deepspeed.max_live_parameters``
+      3e8 and ``max_reuse_distance`` 1e8, which bound what DeepSpeed keeps but not what the allocator keeps.
+      A full fine-tune also holds up to DeepSpeed's reduce bucket of whole gradients before they are
+      reduce-scattered;
+    * activations: :func:`activation_bytes` at 4 bytes per value;
+    * runtime: :data:`HOST_RUNTIME_BYTES`.
+    """
+    b = 4
+    n, trained = shape.params, shape.lora_params(lora_r) if lora else shape.params
+    stage = zero_stage if deepspeed else 0
+    params_shard = workers if stage == 3 else 1
+    states_shard = workers if stage >= 1 else 1
+    grads_shard = workers if stage >= 2 else 1
+    master = 4 if deepspeed else 0
+    trained_states = (8 + master) * trained // states_shard + 4 * trained // grads_shard
+    if not deepspeed and workers > 1:
+        trained_states += 4 * trained  # DDP's gradient buckets
+    parts = {"runtime": HOST_RUNTIME_BYTES, "parameters": b * n // params_shard, "trained_states": trained_states}
+    if stage == 3:
+        gathered = n
+        if not lora:
+            gathered += min(trained, DS_REDUCE_BUCKET_ELEMENTS)
+        parts["gathered"] = b * gathered
+    parts["activations"] = activation_bytes(shape, micro_batch_size=micro_batch_size, seq_len=seq_len, lora=lora,
+                                            lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
+                                            attention="sdpa", value_bytes=b)
+    return HostMemory(parts)
+
+
+def scoring_actor_memory(
+    shape: ModelShape,
+    *,
+    adapter_reference: bool,
+    lora_r: int,
+    batch_tokens: int,
+    max_length: int,
+    chunk_size: int | None,
+) -> HostMemory:
+    """Peak resident memory of one scoring actor on the CPU (fp32, inference): the base model, the reference
+    (its LoRA adapter over the same base weights, or a second full model), one batch's largest activations
+    (no autograd: a layer's tensors live only while it computes) and the head's logits chunk. The weights are
+    pages mapped from the safetensors files and count as resident (``cluster.devices.PeakMemory``)."""
+    b = 4
+    weights = b * shape.params * (1 if adapter_reference else 2)
+    if adapter_reference:
+        weights += b * shape.lora_params(lora_r)
+    tokens = max(batch_tokens, max_length)  # a batch holds at least one whole sequence
+    h, i, kv = shape.hidden_size, shape.intermediate_size, shape.kv_size
+    layer = b * tokens * (4 * h + 2 * kv + (3 * i if shape.gated_mlp else 2 * i))
+    chunk = min(chunk_size or logit_chunk_rows(shape.vocab_size), tokens)  # no more rows than the batch has
+    head = 2 * b * chunk * shape.vocab_size  # fp32 logits and cross_entropy's log-softmax
+    return HostMemory({"runtime": SCORING_RUNTIME_BYTES, "weights": weights, "activations": layer + b * tokens * h,
+                       "head": head})
 
 
 @dataclass(frozen=True)
@@ -477,13 +587,18 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--section", choices=("training", "reference"), default="training",
                    help="which fine-tune section of a YAML to plan (default training)")
     p.add_argument("--json", action="store_true", help="print the chosen plan as JSON instead of the table")
+    p.add_argument("--cpu", action="store_true",
+                   help="plan training and scoring on CPUs instead: host memory per Ray worker (fp32) by part, "
+                        "for --gpus-per-node workers, and per scoring actor")
     return p
 
 
 def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    scoring = ScoringConfig()
     s: dict[str, Any] = dict(model=args.model, gpus_per_node=8, zero_stage=3, offload="none", lora=True, lora_r=64,
                              lora_targets="all-linear", micro_batch_size=2, seq_len=2048, gradient_checkpointing=True,
-                             attention=None)
+                             attention=None, deepspeed=True, reference_lora=True, reference_lora_r=64,
+                             batch_tokens=scoring.batch_tokens, chunk_size=scoring.chunk_size)
     if args.model.endswith((".yaml", ".yml")):
         cfg = load_config(args.model)
         ft = getattr(cfg, args.section)
@@ -495,6 +610,8 @@ def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
             lora=ft.lora.enabled, lora_r=ft.lora.r, lora_targets=ft.lora.target_modules,
             micro_batch_size=ft.micro_batch_size, seq_len=cfg.data.max_length,
             gradient_checkpointing=ft.gradient_checkpointing, attention=cfg.model.attn_implementation,
+            deepspeed=ds.enabled, reference_lora=cfg.reference.lora.enabled, reference_lora_r=cfg.reference.lora.r,
+            batch_tokens=cfg.scoring.batch_tokens, chunk_size=cfg.scoring.chunk_size,
         )
     overrides = dict(gpus_per_node=args.gpus_per_node, zero_stage=args.zero_stage, offload=args.offload,
                      lora=args.lora, lora_r=args.lora_r, micro_batch_size=args.micro_batch, seq_len=args.seq_len,
@@ -507,6 +624,8 @@ def run_plan(args: argparse.Namespace) -> int:
     """The ``forgetting-ray plan`` command: the chosen setting marked '*' among the usual alternatives."""
     s = _settings_from_args(args)
     shape = model_shape(s["model"], lora_targets=s["lora_targets"])
+    if args.cpu:
+        return _print_cpu_plan(args, s, shape)
     common = dict(micro_batch_size=s["micro_batch_size"], seq_len=s["seq_len"], lora_r=s["lora_r"],
                   gradient_checkpointing=s["gradient_checkpointing"], attention=s["attention"], shape=shape)
     chosen = plan(s["model"], args.nodes, s["gpus_per_node"], lora=s["lora"], zero_stage=s["zero_stage"],
@@ -521,6 +640,27 @@ def run_plan(args: argparse.Namespace) -> int:
     if chosen not in rows:
         rows.insert(0, chosen)
     print(plan_table(rows, gpu_memory_gib=args.gpu_memory_gib or _cluster_gpu_gib(args.address), mark=chosen))
+    return 0
+
+
+def _print_cpu_plan(args: argparse.Namespace, s: dict[str, Any], shape: ModelShape) -> int:
+    """``plan --cpu``: host memory of one training worker and of one scoring actor, by part."""
+    workers = s["gpus_per_node"] * args.nodes
+    train = host_training_memory(shape, workers=workers, lora=s["lora"], lora_r=s["lora_r"], zero_stage=s["zero_stage"],
+                                 micro_batch_size=s["micro_batch_size"], seq_len=s["seq_len"],
+                                 gradient_checkpointing=s["gradient_checkpointing"], deepspeed=s["deepspeed"])
+    score = scoring_actor_memory(shape, adapter_reference=s["reference_lora"], lora_r=s["reference_lora_r"],
+                                 batch_tokens=s["batch_tokens"], max_length=s["seq_len"], chunk_size=s["chunk_size"])
+    if args.json:
+        print(json.dumps({"training_worker": train.parts, "scoring_actor": score.parts, "workers": workers}, indent=2))
+        return 0
+    mode = f"LoRA r{s['lora_r']}" if s["lora"] else "full"
+    engine = f"ZeRO-{s['zero_stage']}" if s["deepspeed"] else "DDP"
+    print(f"{shape.name}: {shape.params / 1e9:.2f}B params; on CPUs, fp32; {mode}, {engine}, {workers} workers, "
+          f"micro-batch {s['micro_batch_size']} x {s['seq_len']} tokens")
+    for name, mem in (("training worker", train), ("scoring actor", score)):
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in mem.parts.items())
+        print(f"{name:<16} {_gib(mem.total):>6} GiB  ({parts})")
     return 0
 
 

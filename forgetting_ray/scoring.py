@@ -14,10 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .constants import IGNORE_INDEX
+from .constants import IGNORE_INDEX, logit_chunk_rows
 from .data.collate import collate
-
-CHUNK_BYTES = 256 * 2**20  # scratch for one chunk: fp32 logits plus cross_entropy's log-softmax copy
 
 
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -61,7 +59,7 @@ def token_nll(
     Returns float32 ``[B, L]``, aligned with ``labels`` (position 0 is always 0).  Differentiable:
     the training loss uses the same kernel.  ``labels`` holds the token ids to score (normally
     ``input_ids`` with non-response positions set to -100).  ``chunk_size`` defaults to the
-    number of rows whose logits fit in ``CHUNK_BYTES``, so memory stays bounded at any vocabulary.
+    number of rows whose logits fit in ``constants.CHUNK_BYTES``, so memory stays bounded at any vocabulary.
     """
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ in shape")
@@ -73,7 +71,7 @@ def token_nll(
     head = lm.get_output_embeddings()
     if chunk_size is None:
         vocab = getattr(head, "out_features", None) or lm.config.vocab_size  # weight is [0]-shaped under ZeRO-3
-        chunk_size = max(16, CHUNK_BYTES // (8 * vocab))
+        chunk_size = logit_chunk_rows(vocab)
 
     targets = labels[:, 1:]
     rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # cols index the predicting position

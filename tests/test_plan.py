@@ -22,6 +22,7 @@ KNOWN_PARAMS = {
     "meta-llama/Llama-3.2-3B": 3.213e9,
     "meta-llama/Llama-3.1-8B": 8.030e9,
     "meta-llama/Llama-2-13b-hf": 13.016e9,
+    "Qwen/Qwen2.5-0.5B": 0.494e9,
     "Qwen/Qwen2.5-3B": 3.086e9,
     "EleutherAI/gpt-neo-2.7B": 2.651e9,
     "HuggingFaceTB/SmolLM2-135M-Instruct": 134.5e6,
@@ -145,6 +146,47 @@ def test_plan_table_marks_the_chosen_row(capsys):
     chosen = [line for line in out.splitlines() if line.startswith("*")]
     assert len(chosen) == 1 and "LoRA r64" in chosen[0] and " 3 " in chosen[0]
     assert "full" in out and "fits 48G" in out
+
+
+def test_host_memory_of_cpu_training_follows_the_accounting(shapes):
+    one_b = shapes["meta-llama/Llama-3.2-1B"]
+    kw = dict(lora_r=16, micro_batch_size=1, seq_len=256, gradient_checkpointing=True)
+    lora2 = P.host_training_memory(one_b, workers=2, lora=True, zero_stage=3, **kw)
+    lora4 = P.host_training_memory(one_b, workers=4, lora=True, zero_stage=3, **kw)
+    full2 = P.host_training_memory(one_b, workers=2, lora=False, zero_stage=3, **kw)
+    ddp = P.host_training_memory(one_b, workers=2, lora=True, zero_stage=0, deepspeed=False, **kw)
+    # fp32 weights partitioned over the ranks at ZeRO-3, whole under DDP
+    assert lora2.parts["parameters"] == 4 * one_b.params // 2 and ddp.parts["parameters"] == 4 * one_b.params
+    assert lora4.parts["parameters"] == lora2.parts["parameters"] // 2 and "gathered" not in ddp.parts
+    # a full fine-tune: 16 bytes of fp32 master, gradient and AdamW moments per weight, over 2 ranks
+    assert full2.parts["trained_states"] == 16 * one_b.params // 2
+    # ... which is why bench_scale does not run one at 1B on a 24 GiB machine with two workers
+    assert 2 * full2.total > 24 * GIB > 2 * lora2.total
+    # whole gradients wait in DeepSpeed's reduce bucket before they are reduce-scattered
+    assert full2.parts["gathered"] - lora2.parts["gathered"] == 4 * P.DS_REDUCE_BUCKET_ELEMENTS
+    # on the CPU the allocator keeps what a step gathered: the whole model is resident twice at the peak
+    assert lora2.parts["gathered"] == 4 * one_b.params
+    longer = P.host_training_memory(one_b, workers=2, lora=True, zero_stage=3, **{**kw, "seq_len": 1024})
+    assert longer.parts["activations"] > 3 * lora2.parts["activations"]
+
+
+def test_scoring_actor_holds_one_base_under_an_adapter_reference(shapes):
+    one_b = shapes["meta-llama/Llama-3.2-1B"]
+    kw = dict(lora_r=16, batch_tokens=2048, max_length=256, chunk_size=None)
+    adapter = P.scoring_actor_memory(one_b, adapter_reference=True, **kw)
+    merged = P.scoring_actor_memory(one_b, adapter_reference=False, **kw)
+    assert adapter.parts["weights"] == 4 * (one_b.params + one_b.lora_params(16))
+    assert merged.parts["weights"] == 8 * one_b.params
+    # the head's chunk is sized from the vocabulary (constants.CHUNK_BYTES), not from the batch
+    from forgetting_ray.constants import CHUNK_BYTES
+    assert adapter.parts["head"] <= CHUNK_BYTES
+
+
+def test_plan_cpu_prints_the_worker_and_the_actor(capsys):
+    assert P.main_plan([str(REPO / "bench/configs/scale_1b.yaml"), "--cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "on CPUs, fp32; LoRA r16, ZeRO-3, 2 workers" in out
+    assert "training worker" in out and "scoring actor" in out and "parameters 2.3" in out
 
 
 def _gpu_check_module():

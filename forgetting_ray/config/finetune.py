@@ -26,6 +26,16 @@ class DeepSpeedSettings(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Offload optimizer states to CPU.")
     offload_params: bool = Field(False, description="Offload parameters to CPU (ZeRO-3 only).")
+    max_live_parameters: int = Field(
+        1_000_000_000, gt=0,
+        description="ZeRO-3: most parameters held gathered (whole) at once, prefetch included "
+        "(DeepSpeed's stage3_max_live_parameters). Lower it to cap memory at the cost of more gathers.",
+    )
+    max_reuse_distance: int = Field(
+        1_000_000_000, ge=0,
+        description="ZeRO-3: a gathered parameter is kept when it is used again within this many parameters "
+        "(DeepSpeed's stage3_max_reuse_distance); 0 frees each layer after use.",
+    )
 
 
 class FinetuneConfig(Section):
@@ -51,6 +61,11 @@ class FinetuneConfig(Section):
     )
     export_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="dtype of the exported Hugging Face safetensors."
+    )
+    export_max_shard_size: str = Field(
+        "5GB", pattern=r"^[0-9]+(\.[0-9]+)?\s*[KMG]i?B$",
+        description="Largest safetensors file of the merged export (e.g. '2GB'): bigger models are written "
+        "in shards with an index, as on the Hugging Face Hub.",
     )
     report_every: int = Field(
         1,

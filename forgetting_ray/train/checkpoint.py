@@ -23,9 +23,10 @@ FORMAT_VERSION = 1
 
 # Fields of FinetuneConfig/TrainingConfig that do not change the numbers or the shard layout.
 NEUTRAL_FIELDS = frozenset({
-    "checkpoint_every", "report_every", "export", "export_dtype", "gradient_checkpointing", "max_failures",
-    "keep_checkpoints", "resume_from",
+    "checkpoint_every", "report_every", "export", "export_dtype", "export_max_shard_size", "gradient_checkpointing",
+    "max_failures", "keep_checkpoints", "resume_from",
 })
+NEUTRAL_DEEPSPEED_FIELDS = frozenset({"max_live_parameters", "max_reuse_distance"})  # memory, not the numbers
 
 
 class CheckpointMismatchError(UserError, RuntimeError):
@@ -65,11 +66,17 @@ def fingerprint_parts(
     return {
         "format": FORMAT_VERSION,
         "stage": stage,
-        "finetune": {k: v for k, v in sorted(finetune.items()) if k not in NEUTRAL_FIELDS},
+        "finetune": {k: _without_neutral(k, v) for k, v in sorted(finetune.items()) if k not in NEUTRAL_FIELDS},
         "model": model,  # exports.model_identity of the base model (and tokenizer)
         "table": table_hash,
         "world_size": world_size,  # DeepSpeed shards and the data split depend on it
     }
+
+
+def _without_neutral(key: str, value: Any) -> Any:
+    if key == "deepspeed" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in NEUTRAL_DEEPSPEED_FIELDS}
+    return value
 
 
 def fingerprint(parts: dict[str, Any]) -> str:

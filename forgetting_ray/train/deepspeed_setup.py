@@ -48,6 +48,8 @@ def build_deepspeed_config(ft: FinetuneConfig, *, world_size: int, bf16: bool) -
     if stage == 3:
         # export and 16-bit saves gather the partitioned weights on rank 0
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero["stage3_max_live_parameters"] = ds.max_live_parameters
+        zero["stage3_max_reuse_distance"] = ds.max_reuse_distance
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:

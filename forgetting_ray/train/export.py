@@ -399,6 +399,7 @@ def _write_export(
     lora: bool,
     dtype: str,
     base_model_path: str,
+    max_shard_size: str,
 ) -> dict[str, Any]:
     trainable = [n for n, p in live.named_parameters() if p.requires_grad]
     model = rebuild_cpu_model(live, params, buffers)
@@ -419,7 +420,7 @@ def _write_export(
         del state, adapter_state
         model = model.merge_and_unload()  # merged in the training dtype, rounded once below
     model.to(torch_dtype)
-    model.save_pretrained(tmp / MERGED, max_shard_size="5GB")
+    model.save_pretrained(tmp / MERGED, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp / MERGED)
     return info
 
@@ -452,6 +453,7 @@ def export_model(
     overwrite: bool = True,
     atol: float | None = None,
     rtol: float | None = None,
+    max_shard_size: str = "5GB",
 ) -> Path:
     """Write and validate ``out_dir`` (see the module docstring).  Collective: call on every rank.
 
@@ -460,6 +462,7 @@ def export_model(
     ``base_model_path``: the folder or hub id the adapter applies to (goes into adapter_config.json).
     ``tokenizer``: saved next to the weights (a tokenizer object, or a folder to load it from).
     ``atol``/``rtol``: override :data:`TOLERANCES` for the logits comparison.
+    ``max_shard_size``: the largest file of ``merged/`` (transformers' notation, e.g. "2GB").
     Returns ``out_dir`` on every rank once rank 0 has written and validated it; raises
     :class:`ExportError` on every rank when it failed (nothing is left at ``out_dir`` then).
     """
@@ -477,7 +480,7 @@ def export_model(
         try:
             _write_validated(engine_or_model, live, gathered, tokenizer, out_dir, lora=lora, dtype=dtype,
                              base_model_path=base_model_path, train_config=train_config, overwrite=overwrite,
-                             atol=atol, rtol=rtol, world=world, t0=t0)
+                             atol=atol, rtol=rtol, world=world, t0=t0, max_shard_size=max_shard_size)
         except Exception as e:  # reported to every rank below, then raised everywhere
             error, failure = f"{type(e).__name__}: {e}", e
             if world == 1:
@@ -525,6 +528,7 @@ def _write_validated(
     rtol: float | None,
     world: int,
     t0: float,
+    max_shard_size: str,
 ) -> None:
     """Rank 0: write the export in a temporary folder, validate it, add the manifest, rename it into place."""
     base_model = base_model_path
@@ -535,7 +539,7 @@ def _write_validated(
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         info = _write_export(live, gathered.params, gathered.buffers, tokenizer, tmp, lora=lora, dtype=dtype,
-                             base_model_path=base_model_path)
+                             base_model_path=base_model_path, max_shard_size=max_shard_size)
         gc.collect()  # the CPU copy (PEFT holds reference cycles) before the reloads
         t_write = time.perf_counter() - t0 - gathered.seconds
         validation = validate_export(tmp, gathered.reference, gathered.ids, dtype=dtype,
