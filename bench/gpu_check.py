@@ -127,12 +127,14 @@ def mfu(flops_per_token: dict[str, float], tokens_s: float, workers: int, peak: 
     return {k: (f * tokens_s / (workers * peak) if peak else None) for k, f in flops_per_token.items()}
 
 
-def scoring_figures(stats: dict, train_table, shape, workers: int, peak: float | None) -> dict:
-    """tokens/s and MFU of the score stage: two forwards (base and reference) per token."""
+def scoring_figures(stats: dict, train_table, shape, cfg, workers: int, peak: float | None) -> dict:
+    """tokens/s and MFU of the score stage: two forwards (base and reference) per token; an actor's peak host
+    memory against plan's CPU estimate (meaningful on the CPU rehearsal, where the actors compute on the CPU)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from forgetting_ray.flops import scoring_flops
+    from forgetting_ray.plan import scoring_actor_memory
 
     tokens = stats.get("real_tokens", 0.0)
     if not tokens:  # the scores came from an earlier run's cache: nothing was timed
@@ -142,14 +144,19 @@ def scoring_figures(stats: dict, train_table, shape, workers: int, peak: float |
     tokens_s = tokens / max(stats["score_s"], 1e-9)
     work = scoring_flops(shape, tokens=tokens, head_tokens=head_tokens, seq_len=tokens / len(labels))
     per_token = {"model": work.model / tokens}
+    host = scoring_actor_memory(shape, adapter_reference=cfg.reference.lora.enabled, lora_r=cfg.reference.lora.r,
+                                batch_tokens=cfg.scoring.batch_tokens, max_length=cfg.data.max_length,
+                                chunk_size=cfg.scoring.chunk_size)
     return {"tokens_per_s": tokens_s, "tokens": tokens, "head_tokens": head_tokens, "rows": len(labels),
-            "flops_per_token": per_token, "mfu": mfu(per_token, tokens_s, workers, peak)}
+            "flops_per_token": per_token, "mfu": mfu(per_token, tokens_s, workers, peak),
+            "actor_peak_rss_gib": stats.get("actor_peak_rss_bytes", 0.0) / 2**30, "plan_host_gib": host.total / 2**30}
 
 
 def fine_tune_figures(name: str, res, shape, cfg, workers: int, peak: float | None) -> dict:
-    """tokens/s, MFU and rank 0's peak memory against the plan, from the fit's step metrics."""
+    """tokens/s, MFU and rank 0's peak memory against the plan, from the fit's step metrics; every rank's peak
+    host memory against plan's CPU estimate (meaningful on the CPU rehearsal)."""
     from forgetting_ray.flops import finetune_flops
-    from forgetting_ray.plan import plan
+    from forgetting_ray.plan import host_training_memory, plan
 
     ft = cfg.training
     rows = res.metrics[WARMUP_STEPS:] or res.metrics
@@ -165,6 +172,9 @@ def fine_tune_figures(name: str, res, shape, cfg, workers: int, peak: float | No
                offload="none", micro_batch_size=ft.micro_batch_size, seq_len=cfg.data.max_length, lora_r=ft.lora.r,
                lora_targets=ft.lora.target_modules, gradient_checkpointing=ft.gradient_checkpointing, attention="sdpa")
     peak_gib = max((r.get("system/rank0_gpu_peak_gib", 0.0) for r in res.metrics), default=0.0)
+    host = host_training_memory(shape, workers=workers, lora=ft.lora.enabled, lora_r=ft.lora.r, zero_stage=3,
+                                micro_batch_size=ft.micro_batch_size, seq_len=cfg.data.max_length,
+                                gradient_checkpointing=ft.gradient_checkpointing)
     return {
         "fine_tune": name, "steps": res.global_step, "export": str(res.export_dir),
         "tokens_per_s": tokens_s, "mean_tokens_per_sequence": mean_seq, "flops_per_token": per_token,
@@ -172,6 +182,7 @@ def fine_tune_figures(name: str, res, shape, cfg, workers: int, peak: float | No
         "mfu": mfu(per_token, tokens_s, workers, peak),
         "peak_gpu_gib_rank0": peak_gib or None,
         "plan_gpu_gib": est.gpu_total_bytes / 2**30,
+        "peak_rss_gib": [b / 2**30 for b in res.peak_rss_bytes], "plan_host_gib": host.total / 2**30,
         "final_loss": res.final_metrics.get("loss"),
     }
 
@@ -234,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {
         "device": device_name, "gpus": workers, "model": args.model if not args.cpu_rehearsal else "tiny llama",
         "params": shape.params, "peak_bf16_tflops": peak / 1e12 if peak else None, "stage_seconds": timings,
-        "scoring": scoring_figures(scores.stats, prep.train_path, shape, workers, peak),
+        "scoring": scoring_figures(scores.stats, prep.train_path, shape, cfg, workers, peak),
         "fine_tunes": [fine_tune_figures("LoRA r64", lora, shape, cfg, workers, peak),
                        fine_tune_figures("full", full, shape, full_cfg, workers, peak)],
         "config": config_to_dict(cfg),
@@ -255,13 +266,15 @@ def report(f: dict) -> str:
              "peak bf16     n/a (CPU, or a GPU not in PEAK_BF16: --peak-tflops)",
              "stages        " + ", ".join(f"{k} {v:.1f} s" for k, v in f["stage_seconds"].items()),
              f"scoring       {f['scoring']['tokens_per_s'] or 0:,.0f} tokens/s (base + reference NLL, all actors), "
-             f"MFU {pct(f['scoring']['mfu']['model'])}"]
+             f"MFU {pct(f['scoring']['mfu']['model'])}, actor host peak {f['scoring']['actor_peak_rss_gib']:.2f} GiB "
+             f"(plan on CPUs {f['scoring']['plan_host_gib']:.2f})"]
     for t in f["fine_tunes"]:
         mem = (f"rank-0 peak {t['peak_gpu_gib_rank0']:.1f} GiB vs plan {t['plan_gpu_gib']:.1f} GiB"
                if t["peak_gpu_gib_rank0"] else f"plan {t['plan_gpu_gib']:.1f} GiB (no GPU memory measured)")
         lines.append(f"{t['fine_tune']:<13} {t['tokens_per_s']:,.0f} tokens/s, MFU {pct(t['mfu']['model'])} "
                      f"(hardware {pct(t['mfu']['hardware'])}), {mem}, {t['steps']} steps, loss {t['final_loss']:.3f}, "
-                     f"export {t['export']}")
+                     f"export {t['export']}; host peak per rank "
+                     f"{', '.join(f'{g:.2f}' for g in t['peak_rss_gib'])} GiB (plan on CPUs {t['plan_host_gib']:.2f})")
     return "\n".join(lines)
 
 

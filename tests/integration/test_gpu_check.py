@@ -37,6 +37,11 @@ def test_gpu_check_rehearses_the_gpu_configuration_on_the_cpu(tmp_path):
         assert t["steps"] == 4 and t["tokens_per_s"] > 0 and t["plan_gpu_gib"] > 0
         assert list(Path(t["export"]).rglob("*.safetensors"))
     assert lora["export"] != full["export"]
+    # plan's host memory (forgetting_ray.plan, the CPU case) against each process's peak, sampled in it: at this
+    # shape it is mostly the runtime allowance, which is calibrated here
+    for t in (lora, full):
+        for peak in t["peak_rss_gib"]:
+            assert peak == pytest.approx(t["plan_host_gib"], rel=0.2), (t["fine_tune"], t["peak_rss_gib"], t["plan_host_gib"])
     assert "tokens/s" in proc.stdout and "MFU " in proc.stdout
 
     # the MFU arithmetic, by hand on the rehearsal's shape (bench/gpu_check.py REHEARSAL_SHAPE: tied embeddings)
@@ -51,6 +56,7 @@ def test_gpu_check_rehearses_the_gpu_configuration_on_the_cpu(tmp_path):
         assert t["mfu"]["model"] == pytest.approx(per_token["model"] * t["tokens_per_s"] / (PEAK_TFLOPS * 1e12))
     s = f["scoring"]
     assert s["tokens_per_s"] > 0 and 0 < s["head_tokens"] < s["tokens"]
+    assert s["actor_peak_rss_gib"] == pytest.approx(s["plan_host_gib"], rel=0.2), (s["actor_peak_rss_gib"], s["plan_host_gib"])
     score_model = 2 * (2 * body + 2 * head * s["head_tokens"] / s["tokens"] + 4 * attn * s["tokens"] / s["rows"])
     assert s["flops_per_token"]["model"] == pytest.approx(score_model, rel=1e-9)
     assert s["mfu"]["model"] == pytest.approx(score_model * s["tokens_per_s"] / (PEAK_TFLOPS * 1e12))
