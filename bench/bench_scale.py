@@ -41,10 +41,11 @@ GIB = 2**30
 FULL_SHAPE = "qwen2.5-0.5b"
 WARMUP_STEPS = 1  # the first step pays DeepSpeed's first gathers and the allocator's growth
 # The full fine-tune holds 16 bytes of fp32 weight, gradient and AdamW states per parameter (over 2 ranks) and
-# DeepSpeed's reduce bucket of whole gradients (5e8 elements: all of a 0.5B model); it is asked to keep fewer
-# parameters gathered. On 2026-12-06 two such workers still passed 9.6 GB each in their first step and Ray's
-# memory monitor stopped the run (bench/results/scale_1b_full_oom.txt); the failure is recorded, not fatal.
-FULL_GATHER = {"max_live_parameters": 100_000_000, "max_reuse_distance": 0}
+# one reduce bucket of whole gradients. With DeepSpeed's default bucket (5e8 elements: all of a 0.5B model) two
+# workers passed 9.6 GB each in their first step and Ray's memory monitor stopped the run on 2026-12-06
+# (bench/results/scale_1b_full_oom.txt), as plan --cpu predicted (8.97 GiB per worker); a 5e7 bucket saves 1.7 GiB
+# per worker. A failed full run is still recorded, not fatal.
+FULL_GATHER = {"max_live_parameters": 100_000_000, "max_reuse_distance": 0, "reduce_bucket_size": 50_000_000}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -198,7 +199,8 @@ def fine_tune_figures(ft_raw: dict, ft_cfg, shape, cfg, workers: int, peak: floa
     estimate = host_training_memory(shape, workers=workers, lora=lora, lora_r=ft_cfg.lora.r,
                                     zero_stage=ft_cfg.deepspeed.zero_stage if ft_cfg.deepspeed.enabled else 0,
                                     micro_batch_size=ft_cfg.micro_batch_size, seq_len=cfg.data.max_length,
-                                    gradient_checkpointing=ft_cfg.gradient_checkpointing)
+                                    gradient_checkpointing=ft_cfg.gradient_checkpointing,
+                                    reduce_bucket_size=ft_cfg.deepspeed.reduce_bucket_size)
     return {"tokens_per_s": tokens / seconds, "step_s": statistics.median(step_s),
             "model_flops_per_s": work.model / seconds, "hardware_flops_per_s": work.hardware / seconds,
             "mfu": work.model / seconds / peak, "hfu": work.hardware / seconds / peak, "split_s": split,

@@ -36,7 +36,7 @@ from typing import Any, Literal
 from .aliases import ALIASES as MODEL_ALIASES
 from .cluster.devices import cluster_gpus, smallest_gpu_gib
 from .cluster.session import init_ray
-from .config import PipelineConfig, ScoringConfig, load_config
+from .config import DeepSpeedSettings, PipelineConfig, ScoringConfig, load_config
 from .constants import logit_chunk_rows
 from .errors import UserError
 
@@ -314,7 +314,6 @@ HOST_RUNTIME_BYTES = int(0.5 * GIB)
 # A scoring actor before its models load: no DeepSpeed or process group, but its resident figure counts the
 # shared libraries' mapped pages too (it counts the mapped weights); measured the same way.
 SCORING_RUNTIME_BYTES = int(0.6 * GIB)
-DS_REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's reduce_bucket_size default: gradients held before reducing
 
 
 @dataclass(frozen=True)
@@ -339,6 +338,7 @@ def host_training_memory(
     seq_len: int,
     gradient_checkpointing: bool,
     deepspeed: bool = True,
+    reduce_bucket_size: int = DeepSpeedSettings().reduce_bucket_size,
 ) -> HostMemory:
     """Peak private memory of one Ray Train worker fine-tuning on the CPU: fp32 weights and compute
     (``model.dtype: auto`` on a CPU), torch AdamW, ``workers`` ranks.
@@ -351,8 +351,8 @@ def host_training_memory(
       its mmap threshold, up to 32 MiB, for reuse), so at the peak nearly the whole model is resident in both
       forms. bench/bench_scale.py measured it at Llama-3.2-1B's shape with ``deepspeed.max_live_parameters``
       3e8 and ``max_reuse_distance`` 1e8, which bound what DeepSpeed keeps but not what the allocator keeps.
-      A full fine-tune also holds up to DeepSpeed's reduce bucket of whole gradients before they are
-      reduce-scattered;
+      A full fine-tune also holds up to one reduce bucket (``deepspeed.reduce_bucket_size`` elements) of
+      whole gradients before they are reduce-scattered;
     * activations: :func:`activation_bytes` at 4 bytes per value;
     * runtime: :data:`HOST_RUNTIME_BYTES`.
     """
@@ -370,7 +370,7 @@ def host_training_memory(
     if stage == 3:
         gathered = n
         if not lora:
-            gathered += min(trained, DS_REDUCE_BUCKET_ELEMENTS)
+            gathered += min(trained, reduce_bucket_size)
         parts["gathered"] = b * gathered
     parts["activations"] = activation_bytes(shape, micro_batch_size=micro_batch_size, seq_len=seq_len, lora=lora,
                                             lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
@@ -597,7 +597,8 @@ def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     scoring = ScoringConfig()
     s: dict[str, Any] = dict(model=args.model, gpus_per_node=8, zero_stage=3, offload="none", lora=True, lora_r=64,
                              lora_targets="all-linear", micro_batch_size=2, seq_len=2048, gradient_checkpointing=True,
-                             attention=None, deepspeed=True, reference_lora=True, reference_lora_r=64,
+                             attention=None, deepspeed=True, reduce_bucket_size=DeepSpeedSettings().reduce_bucket_size,
+                             reference_lora=True, reference_lora_r=64,
                              batch_tokens=scoring.batch_tokens, chunk_size=scoring.chunk_size)
     if args.model.endswith((".yaml", ".yml")):
         cfg = load_config(args.model)
@@ -610,7 +611,8 @@ def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
             lora=ft.lora.enabled, lora_r=ft.lora.r, lora_targets=ft.lora.target_modules,
             micro_batch_size=ft.micro_batch_size, seq_len=cfg.data.max_length,
             gradient_checkpointing=ft.gradient_checkpointing, attention=cfg.model.attn_implementation,
-            deepspeed=ds.enabled, reference_lora=cfg.reference.lora.enabled, reference_lora_r=cfg.reference.lora.r,
+            deepspeed=ds.enabled, reduce_bucket_size=ds.reduce_bucket_size,
+            reference_lora=cfg.reference.lora.enabled, reference_lora_r=cfg.reference.lora.r,
             batch_tokens=cfg.scoring.batch_tokens, chunk_size=cfg.scoring.chunk_size,
         )
     overrides = dict(gpus_per_node=args.gpus_per_node, zero_stage=args.zero_stage, offload=args.offload,
@@ -648,7 +650,8 @@ def _print_cpu_plan(args: argparse.Namespace, s: dict[str, Any], shape: ModelSha
     workers = s["gpus_per_node"] * args.nodes
     train = host_training_memory(shape, workers=workers, lora=s["lora"], lora_r=s["lora_r"], zero_stage=s["zero_stage"],
                                  micro_batch_size=s["micro_batch_size"], seq_len=s["seq_len"],
-                                 gradient_checkpointing=s["gradient_checkpointing"], deepspeed=s["deepspeed"])
+                                 gradient_checkpointing=s["gradient_checkpointing"], deepspeed=s["deepspeed"],
+                                 reduce_bucket_size=s["reduce_bucket_size"])
     score = scoring_actor_memory(shape, adapter_reference=s["reference_lora"], lora_r=s["reference_lora_r"],
                                  batch_tokens=s["batch_tokens"], max_length=s["seq_len"], chunk_size=s["chunk_size"])
     if args.json:

@@ -36,6 +36,12 @@ class DeepSpeedSettings(Section):
         description="ZeRO-3: a gathered parameter is kept when it is used again within this many parameters "
         "(DeepSpeed's stage3_max_reuse_distance); 0 frees each layer after use.",
     )
+    reduce_bucket_size: int = Field(
+        500_000_000, gt=0,
+        description="ZeRO 1-3: gradient elements gathered into one bucket before they are reduced "
+        "(DeepSpeed's reduce_bucket_size). A full fine-tune holds up to one bucket of whole gradients per "
+        "worker; lower it when host or GPU memory is short.",
+    )
 
 
 class FinetuneConfig(Section):

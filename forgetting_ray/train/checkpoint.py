@@ -26,7 +26,7 @@ NEUTRAL_FIELDS = frozenset({
     "checkpoint_every", "report_every", "export", "export_dtype", "export_max_shard_size", "gradient_checkpointing",
     "max_failures", "keep_checkpoints", "resume_from",
 })
-NEUTRAL_DEEPSPEED_FIELDS = frozenset({"max_live_parameters", "max_reuse_distance"})  # memory, not the numbers
+NEUTRAL_DEEPSPEED_FIELDS = frozenset({"max_live_parameters", "max_reuse_distance", "reduce_bucket_size"})  # memory, not the numbers
 
 
 class CheckpointMismatchError(UserError, RuntimeError):

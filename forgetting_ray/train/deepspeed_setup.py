@@ -45,6 +45,8 @@ def build_deepspeed_config(ft: FinetuneConfig, *, world_size: int, bf16: bool) -
     if ds.offload_optimizer and stage == 0:
         raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
     zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1:
+        zero["reduce_bucket_size"] = ds.reduce_bucket_size
     if stage == 3:
         # export and 16-bit saves gather the partitioned weights on rank 0
         zero["stage3_gather_16bit_weights_on_model_save"] = True

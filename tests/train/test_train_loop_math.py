@@ -55,6 +55,7 @@ def test_deepspeed_config_builder():
         assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False
         assert cfg["zero_allow_untested_optimizer"] is True and "optimizer" not in cfg
         assert ("stage3_gather_16bit_weights_on_model_save" in cfg["zero_optimization"]) == (stage == 3)
+        assert cfg["zero_optimization"].get("reduce_bucket_size") == (500_000_000 if stage else None)
     assert build_deepspeed_config(ft, world_size=1, bf16=True)["bf16"]["enabled"] is True
     assert build_deepspeed_config(FinetuneConfig(), world_size=1, bf16=False)["gradient_clipping"] == 0.0
 
