@@ -15,9 +15,9 @@ training seeds, the five benchmarks) and reports:
 3. per model and training seed, on clean held-out questions that no model saw: the mean NLL of the
    correct answer, and the share of questions whose correct answer is likelier than an answer swapped in
    from another held-out question (does the model still read the question?); on the corrupted training
-   samples: the NLL of the wrong answers it was shown (did it learn them?); with intervals from a
-   bootstrap over seeds and examples (``seed_example_bootstrap``);
-4. the benchmark table with paired-bootstrap intervals over the evaluated training seeds and the documents.
+   samples: the NLL of the wrong answers it was shown (did it learn them?); with intervals over seeds and
+   examples (``seed_example_interval``: seeds crossed with the shared examples, docs/method.md §8);
+4. the benchmark table with paired intervals over the evaluated training seeds and the documents.
 
 With ``--fraction 0`` the same run is the clean-corpus study: the same reference, splits and probes, no
 answer swapped in (the corruption figures are NaN and the wrong-answer probe drops out).
@@ -85,7 +85,7 @@ def main() -> None:
     from forgetting_ray.studies.token_view import format_token_marks, load_token_view, token_exact_marks
     from forgetting_ray.pipeline import run_pipeline
     from forgetting_ray.report.study import average_over_seeds, compare_models_over_seeds, comparison_table, \
-        read_eval_samples, score_table, seed_example_bootstrap
+        read_eval_samples, score_table, seed_example_interval
     from forgetting_ray.scoring import mean_response_nll
     from forgetting_ray.stages.evaluate import resolve_eval_model
     from forgetting_ray.stages.prepare import run_prepare
@@ -228,7 +228,7 @@ def main() -> None:
     names = [*STRATEGIES, *(["variant"] if args.variant else [])]
     for name in names:
         measured[name] = {seed: probes(runs[seed]["models"][name].export_dir) for seed in args.seeds}
-    probe_table = _probe_table(measured, names, args.seeds, seed_example_bootstrap, args.n_boot)
+    probe_table = _probe_table(measured, names, args.seeds, seed_example_interval)
 
     # 4: the benchmarks, paired over the same documents (and, with several evaluated seeds, over the seeds)
     bench_md, bench_json = "", {}
@@ -291,14 +291,14 @@ def _bin_shares(nll: np.ndarray) -> list[float]:
     return (np.histogram(nll, bins=BASE_NLL_EDGES)[0] / max(len(nll), 1)).round(4).tolist()
 
 
-def _probe_table(measured: dict, names: list[str], seeds: list[int], bootstrap, n_boot: int) -> str:
+def _probe_table(measured: dict, names: list[str], seeds: list[int], interval) -> str:
     """Markdown: each probe per model (mean [95 % interval over seeds and examples]) and each strategy's
     difference from sft on the same examples."""
     cols = [("heldout_correct_nll", "held-out correct NLL", 1.0), ("prefers_correct", "prefers correct %", 100.0),
             ("margin", "swapped − correct NLL", 1.0), ("wrong_answers_nll", "NLL of the wrong answers shown", 1.0)]
 
     def cell(values: np.ndarray, scale: float) -> str:
-        i = bootstrap(values, n_boot=n_boot)
+        i = interval(values)
         digits = 1 if scale == 100.0 else 3
         return f"{scale * i.estimate:.{digits}f} [{scale * i.low:.{digits}f}, {scale * i.high:.{digits}f}]"
 

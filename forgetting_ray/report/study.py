@@ -10,6 +10,11 @@ the same statistic of the per-example differences.  ``paired_bootstrap`` resampl
 replacement within each (task, group) stratum, the same indices for both models (paired), and reads
 a percentile confidence interval off the replicates: for each task and for the mean over tasks.
 A difference whose interval contains 0 is reported as within noise.
+
+Over several training seeds evaluated on the same examples, the seeds and the examples are crossed: an
+example's effect on a difference is shared by every seed. ``seeds_by_examples`` estimates the variance of the
+mean from the two-way table (method of moments: seed, example and residual mean squares) and reads a t
+interval with Satterthwaite's degrees of freedom; docs/method.md §8 says why not a bootstrap.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from ..data.readers import iter_jsonl
 from ..errors import UserError
@@ -96,8 +102,8 @@ class Interval:
     estimate: float
     low: float
     high: float
-    p_two_sided: float  # bootstrap: 2 x the smaller tail share of replicates on either side of 0
-    n: int  # examples (for the mean: total over tasks)
+    p_two_sided: float  # bootstrap: 2 x the smaller tail share of replicates beyond 0; over seeds: the t test's
+    n: int  # examples (for the mean: total over tasks), times the seeds over seeds
 
     @property
     def within_noise(self) -> bool:
@@ -111,7 +117,8 @@ class PairedComparison:
     per_task: dict[str, Interval]
     mean: Interval  # the average of the task differences
     confidence: float
-    n_boot: int
+    n_boot: int  # 0: not a bootstrap (over seeds: seeds_by_examples)
+    n_seeds: int = 1
 
 
 def paired_differences(a: TaskSamples, b: TaskSamples) -> tuple[np.ndarray, np.ndarray]:
@@ -146,15 +153,37 @@ def paired_bootstrap(
     a: str = "a",
     b: str = "b",
 ) -> PairedComparison:
-    """Percentile bootstrap of each task's difference and of their average.
+    """Percentile bootstrap of each task's difference and of their average, over the examples of one
+    evaluation.
 
-    ``diffs``: task -> (differences, per-example stratum).  Each replicate resamples every stratum of
-    every task with replacement (stratified, so a replicate keeps each language's and each task's size),
-    computes each task's statistic and their mean.  The differences are per example, or per training seed
-    and example (``[seeds, examples]``, the same seeds in the same order for every task): then each
-    replicate first draws the seeds with replacement, once for all tasks (a seed is one pair of trained
-    models), and then the examples anew for each drawn seed, as ``seed_example_bootstrap`` does.
+    ``diffs``: task -> (differences per example, stratum per example).  Each replicate resamples every
+    stratum of every task with replacement (stratified, so a replicate keeps each language's and each task's
+    size), computes each task's statistic and their mean.  Several training seeds: :func:`seeds_by_examples`.
     """
+    arrays = _checked(diffs, confidence)
+    if any(d.ndim != 1 for d in arrays.values()):
+        raise StudyError("paired_bootstrap takes one evaluation's differences per example; over training seeds "
+                         "use seeds_by_examples")
+    rng = np.random.default_rng(seed)
+    per_task: dict[str, Interval] = {}
+    task_reps = []
+    for task in sorted(diffs):
+        d, g = arrays[task], np.asarray(diffs[task][1])
+        names = np.unique(g)
+        reps = np.zeros(n_boot)
+        for name in names:
+            dg = d[g == name]
+            reps += dg[rng.integers(0, dg.size, size=(n_boot, dg.size))].mean(axis=1)
+        reps /= len(names)
+        per_task[task] = _interval(group_mean(d, g), reps, confidence, int(d.size))
+        task_reps.append(reps)
+    mean_reps = np.mean(task_reps, axis=0)
+    mean_est = float(np.mean([per_task[t].estimate for t in per_task]))
+    mean = _interval(mean_est, mean_reps, confidence, sum(i.n for i in per_task.values()))
+    return PairedComparison(a, b, per_task, mean, confidence, n_boot)
+
+
+def _checked(diffs: Mapping[str, tuple[np.ndarray, np.ndarray]], confidence: float) -> dict[str, np.ndarray]:
     if not diffs:
         raise StudyError("no tasks to compare")
     if not 0.0 < confidence < 1.0:
@@ -164,52 +193,97 @@ def paired_bootstrap(
     if len(shapes) > 1 or not {d.ndim for d in arrays.values()} <= {1, 2} or (0,) in shapes:
         raise StudyError("differences must all be per example, or all [seeds, examples] with the same seeds; got "
                          f"shapes {sorted(d.shape for d in arrays.values())}")
-    rng = np.random.default_rng(seed)
-    (lead,) = shapes
-    seed_draws = rng.integers(0, lead[0], size=(n_boot, lead[0])) if lead else None
-    per_task: dict[str, Interval] = {}
-    task_reps = []
-    for task in sorted(diffs):
-        d, g = arrays[task], np.asarray(diffs[task][1])
-        if d.size == 0:
+    for task, d in arrays.items():
+        if d.shape[-1] == 0:
             raise StudyError(f"{task}: no paired examples")
-        names = np.unique(g)
-        reps = np.zeros(n_boot)
-        for name in names:
-            reps += _stratum_replicates(d[..., g == name], seed_draws, rng, n_boot)
-        reps /= len(names)
-        per_task[task] = _interval(group_mean(d.reshape(-1, d.shape[-1]).mean(axis=0), g), reps, confidence,
-                                   int(d.size))
-        task_reps.append(reps)
-    mean_reps = np.mean(task_reps, axis=0)
-    mean_est = float(np.mean([per_task[t].estimate for t in per_task]))
-    mean = _interval(mean_est, mean_reps, confidence, sum(i.n for i in per_task.values()))
-    return PairedComparison(a, b, per_task, mean, confidence, n_boot)
+    return arrays
 
 
-def _stratum_replicates(d: np.ndarray, seed_draws: np.ndarray | None, rng: np.random.Generator,
-                        n_boot: int) -> np.ndarray:
-    """Bootstrap means of one stratum: ``d[examples]``, or ``d[seeds, examples]`` with each replicate's
-    seeds already drawn (``seed_draws[replicate, slot]``) and the examples drawn here for every slot."""
-    n_ex = d.shape[-1]
-    if seed_draws is None:
-        return d[rng.integers(0, n_ex, size=(n_boot, n_ex))].mean(axis=1)
-    reps = np.zeros(n_boot)
-    for slot in range(seed_draws.shape[1]):
-        reps += d[seed_draws[:, slot][:, None], rng.integers(0, n_ex, size=(n_boot, n_ex))].mean(axis=1)
-    return reps / seed_draws.shape[1]
+@dataclass(frozen=True)
+class _Cell:
+    """One (task, stratum) block of a [seeds, examples] table and its weight in the statistic."""
+
+    weight: float
+    d: np.ndarray  # [seeds, examples]
 
 
-def seed_example_bootstrap(values: np.ndarray, *, n_boot: int = 10_000, confidence: float = 0.95,
-                           seed: int = 0) -> Interval:
-    """Percentile interval of the mean of ``values[s, i]`` (training seed s, example i, the same examples
-    for every seed) that covers both sources of chance: each replicate draws the seeds with replacement,
-    then for each drawn seed the examples with replacement, and averages. With one seed it is the plain
-    example bootstrap; the seed level is what a single run cannot measure."""
+def _crossed_interval(cells: list[_Cell], confidence: float) -> Interval:
+    """t interval of ``sum_c weight_c * mean(d_c)`` with seeds crossed with examples (every seed scored on the
+    same examples). Per seed s, theta_s = sum_c w_c mean_i d_c[s, i]; theta = mean_s theta_s. Under
+    d = mu + seed_s + example_i + residual_si the variance of theta is
+        var(seed)/S + sum_c w_c^2 var(example)_c / n_c + sum_c w_c^2 var(residual)_c / (n_c S),
+    estimated by (the seed term) + (the example term) - (the residual term) below, each unbiased for its
+    mean square's expectation; Satterthwaite's formula gives the degrees of freedom. With one seed the seed
+    term cannot be measured: the interval is over the examples only (and says so through n_seeds)."""
+    n_seeds = cells[0].d.shape[0]
+    theta_s = sum(c.weight * c.d.mean(axis=1) for c in cells)
+    theta = float(np.mean(theta_s))
+    terms: list[tuple[float, float]] = []  # (variance estimate, its degrees of freedom)
+    seed_term = float(np.var(theta_s, ddof=1)) / n_seeds if n_seeds > 1 else 0.0
+    example_term = residual_term = 0.0
+    example_df = residual_df = 0
+    for c in cells:
+        n = c.d.shape[1]
+        if n < 2:
+            continue
+        per_example = c.d.mean(axis=0)
+        example_term += c.weight**2 * float(np.var(per_example, ddof=1)) / n
+        example_df += n - 1
+        if n_seeds > 1:
+            resid = c.d - per_example[None, :] - c.d.mean(axis=1, keepdims=True) + c.d.mean()
+            residual_term += c.weight**2 * float((resid**2).sum()) / ((n_seeds - 1) * (n - 1)) / (n * n_seeds)
+            residual_df += (n_seeds - 1) * (n - 1)
+    if n_seeds > 1:
+        terms.append((seed_term, n_seeds - 1))
+    terms += [(example_term, example_df), (residual_term, residual_df)]
+    # each of the first two alone is a lower bound of the truth: the difference may dip below both by chance
+    var = max(seed_term + example_term - residual_term, seed_term, example_term)
+    n = sum(c.d.size for c in cells)
+    if var <= 0.0:
+        return Interval(theta, theta, theta, 1.0 if theta == 0.0 else 0.0, n)
+    df_den = sum(v * v / df for v, df in terms if df > 0)
+    df = var * var / df_den if df_den > 0 else math.inf
+    se = math.sqrt(var)
+    half = float(stats.t.ppf(0.5 + confidence / 2.0, df)) * se
+    p = float(2.0 * stats.t.sf(abs(theta) / se, df))
+    return Interval(theta, theta - half, theta + half, min(1.0, p), n)
+
+
+def _cells(d: np.ndarray, g: np.ndarray, weight: float) -> list[_Cell]:
+    names = np.unique(g)
+    return [_Cell(weight / len(names), d[:, g == name]) for name in names]
+
+
+def seeds_by_examples(
+    diffs: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    confidence: float = 0.95,
+    a: str = "a",
+    b: str = "b",
+) -> PairedComparison:
+    """Each task's difference and their average with intervals over training seeds and examples.
+
+    ``diffs``: task -> (differences ``[seeds, examples]``, the same seeds in the same order for every task;
+    stratum per example). A seed is one pair of trained models, shared by every task; the examples are the
+    same for every seed. See :func:`_crossed_interval`.
+    """
+    arrays = _checked(diffs, confidence)
+    if any(d.ndim != 2 for d in arrays.values()):
+        raise StudyError("seeds_by_examples takes [seeds, examples] differences with the same seeds for every task")
+    groups = {task: np.asarray(diffs[task][1]) for task in diffs}
+    per_task = {task: _crossed_interval(_cells(arrays[task], groups[task], 1.0), confidence) for task in sorted(diffs)}
+    cells = [c for task in sorted(diffs) for c in _cells(arrays[task], groups[task], 1.0 / len(diffs))]
+    n_seeds = next(iter(arrays.values())).shape[0]
+    return PairedComparison(a, b, per_task, _crossed_interval(cells, confidence), confidence, 0, n_seeds)
+
+
+def seed_example_interval(values: np.ndarray, *, confidence: float = 0.95) -> Interval:
+    """Interval of the mean of ``values[s, i]`` (training seed s, example i, the same examples for every seed)
+    over both sources of chance: :func:`seeds_by_examples` on one task of one stratum."""
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 2 or 0 in v.shape:
         raise StudyError(f"need a [seeds, examples] array with both sizes > 0, got shape {v.shape}")
-    return paired_bootstrap({"": (v, np.zeros(v.shape[1]))}, n_boot=n_boot, confidence=confidence, seed=seed).mean
+    return seeds_by_examples({"": (v, np.zeros(v.shape[1]))}, confidence=confidence).mean
 
 
 def compare_models(
@@ -226,7 +300,7 @@ def compare_models_over_seeds(
 ) -> PairedComparison:
     """``per_seed[s]``: model -> task -> TaskSamples for training seed s, every seed's models evaluated on
     the same examples.  Compares the tasks both models have in every seed, with intervals over the seeds
-    and the examples (``paired_bootstrap`` on ``[seeds, examples]`` differences)."""
+    and the examples (:func:`seeds_by_examples`); one seed: the paired bootstrap over its examples."""
     if not per_seed:
         raise StudyError("no training seeds to compare")
     tasks = sorted(set.intersection(*(set(s[a]) & set(s[b]) for s in per_seed)))
@@ -239,7 +313,11 @@ def compare_models_over_seeds(
                                  "same eval.limit, limit_mode and seed for every training seed")
         pairs = [paired_differences(s[a][task], s[b][task]) for s in per_seed]
         diffs[task] = (np.stack([d for d, _ in pairs]), pairs[0][1])
-    return paired_bootstrap(diffs, a=a, b=b, **kwargs)
+    if len(per_seed) == 1:
+        return paired_bootstrap({t: (d[0], g) for t, (d, g) in diffs.items()}, a=a, b=b, **kwargs)
+    kwargs.pop("n_boot", None)
+    kwargs.pop("seed", None)
+    return seeds_by_examples(diffs, a=a, b=b, **kwargs)
 
 
 def average_over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, TaskSamples]]]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from forgetting_ray.report.study import (
     StudyError,
@@ -22,8 +25,12 @@ from forgetting_ray.report.study import (
     read_task_samples,
     reading,
     score_table,
-    seed_example_bootstrap,
+    seed_example_interval,
+    seeds_by_examples,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from bench_interval_coverage import simulated_study  # noqa: E402  (the benchmark's own simulation)
 
 
 def ts(task: str, metric: str, values: list[float], langs: list[str] | None = None) -> TaskSamples:
@@ -134,75 +141,64 @@ def test_bootstrap_is_seeded():
     assert paired_bootstrap(d, n_boot=300, seed=8).mean.low != one.mean.low
 
 
-def naive_seed_example_bootstrap(v, n_boot, confidence, seed):
-    """The same two-level draw written as loops: seeds with replacement, then each drawn seed's examples."""
-    rng = np.random.default_rng(seed)
-    n_seeds, n_ex = v.shape
-    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
-    draws = [rng.integers(0, n_ex, size=(n_boot, n_ex)) for _ in range(n_seeds)]
-    reps = [np.mean([v[seeds[b, j], draws[j][b]].mean() for j in range(n_seeds)]) for b in range(n_boot)]
-    tail = (1 - confidence) / 2
-    return np.quantile(reps, [tail, 1 - tail])
+@pytest.mark.parametrize("n_seeds,seed_sd,example_sd", [(3, 0.4, 1.0), (3, 1.0, 0.3), (5, 0.0, 1.0)])
+def test_intervals_over_seeds_and_shared_examples_cover_95_percent(n_seeds, seed_sd, example_sd):
+    rng = np.random.default_rng(n_seeds)
+    studies = [seeds_by_examples(simulated_study(rng, n_seeds, seed_sd, example_sd, 0.7)) for _ in range(400)]
+    covered = np.mean([c.mean.low <= 0.0 <= c.mean.high for c in studies])
+    covered_a = np.mean([c.per_task["A"].low <= 0.0 <= c.per_task["A"].high for c in studies])
+    # 400 studies: a 95 % interval covers 0.95 +- 0.011 (1 sd of the simulation)
+    assert 0.92 <= covered <= 0.98 and 0.92 <= covered_a <= 0.98, (covered, covered_a)
+    # p-values agree with the intervals: p < 0.05 exactly when 0 is outside
+    assert all((c.mean.p_two_sided < 0.05) == (not c.mean.within_noise) for c in studies)
 
 
-def test_seed_example_bootstrap_matches_loops_and_widens_with_seed_spread():
-    rng = np.random.default_rng(0)
-    v = rng.normal(size=(3, 40))
-    i = seed_example_bootstrap(v, n_boot=300, seed=5)
-    assert i.estimate == pytest.approx(v.mean()) and i.n == 120
-    assert (i.low, i.high) == tuple(pytest.approx(x) for x in naive_seed_example_bootstrap(v, 300, 0.95, 5))
-    # the same examples, each seed shifted by its own offset: only the seed level can see that spread
-    shifted = v + np.array([[-1.0], [0.0], [1.0]])
-    wide = seed_example_bootstrap(shifted, n_boot=2000, seed=5)
-    narrow = seed_example_bootstrap(v, n_boot=2000, seed=5)
-    assert wide.high - wide.low > 2 * (narrow.high - narrow.low)
-    # one seed: the plain example bootstrap of a mean
-    one = seed_example_bootstrap(v[:1], n_boot=4000, seed=1)
-    half = 1.96 * v[0].std() / np.sqrt(40)
-    assert (one.high - one.low) / 2 == pytest.approx(half, rel=0.15)
-    constant = seed_example_bootstrap(np.full((2, 5), 0.3), n_boot=100)
+def test_the_seed_by_example_variance_is_the_two_way_anova_estimate():
+    v = np.random.default_rng(0).normal(size=(3, 40)) + np.array([[-0.5], [0.0], [0.8]])
+    s, n = v.shape
+    seed_m, ex_m, m = v.mean(axis=1), v.mean(axis=0), v.mean()
+    ms_seed = n * np.sum((seed_m - m) ** 2) / (s - 1)
+    ms_ex = s * np.sum((ex_m - m) ** 2) / (n - 1)
+    ms_err = np.sum((v - seed_m[:, None] - ex_m[None, :] + m) ** 2) / ((s - 1) * (n - 1))
+    var = (ms_seed + ms_ex - ms_err) / (s * n)
+    i = seed_example_interval(v)
+    assert i.estimate == pytest.approx(m) and i.n == 120
+    half = (i.high - i.low) / 2
+    df = var**2 / ((ms_seed / (s * n)) ** 2 / (s - 1) + (ms_ex / (s * n)) ** 2 / (n - 1)
+                   + (ms_err / (s * n)) ** 2 / ((s - 1) * (n - 1)))
+    assert half == pytest.approx(stats.t.ppf(0.975, df) * np.sqrt(var))
+    # the same examples, each seed shifted by its own offset: the seed level widens the interval
+    narrow = seed_example_interval(v - v.mean(axis=1, keepdims=True))
+    assert half > 3 * (narrow.high - narrow.low) / 2
+    # one seed: a t interval over the examples
+    one = seed_example_interval(v[:1])
+    assert (one.high - one.low) / 2 == pytest.approx(stats.t.ppf(0.975, 39) * v[0].std(ddof=1) / np.sqrt(40))
+    constant = seed_example_interval(np.full((2, 5), 0.3))
     assert (constant.low, constant.high) == (pytest.approx(0.3), pytest.approx(0.3))
     with pytest.raises(StudyError, match="seeds, examples"):
-        seed_example_bootstrap(np.ones(5))
+        seed_example_interval(np.ones(5))
 
 
-def naive_two_level_mean(diffs, n_boot, seed):
-    """Loops: per replicate, one draw of the seeds shared by every task, then each task's examples anew per
-    drawn seed (each stratum on its own), the task statistic the mean over its strata, the mean over tasks."""
-    rng = np.random.default_rng(seed)
-    n_seeds = next(iter(diffs.values()))[0].shape[0]
-    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
-    reps = np.zeros((len(diffs), n_boot))
-    for t, task in enumerate(sorted(diffs)):
-        d, g = diffs[task]
-        names = np.unique(g)
-        for name in names:
-            dg = d[:, g == name]
-            draws = [rng.integers(0, dg.shape[1], size=(n_boot, dg.shape[1])) for _ in range(n_seeds)]
-            for r in range(n_boot):
-                reps[t, r] += np.mean([dg[seeds[r, j], draws[j][r]].mean() for j in range(n_seeds)]) / len(names)
-    return np.quantile(reps.mean(axis=0), [0.025, 0.975])
-
-
-def test_bootstrap_over_seeds_and_examples_matches_loops_and_shares_the_seed_draw():
+def test_seeds_by_examples_weights_tasks_and_strata_and_checks_the_seeds():
     rng = np.random.default_rng(2)
     diffs = {"A": (rng.normal(size=(3, 12)), np.array([""] * 12)),
              "B": (rng.normal(size=(3, 9)), np.array(["en"] * 5 + ["fi"] * 4))}
-    c = paired_bootstrap(diffs, n_boot=200, seed=4)
-    assert (c.mean.low, c.mean.high) == tuple(pytest.approx(x) for x in naive_two_level_mean(diffs, 200, 4))
+    c = seeds_by_examples(diffs)
+    b = diffs["B"][0]
     assert c.per_task["A"].estimate == pytest.approx(diffs["A"][0].mean())
-    assert c.mean.n == 3 * 21
-    # one seed-level offset shared by both tasks: the shared seed draw keeps it whole in the mean's interval
+    assert c.per_task["B"].estimate == pytest.approx((b[:, :5].mean() + b[:, 5:].mean()) / 2)
+    assert c.mean.estimate == pytest.approx((c.per_task["A"].estimate + c.per_task["B"].estimate) / 2)
+    assert c.mean.n == 3 * 21 and c.n_seeds == 3 and c.n_boot == 0
+    # one seed-level offset shared by both tasks stays whole in the mean's interval
     offset = np.array([[-1.0], [0.0], [1.0]])
-    shifted = {t: (d + offset, g) for t, (d, g) in diffs.items()}
-    wide, narrow = paired_bootstrap(shifted, n_boot=2000, seed=4), paired_bootstrap(diffs, n_boot=2000, seed=4)
-    assert wide.mean.high - wide.mean.low > 2 * (narrow.mean.high - narrow.mean.low)
+    wide = seeds_by_examples({t: (d + offset, g) for t, (d, g) in diffs.items()})
+    assert wide.mean.high - wide.mean.low > 2 * (c.mean.high - c.mean.low)
     with pytest.raises(StudyError, match="same seeds"):
-        paired_bootstrap({"A": diffs["A"], "B": (diffs["B"][0][:2], diffs["B"][1])})
+        seeds_by_examples({"A": diffs["A"], "B": (diffs["B"][0][:2], diffs["B"][1])})
     with pytest.raises(StudyError, match="same seeds"):
-        paired_bootstrap({"A": diffs["A"], "B": (diffs["B"][0][0], diffs["B"][1])})
-    with pytest.raises(StudyError, match="same seeds"):
-        paired_bootstrap({"A": (np.ones((0, 3)), np.array([""] * 3))})
+        seeds_by_examples({"A": (np.ones((0, 3)), np.array([""] * 3))})
+    with pytest.raises(StudyError, match="seeds_by_examples"):
+        paired_bootstrap(diffs)
 
 
 def test_models_compared_and_averaged_over_training_seeds():
@@ -214,7 +210,9 @@ def test_models_compared_and_averaged_over_training_seeds():
     ]
     c = compare_models_over_seeds(per_seed, "forgetting", "sft", n_boot=500)
     assert set(c.per_task) == {"boolq"} and c.mean.estimate == pytest.approx(0.5) and c.mean.n == 4
-    assert c.mean.low == pytest.approx(0.0) and c.mean.high == pytest.approx(1.0)  # the seeds disagree
+    assert c.mean.within_noise and c.mean.high - c.mean.low > 1.0  # two seeds that disagree: no conclusion
+    single = compare_models_over_seeds(per_seed[:1], "forgetting", "sft", n_boot=500)
+    assert single.n_boot == 500 and single.mean.estimate == pytest.approx(1.0)  # one seed: the example bootstrap
     mean = average_over_seeds(per_seed)
     assert set(mean) == {"sft", "forgetting"} and set(mean["sft"]) == {"boolq"}
     assert mean["sft"]["boolq"].score() == pytest.approx(0.25) and mean["forgetting"]["boolq"].score() == 0.75
