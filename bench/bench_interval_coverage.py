@@ -2,7 +2,7 @@
 with known variance components, beside the bootstrap the study report used before (seeds drawn with
 replacement, then the examples drawn anew for each drawn seed).
 
-A simulated study: training seeds x examples of two tasks (the second in two languages), differences
+A simulated study: training seeds x 40 examples of each of two tasks (the second in two languages), differences
 d = seed offset (shared by both tasks, plus a small per-task part) + example effect (shared by every seed)
 + residual, true mean 0. Coverage = the share of studies whose 95 % interval of the mean contains 0;
 with 1000 studies its simulation error is about +-0.7 points.
@@ -34,7 +34,7 @@ from forgetting_ray.report.study import seeds_by_examples  # noqa: E402
 SETTINGS = [(3, 0.4, 1.0, 0.7), (3, 1.0, 0.3, 0.5), (3, 0.0, 1.0, 0.7), (5, 0.3, 1.0, 1.0), (2, 0.5, 1.0, 0.5)]
 
 
-def simulated_study(rng, n_seeds, seed_sd, example_sd, residual_sd, n_a=30, n_b=24):
+def simulated_study(rng, n_seeds, seed_sd, example_sd, residual_sd, n_a=40, n_b=40):
     shared = rng.normal(0, seed_sd, size=(n_seeds, 1))
 
     def task(n):
