@@ -71,6 +71,7 @@ def _run_until(stage: str | None) -> Callable[[PipelineConfig, argparse.Namespac
 def _cmd_eval(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .report.study import read_eval_samples, results_table
     from .stages.evaluate import format_table, run_eval
     from .store import run_root
 
@@ -79,6 +80,8 @@ def _cmd_eval(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run_root(cfg.run_dir) / "eval" / Path(model).name
     result = run_eval(cfg, model, out, harness=args.harness)
     print(format_table(result))
+    if set(result.headline) == set(result.samples):  # the mean with its interval over the documents
+        print(results_table({Path(str(model)).name: read_eval_samples(result.out_dir, list(result.headline))}))
     print(f"results: {result.results_path}")
     return 0
 
@@ -206,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--gpu-memory-gib", type=float, default=None,
                            help="GPU memory for the plan check (default: read from the cluster's GPUs by a Ray task)")
             p.add_argument("--request-resources", action="store_true",
-                           help="first ask the autoscaler for the training and scoring bundles and wait for them")
-            p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for requested resources")
+                           help="first ask the autoscaler for each stage's bundles in turn, wait for each, then clear the request")
+            p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for each stage's requested resources")
         if name == "report":
             p.add_argument("--out", help="HTML file (default <run>/report/<partition key>.html)")
             p.add_argument("--samples", help="comma-separated sample_ids to show (default: random ones)")

@@ -24,6 +24,7 @@ from .data.sources import FileSource
 from .exports import model_identity
 from .report.html import main_report
 from .report.plots import log_finetune_plots
+from .report.study import StudyError, read_eval_samples, results_table
 from .runcard import RunCard
 from .search import resolve_objective
 from .stages.evaluate import EVAL_RESULTS_FILE, check_eval_files, eval_key, load_eval_result, run_eval
@@ -286,8 +287,15 @@ def _adopt_best(t: Tracker, cfg: PipelineConfig, tuned, card):
 
 
 def comparison_table(evals: dict[str, Any]) -> str:
-    """Rows = models (base, sft, forgetting, ...), columns = headline metric per benchmark + mean."""
+    """Rows = models (base, sft, forgetting, ...), columns = headline metric per benchmark + the mean with its
+    95 % interval; then the paired differences from SFT and `ignore` and whether each is distinguishable from
+    zero (report.study.results_table). Without per-document samples: the scores alone."""
     tasks = sorted({t for r in evals.values() for t in r.headline})
+    try:
+        samples = {name: read_eval_samples(r.out_dir, tasks) for name, r in evals.items()}
+        return results_table(samples)
+    except (OSError, StudyError) as e:
+        log.warning("no intervals in the result table: %s", e)
     header = "| model | " + " | ".join(tasks) + " | mean |"
     lines = [header, "|" + "---|" * (len(tasks) + 2)]
     for name, r in evals.items():

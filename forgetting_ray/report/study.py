@@ -359,6 +359,50 @@ def score_table(samples: Mapping[str, Mapping[str, TaskSamples]]) -> str:
     return "\n".join(lines)
 
 
+def model_interval(per_task: Mapping[str, TaskSamples], *, n_boot: int = 2000, seed: int = 0,
+                   confidence: float = 0.95) -> Interval:
+    """One model's mean over tasks (each task macro-averaged over its strata) with a stratified bootstrap
+    interval over its documents."""
+    values = {}
+    for task, s in per_task.items():
+        keys = sorted(s.values)
+        values[task] = (np.array([s.values[k] for k in keys]), np.array([s.groups[k] for k in keys]))
+    return paired_bootstrap(values, n_boot=n_boot, seed=seed, confidence=confidence).mean
+
+
+def verdict(i: Interval, documents: int) -> str:
+    """In words, whether a difference is distinguishable from zero at this many documents."""
+    if i.within_noise:
+        return f"within noise at {documents} documents per task"
+    return f"{'better' if i.estimate > 0 else 'worse'}, distinguishable from zero at {documents} documents per task"
+
+
+def results_table(samples: Mapping[str, Mapping[str, TaskSamples]], *, against: Sequence[str] = ("sft", "ignore"),
+                  n_boot: int = 2000, seed: int = 0) -> str:
+    """What `run`, `eval` and the report print: each model's task scores and its mean with a 95 % interval,
+    then every other model's paired difference from each model named in ``against`` (the same documents for
+    both; a stratified bootstrap over them) with a p-value and a verdict in words."""
+    tasks = sorted({t for per in samples.values() for t in per})
+    docs = max((len(next(per[t].values for per in samples.values() if t in per)) for t in tasks), default=0)
+    lines = ["| model | " + " | ".join(tasks) + " | mean [95 % CI] |", "|---|" + "---:|" * (len(tasks) + 1)]
+    for name, per in samples.items():
+        cells = [pts(per[t].score()) if t in per else "-" for t in tasks]
+        mean = model_interval(per, n_boot=n_boot, seed=seed) if set(per) == set(tasks) else None
+        shown = f"{pts(mean.estimate)} [{pts(mean.low)}, {pts(mean.high)}]" if mean else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {shown} |")
+    rank = {name: i for i, name in enumerate(against)}
+    pairs = [(a, b) for b in against if b in samples for a in samples
+             if a not in ("base", b) and rank.get(a, len(against)) > rank[b]]
+    if not pairs:
+        return "\n".join(lines)
+    lines += ["", f"Paired differences, points (95 % bootstrap over the same {docs} documents per task):", "",
+              "| difference | mean [95 % CI] | p | reading |", "|---|---:|---:|---|"]
+    for a, b in pairs:
+        c = compare_models(samples, a, b, n_boot=n_boot, seed=seed)
+        lines.append(f"| {a} − {b} | {_ci(c.mean)} | {c.mean.p_two_sided:.3f} | {verdict(c.mean, docs)} |")
+    return "\n".join(lines)
+
+
 def _ci(i: Interval) -> str:
     return f"{pts(i.estimate, True)} [{pts(i.low, True)}, {pts(i.high, True)}]"
 

@@ -63,7 +63,8 @@ def test_pipeline_and_tune_on_three_nodes_with_a_bucket_and_mlflow_on_the_head(
     # the job hands itself its storage settings, the ordinary way: the product must not set them again
     status, logs = cluster.submit(pipeline, env_vars=s3.env, timeout_s=1200)
     assert status == "SUCCEEDED", logs[-8000:]
-    assert "| model | asdiv | boolq | logiqa | truthfulqa | tydiqa | mean |" in logs  # the job's comparison table
+    assert "| model | asdiv | boolq | logiqa | truthfulqa | tydiqa | mean [95 % CI] |" in logs  # the job's result table
+    assert re.search(r"\| forgetting − sft \| [+−-]\d+\.\d\d \[", logs)  # and its paired difference from SFT
     for row in ("| base |", "| sft |", "| forgetting |"):
         assert row in logs
 

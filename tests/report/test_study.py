@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from forgetting_ray.report.study import (
     read_eval_samples,
     read_task_samples,
     reading,
+    results_table,
     score_table,
     seed_example_interval,
     seeds_by_examples,
@@ -268,3 +270,20 @@ def test_report_markdown_has_every_section():
                  "sft − base", "## Training", "## Reading", "- small run", "| prepare key | `abc123` |"):
         assert part in md, part
     assert comparison_table(comps).count("\n") == 3  # header, rule, two rows
+
+
+def test_the_result_table_shows_each_mean_with_its_interval_and_the_differences_in_words():
+    rng = np.random.default_rng(0)
+    base = rng.random(300) < 0.5
+    samples = {"base": {"boolq": ts("boolq", "acc", base)},
+               "sft": {"boolq": ts("boolq", "acc", base & (rng.random(300) < 0.7))},  # loses 15 points
+               "ignore": {"boolq": ts("boolq", "acc", base)},
+               "forgetting": {"boolq": ts("boolq", "acc", base ^ (rng.random(300) < 0.02))}}  # a few flips
+    table = results_table(samples, n_boot=1000)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert re.fullmatch(r"\| base \| \d+\.\d\d \| \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\] \|", rows["base"])
+    assert set(rows) >= {"forgetting − sft", "ignore − sft", "forgetting − ignore"} and "sft − ignore" not in rows
+    assert "better, distinguishable from zero at 300 documents per task" in rows["forgetting − sft"]
+    assert "within noise at 300 documents per task" in rows["forgetting − ignore"]
+    only_one = results_table({"forgetting": samples["forgetting"]})
+    assert "Paired differences" not in only_one and only_one.count("\n") == 2
