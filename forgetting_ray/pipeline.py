@@ -24,7 +24,7 @@ from .data.sources import FileSource
 from .exports import model_identity
 from .report.html import main_report
 from .report.plots import log_finetune_plots
-from .report.study import StudyError, read_eval_samples, results_table
+from .report.study import StudyError, compare_models, read_eval_samples, results_table
 from .runcard import RunCard
 from .search import resolve_objective
 from .stages.evaluate import EVAL_RESULTS_FILE, check_eval_files, eval_key, load_eval_result, run_eval
@@ -270,6 +270,29 @@ def _run_stages(cfg: PipelineConfig, result: PipelineResult, card: RunCard, last
         paths.update({name: str(r.export_dir) for name, r in models.items()})
         evals = _timed(result, "eval", tracker, _evaluate, train_cfg, paths)
         card.add_stage("eval", {name: {"headline": r.headline, "average": r.average} for name, r in evals.items()})
+        tracker.log_metrics(result_metrics(evals, cfg.training.strategy))
+
+
+def result_metrics(evals: dict[str, Any], strategy: str) -> dict[str, float]:
+    """The answer, for the pipeline's parent run (so the Runs table compares pipelines without opening them):
+    each model's headline per task and mean, and the configured strategy's paired differences from SFT and
+    `ignore` on the mean with their 95 % interval and p (report.study.compare_models)."""
+    metrics = {f"{name}.{task}": v for name, r in evals.items() for task, v in r.headline.items()}
+    metrics |= {f"{name}.mean": r.average for name, r in evals.items() if r.average is not None}
+    tasks = sorted({t for r in evals.values() for t in r.headline})
+    against = [b for b in ("sft", "ignore") if b in evals and b != strategy]
+    if strategy not in evals or not against:
+        return metrics
+    try:
+        samples = {name: read_eval_samples(evals[name].out_dir, tasks) for name in (strategy, *against)}
+    except (OSError, StudyError) as e:
+        log.warning("no paired differences on the parent run: %s", e)
+        return metrics
+    for b in against:
+        m = compare_models(samples, strategy, b, n_boot=2000).mean
+        metrics |= {f"{strategy}-{b}.mean": m.estimate, f"{strategy}-{b}.ci_low": m.low,
+                    f"{strategy}-{b}.ci_high": m.high, f"{strategy}-{b}.p": m.p_two_sided}
+    return metrics
 
 
 def _log_plots(tracker: Tracker, folder: Path) -> None:

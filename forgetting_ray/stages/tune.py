@@ -51,6 +51,7 @@ from ..cluster.capacity import (
     alive_node_cpus,
     check_worker_group,
     describe_pool_problem,
+    largest_fitting_concurrency,
     starves_ray_data,
 )
 from ..cluster.internals import pg_recorder_class, reaper_class
@@ -349,17 +350,24 @@ def _finish(result: TuneResult, cfg: PipelineConfig, train_table: Path, score: A
     return result
 
 
-def _check_trial_eval_fits(cfg: PipelineConfig, objective: str, ray) -> None:
-    """A trial evaluates while it holds TRIAL_CPUS on one node: refuse, before any trial starts, an eval pool
-    that would leave Ray Data no whole CPU then (the trial would wait forever)."""
+def _fit_trial_eval(cfg: PipelineConfig, objective: str, ray) -> PipelineConfig:
+    """A trial evaluates while it holds TRIAL_CPUS on one node: the trials' eval pool is cut to the largest
+    concurrency that leaves Ray Data a whole CPU beside the trial (on a 2-CPU laptop one actor instead of two);
+    refused, before any trial starts, only when not even one actor fits (the trial would wait forever)."""
     if objective != "eval_mean" or cfg.eval.backend != "ray":
-        return
+        return cfg
     nodes = sorted(alive_node_cpus(ray), reverse=True)
     if nodes:
         nodes[0] = max(0.0, nodes[0] - TRIAL_CPUS)
-    if starves_ray_data(cfg.eval, nodes):
+    if not starves_ray_data(cfg.eval, nodes):
+        return cfg
+    fits = largest_fitting_concurrency(cfg.eval, nodes)
+    if not fits:
         raise TuneInputError(f"inside a trial (which holds {TRIAL_CPUS:g} CPU): "
                              + describe_pool_problem("eval", cfg.eval, nodes))
+    log.info("tune: each trial evaluates with eval.concurrency=%d (of %d) to fit beside the trial on nodes of %s "
+             "CPUs", fits, cfg.eval.concurrency, ", ".join(f"{c:g}" for c in alive_node_cpus(ray)))
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"concurrency": fits})})
 
 
 def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> TuneResult:
@@ -375,7 +383,7 @@ def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> Tun
     plan = _data_plan(cfg, train_table, n_train, objective)
 
     init_ray(cfg.resources.ray_address)
-    _check_trial_eval_fits(cfg, objective, ray)
+    cfg = _fit_trial_eval(cfg, objective, ray)
     check_worker_group(ray, cfg.resources, error=TuneInputError, held_cpus=TRIAL_CPUS)
     scheduler = _scheduler(tc, plan)
     concurrent = tc.max_concurrent_trials or default_max_concurrent(cfg, ray.cluster_resources())

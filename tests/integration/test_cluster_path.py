@@ -98,6 +98,9 @@ def test_pipeline_and_tune_on_three_nodes_with_a_bucket_and_mlflow_on_the_head(
     runs = client.search_runs([exp.experiment_id])
     by_name = {r.info.run_name: r for r in runs}
     assert {"pipeline", *STAGES[:-1], "train-sft"} <= set(by_name), sorted(by_name)
+    answer = by_name["pipeline"].data.metrics  # the parent run carries the result: scores and the paired difference
+    assert {"forgetting.mean", "sft.mean", "base.boolq", "forgetting-sft.mean", "forgetting-sft.p"} <= set(answer)
+    assert answer["forgetting-sft.ci_low"] <= answer["forgetting-sft.mean"] <= answer["forgetting-sft.ci_high"]
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     steps = client.get_metric_history(by_name["train"].info.run_id, "loss")
     assert len(steps) >= 2 and len({m.step for m in steps}) == len(steps)

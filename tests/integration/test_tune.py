@@ -9,6 +9,7 @@ training, naming both space hashes.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -192,15 +193,19 @@ def test_restart_with_another_space_fails_before_training(searched, tiny_llama):
     assert sorted((tuned.dir / "trials").iterdir()) == trial_dirs  # nothing new trained
 
 
-def test_optuna_search_on_the_eval_mean_objective(searched, tiny_llama):
+def test_optuna_search_on_the_eval_mean_objective(searched, tiny_llama, caplog):
     """The other objective and searcher: Optuna proposes, each trial evaluates its export on a seeded
-    dev subset through the Ray eval pool, and the best trial is the one with the highest mean."""
+    dev subset through the Ray eval pool, and the best trial is the one with the highest mean. The eval pool
+    asked for (2 actors of 0.5 CPU and Ray Data's CPU beside a trial) does not fit the 2-CPU cluster: the trials
+    evaluate with one actor instead of the search being refused."""
     cfg, first = searched
     run = make_cfg(Path(cfg.run_dir), tiny_llama, [
         "tune.searcher=optuna", "tune.scheduler=fifo", "tune.objective=eval_mean", "tune.num_samples=2",
         "tune.eval_limit=3", "eval.enabled=true", f"eval.data_dir={EVAL_DIR}", "eval.tasks=[boolq, asdiv]",
-        "eval.num_cpus_per_actor=0.5"])
-    result = run_pipeline(run, until="tune")
+        "eval.num_cpus_per_actor=0.5", "eval.concurrency=2"])
+    with caplog.at_level(logging.INFO, logger="forgetting_ray.stages.tune"):
+        result = run_pipeline(run, until="tune")
+    assert "each trial evaluates with eval.concurrency=1 (of 2)" in caplog.text
     tuned = result.outputs["tune"]
     print(format_tune_summary(tuned))
     assert tuned.dir != first.outputs["tune"].dir  # another objective is another search, the scores are shared

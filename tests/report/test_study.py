@@ -287,3 +287,24 @@ def test_the_result_table_shows_each_mean_with_its_interval_and_the_differences_
     assert "within noise at 300 documents per task" in rows["forgetting − ignore"]
     only_one = results_table({"forgetting": samples["forgetting"]})
     assert "Paired differences" not in only_one and only_one.count("\n") == 2
+
+
+def test_the_pipeline_parent_run_gets_scores_and_the_paired_differences(tmp_path):
+    from types import SimpleNamespace
+
+    from forgetting_ray.pipeline import result_metrics
+
+    rng = np.random.default_rng(1)
+    base = rng.random(200) < 0.5
+    answers = {"sft": base & (rng.random(200) < 0.6), "ignore": base, "forgetting": base | (rng.random(200) < 0.1)}
+    evals = {}
+    for name, acc in answers.items():
+        write_samples(tmp_path / name, "boolq", [{"doc_id": i, "acc": bool(a)} for i, a in enumerate(acc)])
+        evals[name] = SimpleNamespace(out_dir=tmp_path / name, headline={"boolq": acc.mean()}, average=acc.mean())
+    m = result_metrics(evals, "forgetting")
+    assert m["forgetting.boolq"] == m["forgetting.mean"] == pytest.approx(answers["forgetting"].mean())
+    assert m["forgetting-sft.mean"] == pytest.approx(answers["forgetting"].mean() - answers["sft"].mean())
+    assert m["forgetting-sft.ci_low"] > 0 and m["forgetting-sft.p"] < 0.01
+    assert m["forgetting-ignore.ci_low"] <= m["forgetting-ignore.mean"] <= m["forgetting-ignore.ci_high"]
+    assert "sft-ignore.mean" not in m and set(result_metrics({"forgetting": evals["forgetting"]}, "forgetting")) == {
+        "forgetting.boolq", "forgetting.mean"}
