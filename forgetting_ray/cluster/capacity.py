@@ -1,16 +1,31 @@
-"""What the alive nodes can hold, counted per node: a demand no node can hold is refused before it waits
-forever (or, joined by address, warned about), and a pending demand stops after
-``resources.placement_timeout_s`` naming what was pending."""
+"""What the alive nodes can hold, counted per node. A demand they cannot hold is, in order:
+
+* on an autoscaling cluster whose node types this process can read (cluster.autoscaler): refused at once
+  when no mix of node types can ever hold it, naming the node types' shapes; otherwise requested from the
+  autoscaler and waited for (up to ``resources.placement_timeout_s``, with progress lines), the request
+  cleared once the nodes are up so that they idle out after the job;
+* on a cluster this run started: refused before it waits forever;
+* on a cluster joined by address without readable node types: a warning, and Ray's own placement waits,
+  bounded by ``resources.placement_timeout_s``, which then names what was pending.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from ..constants import RAY_DATA_TASK_CPUS
 from ..errors import UserError
+from . import autoscaler
+from .autoscaler import Bundle, Infeasible, NodeType
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 30.0
+POLL_S = 2.0
 
 
 class PlacementTimeout(UserError, RuntimeError):
@@ -66,17 +81,37 @@ def describe_pool_problem(section: str, pool: Any, node_cpus: list[float]) -> st
             + f" or lower {section}.num_cpus_per_actor")
 
 
-def check_actor_pool_cpus(ray, section: str, pool: Any, *, ray_address: str | None, error: type[Exception]) -> None:
-    """Refuse an actor pool (``pool``: a config section with concurrency / num_cpus_per_actor /
-    num_gpus_per_actor) that cannot be placed, or that leaves no node a whole CPU for Ray Data's own tasks:
-    resources are per node, and the stage would wait forever without an error.
+def gpu_node_resources(res: Any, gpus: float) -> Bundle:
+    """The custom resources (``resources.gpu_node_resources``) a process holding ``gpus`` GPUs asks for."""
+    return {k: v * gpus for k, v in res.gpu_node_resources.items()} if gpus else {}
 
-    On a cluster joined by address an autoscaler may still add nodes, so there it only warns.
-    """
-    nodes = alive_node_cpus(ray)
-    if not starves_ray_data(pool, nodes):
-        return
-    refuse_or_warn(describe_pool_problem(section, pool, nodes), ray_address, error)
+
+def pool_bundles(pool: Any, res: Any) -> list[Bundle]:
+    """An actor pool's bundles, and the whole CPU Ray Data's own tasks need beside them."""
+    gpus = pool.num_gpus_per_actor
+    actor = {"CPU": pool.num_cpus_per_actor, **({"GPU": gpus} if gpus else {}), **gpu_node_resources(res, gpus)}
+    return [actor] * pool.concurrency + [{"CPU": RAY_DATA_TASK_CPUS}]
+
+
+def check_actor_pool_cpus(ray, section: str, pool: Any, *, res: Any, error: type[Exception],
+                          node_types: list[NodeType] | None = None) -> None:
+    """Make room for an actor pool (``pool``: a config section with concurrency / num_cpus_per_actor /
+    num_gpus_per_actor) that the alive nodes cannot place, or that leaves no node a whole CPU for Ray Data's
+    own tasks (resources are per node, and the stage would wait forever): see the module's docstring.
+    ``node_types``: the autoscaler's, when the caller knows them (default: read from the cluster)."""
+    bundles, what = pool_bundles(pool, res), POOL_NAMES.get(section, section)
+    if pool.num_gpus_per_actor:  # placed by their GPUs: their nodes keep CPUs for Ray Data
+        if autoscaler.pack(bundles, alive_node_resources(ray)):
+            return
+        problem = (f"{what} need {autoscaler.describe_bundles(bundles)} ({section}.concurrency="
+                   f"{pool.concurrency} x {section}.num_gpus_per_actor={pool.num_gpus_per_actor:g}); the cluster has "
+                   f"{describe_nodes(ray)}: lower {section}.concurrency or add GPU nodes")
+    else:
+        nodes = alive_node_cpus(ray)
+        if not starves_ray_data(pool, nodes):
+            return
+        problem = describe_pool_problem(section, pool, nodes)
+    make_room(ray, problem, bundles, res=res, error=error, what=what, node_types=node_types)
 
 
 def describe_nodes(ray) -> str:
@@ -86,11 +121,17 @@ def describe_nodes(ray) -> str:
                      f"{n['Resources'].get('GPU', 0):g} GPU" for n in nodes) or "no alive node"
 
 
-def check_worker_group(ray, res: Any, *, error: type[Exception], held_cpus: float = 0.0) -> None:
-    """Refuse a Ray Train worker group that the alive nodes cannot hold, counted per node (each worker is one
-    bundle of resources.cpus_per_worker CPUs, and a GPU on GPU): it would wait forever.  ``held_cpus``: what the
-    calling process already holds on one node (a Tune trial).  Joined by address: only a warning (an autoscaler
-    may add nodes; resources.placement_timeout_s bounds that wait)."""
+def worker_bundle(res: Any) -> Bundle:
+    """One Ray Train worker's resources (``ScalingConfig.resources_per_worker``)."""
+    return {"CPU": res.cpus_per_worker, **({"GPU": 1.0} if res.use_gpu else {}),
+            **gpu_node_resources(res, 1.0 if res.use_gpu else 0.0)}
+
+
+def check_worker_group(ray, res: Any, *, error: type[Exception], held_cpus: float = 0.0,
+                       node_types: list[NodeType] | None = None) -> None:
+    """Make room for a Ray Train worker group that the alive nodes cannot hold, counted per node (each worker
+    is one bundle of resources.cpus_per_worker CPUs, and a GPU on GPU), or refuse it: see the module's
+    docstring.  ``held_cpus``: what the calling process already holds on one node (a Tune trial)."""
     cpus = sorted(alive_node_cpus(ray), reverse=True)
     if cpus:
         cpus[0] = max(0.0, cpus[0] - held_cpus)
@@ -105,15 +146,62 @@ def check_worker_group(ray, res: Any, *, error: type[Exception], held_cpus: floa
                + (f" (beside the {held_cpus:g} CPU its trial holds)" if held_cpus else "")
                + f"; the cluster has {describe_nodes(ray)}: lower resources.num_workers or "
                "resources.cpus_per_worker, or add nodes")
-    refuse_or_warn(problem, res.ray_address, error)
+    bundles = [worker_bundle(res)] * res.num_workers + ([{"CPU": held_cpus}] if held_cpus else [])
+    make_room(ray, problem, bundles, res=res, error=error, what="training workers", node_types=node_types)
 
 
-def refuse_or_warn(problem: str, ray_address: str | None, error: type[Exception]) -> None:
-    """A demand no alive node can hold: an error on a cluster this run started; joined by address, a warning
-    (an autoscaler may add nodes, and resources.placement_timeout_s bounds the wait)."""
-    if ray_address is None:
-        raise error(problem)
-    logging.getLogger(__name__).warning("%s (continuing: an autoscaler may add nodes)", problem)
+def joined_cluster(res: Any) -> bool:
+    """This run joined a cluster by address (its own setting, or $RAY_ADDRESS as in a submitted job) rather
+    than starting one."""
+    return bool(res.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def make_room(ray, problem: str, bundles: list[Bundle], *, res: Any, error: type[Exception], what: str,
+              node_types: list[NodeType] | None = None) -> None:
+    """The alive nodes cannot hold ``bundles`` (``problem`` says why in the settings' words): let the
+    autoscaler add nodes, or refuse, or warn -- see the module's docstring."""
+    types = node_types if node_types is not None else autoscaler.cluster_node_types()
+    if types is None:
+        if not joined_cluster(res):
+            raise error(problem)
+        log.warning("%s (continuing: an autoscaler may add nodes; resources.placement_timeout_s=%g bounds the "
+                    "wait)", problem, res.placement_timeout_s)
+        return
+    try:
+        launches = autoscaler.nodes_to_launch(bundles, alive_node_resources(ray), types,
+                                              autoscaler.running_nodes_by_type())
+    except Infeasible as e:
+        raise error(f"{what}: {autoscaler.describe_bundles(bundles)} can never be placed on this cluster: {e}. "
+                    f"{problem}") from None
+    wait_for_autoscaler(ray, bundles, what=what, launches=launches, timeout_s=res.placement_timeout_s)
+
+
+def alive_node_resources(ray) -> list[Bundle]:
+    return [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n["Alive"]]
+
+
+def wait_for_autoscaler(ray, bundles: list[Bundle], *, what: str, launches: dict[str, int], timeout_s: float) -> None:
+    """Ask the autoscaler for ``bundles`` and wait until the alive nodes hold them; the request is cleared
+    either way, so the nodes idle out once the stage is done."""
+    wanted = ", ".join(f"{n} {t}" for t, n in launches.items()) or "no new node"
+    log.warning("waiting for %s (%s) -- the autoscaler needs %s", autoscaler.describe_bundles(bundles), what, wanted)
+    start = last = time.monotonic()
+    autoscaler.request(bundles)
+    try:
+        while not autoscaler.pack(bundles, alive_node_resources(ray)):
+            now = time.monotonic()
+            if now - start > timeout_s:
+                raise placement_timeout_error(f"{what} ({autoscaler.describe_bundles(bundles)})",
+                                              "the stage's resources", timeout_s, ray)
+            if now - last >= PROGRESS_EVERY_S:
+                last = now
+                log.warning("waiting for %s -- autoscaler %s (%.0f s of resources.placement_timeout_s=%g)",
+                            autoscaler.describe_bundles(bundles), autoscaler.launching(), now - start, timeout_s)
+            time.sleep(POLL_S)
+    finally:
+        autoscaler.request([])
+    log.warning("%s: the cluster holds %s after %.0f s", what, autoscaler.describe_bundles(bundles),
+                time.monotonic() - start)
 
 
 def placement_timeout_error(what: str, setting: str, timeout_s: float, ray) -> PlacementTimeout:

@@ -1,5 +1,6 @@
-"""The one place that reaches into Ray's private APIs, for one purpose: cleaning up after a Tune trial that
-ASHA stopped mid-fit.
+"""The one place that reaches into Ray's private APIs, for two purposes: cleaning up after a Tune trial that
+ASHA stopped mid-fit, and keeping Ray Data's stats actor off the worker nodes of an autoscaling cluster
+(:func:`pin_ray_data_stats_to_driver`).
 
 Such a trial is killed with its Ray Train controller, and Ray Train's own detached cleaner may then miss
 the workers' placement group, which would hold the trial's CPUs until the driver exits.  A worker-group
@@ -97,3 +98,20 @@ def reaper_class():
                 th.join()
 
     return TrialReaper
+
+
+def pin_ray_data_stats_to_driver() -> None:
+    """Create Ray Data's per-cluster stats actor from this (the driver's) process, so that it lives on the
+    driver's node.
+
+    The actor is detached and pinned to the node of the first process that uses Ray Data; when that is a
+    training worker or a Tune trial on a worker node, the actor keeps that node busy for good and the
+    autoscaler never removes it (seen with Ray 2.60's fake autoscaler: one worker node left after every
+    job ended). Created here first, it sits on the head beside the job drivers.
+    """
+    from ray.data._internal.stats import get_or_create_stats_actor
+
+    try:
+        get_or_create_stats_actor()
+    except Exception as e:  # noqa: BLE001 -- a private API: a Ray without it only loses this placement
+        log.debug("Ray Data's stats actor not created from the driver: %s", e)

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 from ..console import quiet, route_ray_logs
 from ..store import join_storage
+from .internals import pin_ray_data_stats_to_driver
 
 # Passed to every Ray worker: DeepSpeed must pick the CPU accelerator without guessing on CPU
 # boxes, its JIT ops must land in one shared cache, nothing may reach for a model hub, and a bucket
@@ -73,6 +74,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
     route_ray_logs()  # before init too: Ray logs its own start
     if address:
         ray.init(address=address, runtime_env=runtime_env, **kwargs)
+        pin_ray_data_stats_to_driver()  # an autoscaler can then remove idle worker nodes
     else:
         ray.init(
             num_cpus=num_cpus,

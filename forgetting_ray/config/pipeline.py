@@ -54,11 +54,19 @@ class ResourcesConfig(Section):
         "scoring/eval num_gpus_per_actor) that sees no CUDA device runs on the CPU instead of failing, over gloo. "
         "Off: such a stage stops with an error naming the setting.",
     )
+    gpu_node_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Extra Ray resources asked for per GPU by every process that holds one (training workers "
+        "with resources.use_gpu, scoring/eval actors with num_gpus_per_actor), to send a job to one node type: "
+        "{gpu_13b: 1} lands on cluster.yaml's A100 type, {'accelerator_type:A100': 0.001} on any node where "
+        "Ray detected an A100. Empty: any GPU node.",
+    )
     placement_timeout_s: float = Field(
         1800.0, gt=0,
         description="How long a stage waits for Ray to place its training workers, scoring/eval actors (until "
-        "their models are loaded) or Tune trials before it stops, naming what was pending: on an autoscaling "
-        "cluster this covers node start-up; on a fixed cluster what cannot fit is refused before it starts.",
+        "their models are loaded) or Tune trials before it stops, naming what was pending. On an autoscaling "
+        "cluster this covers the autoscaler's node launches (cloud GPU nodes take minutes); a demand no node "
+        "type can hold, or (on a cluster this run started) no alive node, is refused before it starts.",
     )
 
 

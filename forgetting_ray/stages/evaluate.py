@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..cluster.capacity import bounded_actor_start, check_actor_pool_cpus
+from ..cluster.capacity import bounded_actor_start, check_actor_pool_cpus, gpu_node_resources
 from ..cluster.session import init_ray, ray_data_bars_off
-from ..config import EvalConfig, ModelConfig, PipelineConfig, config_to_dict
+from ..config import EvalConfig, ModelConfig, PipelineConfig, ResourcesConfig, config_to_dict
 from ..errors import UserError
 from ..eval import runner
 from ..eval.base import check_input, input_fingerprint
@@ -102,7 +102,7 @@ class EvalPredictor:
 
 
 def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
-    check_actor_pool_cpus(ray, "eval", cfg.eval, ray_address=cfg.resources.ray_address, error=EvalConfigError)
+    check_actor_pool_cpus(ray, "eval", cfg.eval, res=cfg.resources, error=EvalConfigError)
 
 
 def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[dict[str, Any]], label: str) -> list[Any]:
@@ -115,7 +115,7 @@ def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[d
     _check_cpu_budget(cfg, ray)
     # both before the Dataset copies the context
     with bounded_actor_start("eval", e, cfg.resources.placement_timeout_s), ray_data_bars_off():
-        answers = _predict(e, model_cfg, requests, label, cfg.resources.cpu_stands_in_for_gpu)
+        answers = _predict(e, model_cfg, requests, label, cfg.resources)
     missing = [i for i, a in enumerate(answers) if a is None]
     if missing:
         raise RuntimeError(f"Ray eval returned no answer for {len(missing)} request(s), e.g. #{missing[0]}")
@@ -123,7 +123,7 @@ def _answer_on_ray(cfg: PipelineConfig, model_cfg: ModelConfig, requests: list[d
 
 
 def _predict(e: Any, model_cfg: ModelConfig, requests: list[dict[str, Any]], label: str,
-             cpu_stands_in: bool) -> list[Any]:
+             res: ResourcesConfig) -> list[Any]:
     """The answers, in request order, from a pool of :class:`EvalPredictor` actors; a bar of requests answered."""
     import ray
 
@@ -137,7 +137,7 @@ def _predict(e: Any, model_cfg: ModelConfig, requests: list[dict[str, Any]], lab
             "model_cfg": portable_model(model_cfg),  # the actors may run on other nodes
             "eval_cfg": e,
             "threads": max(1, int(e.num_cpus_per_actor)),
-            "cpu_stands_in": cpu_stands_in,
+            "cpu_stands_in": res.cpu_stands_in_for_gpu,
         },
         batch_size=per_call,
         batch_format="numpy",
@@ -145,6 +145,7 @@ def _predict(e: Any, model_cfg: ModelConfig, requests: list[dict[str, Any]], lab
         compute=ray.data.ActorPoolStrategy(size=e.concurrency, max_tasks_in_flight_per_actor=1),
         num_cpus=e.num_cpus_per_actor,
         num_gpus=e.num_gpus_per_actor or None,
+        resources=gpu_node_resources(res, e.num_gpus_per_actor) or None,
     )
     answers: list[Any] = [None] * len(requests)
     with tqdm(total=len(requests), desc=f"eval {label}", unit="request", mininterval=1.0, dynamic_ncols=True) as bar:
@@ -251,6 +252,7 @@ def _lm_eval(cfg: PipelineConfig, model_cfg: ModelConfig):
     init_ray(cfg.resources.ray_address)
     e = cfg.eval
     task = ray.remote(run_lm_eval).options(num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
+                                           resources=gpu_node_resources(cfg.resources, e.num_gpus_per_actor),
                                            name="lm_eval")
     return ray.get(task.remote(cfg, portable_model(model_cfg)))
 

@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
-from ..cluster.capacity import bounded_actor_start, check_actor_pool_cpus
+from ..cluster.capacity import bounded_actor_start, check_actor_pool_cpus, gpu_node_resources
 from ..cluster.devices import PeakMemory
 from ..cluster.session import init_ray, ray_data_bars_off
 from ..config import ModelConfig, PipelineConfig
@@ -346,7 +346,7 @@ def _score_table(sample_ids: pa.ChunkedArray, base_vals: list, ref_vals: list, p
 
 
 def _check_cpu_budget(cfg: PipelineConfig, ray) -> None:
-    check_actor_pool_cpus(ray, "scoring", cfg.scoring, ray_address=cfg.resources.ray_address, error=ScoreInputError)
+    check_actor_pool_cpus(ray, "scoring", cfg.scoring, res=cfg.resources, error=ScoreInputError)
 
 
 def _actor_kwargs(cfg: PipelineConfig, inp: _Inputs) -> dict[str, Any]:
@@ -399,6 +399,7 @@ def _scores_dataset(cfg: PipelineConfig, table_path: Path, pending_ids: list[str
             compute=ray.data.ActorPoolStrategy(size=s.concurrency, max_tasks_in_flight_per_actor=1),
             num_cpus=s.num_cpus_per_actor,
             num_gpus=s.num_gpus_per_actor or None,
+            resources=gpu_node_resources(cfg.resources, s.num_gpus_per_actor) or None,
         )
         yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..cluster.capacity import check_worker_group, placement_timeout_error
+from ..cluster.capacity import check_worker_group, placement_timeout_error, worker_bundle
 from ..cluster.relay import step_relay
 from ..cluster.session import default_storage_path, init_ray
 from ..config import FinetuneConfig, PipelineConfig, ReferenceConfig, TrainingConfig, config_to_dict
@@ -350,7 +350,7 @@ def _fit(cfg: PipelineConfig, ft: FinetuneConfig, job: FinetuneJob, datasets: di
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{res.placement_timeout_s:g}"
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # every worker must see the rows in the same, fixed order
-    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
+    per_worker = worker_bundle(res)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_loop_config(),

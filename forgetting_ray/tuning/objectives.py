@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from ..cluster.capacity import gpu_node_resources
 from ..config import ModelConfig, PipelineConfig
 from ..data.batching import plan_batches
 from ..models import load_model, load_tokenizer
@@ -58,6 +59,8 @@ def val_nll_objective(ctx: dict[str, Any], base: PipelineConfig, res: FinetuneRe
 
         task = ray.remote(validation_nll).options(num_cpus=base.eval.num_cpus_per_actor,
                                                     num_gpus=base.eval.num_gpus_per_actor,
+                                                    resources=gpu_node_resources(base.resources,
+                                                                                 base.eval.num_gpus_per_actor),
                                                     scheduling_strategy="DEFAULT")
         v = ray.get(task.remote(portable(res.export_dir), portable(ctx["val_table"]), **kwargs))
     else:  # on CPU here: the trial process has torch loaded and its fit has released the workers

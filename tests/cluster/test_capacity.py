@@ -14,6 +14,7 @@ from forgetting_ray.cluster.capacity import (
 )
 from forgetting_ray.config import EvalConfig, ResourcesConfig, ScoringConfig, load_config
 from forgetting_ray.search import default_max_concurrent, trial_cpus
+from conftest import FakeRayNodes as _Nodes
 
 HEAD_AND_TWO_WORKERS = [0.0, 1.0, 1.0]  # cluster.yaml's layout in small: a head without CPUs
 
@@ -55,17 +56,6 @@ def test_a_trial_counts_its_evaluation_pool_and_the_ray_data_task():
     assert default_max_concurrent(demo, {"CPU": 8}) == 3
     val = load_config("examples/demo.yaml", ["tune.enabled=true", "tune.objective=val_nll"])
     assert trial_cpus(val) == pytest.approx(1.1)  # training's one worker CPU is the peak
-
-
-class _Nodes:
-    """What check_worker_group reads of a cluster: ``ray.nodes()``."""
-
-    def __init__(self, *resources: dict[str, float]):
-        self._nodes = [{"Alive": True, "NodeID": f"{i:056x}", "NodeManagerAddress": "10.0.0.1", "Resources": r}
-                       for i, r in enumerate(resources)]
-
-    def nodes(self):
-        return self._nodes
 
 
 def test_a_worker_group_is_counted_per_node_and_refused_before_it_waits():

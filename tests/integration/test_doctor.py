@@ -101,9 +101,11 @@ def test_request_resources_waits_for_the_stage_bundles_and_names_what_is_missing
     rc = main(["doctor", _write_config(tmp_path, tiny_llama), "--request-resources", "--wait", "5"])
     lines = _lines(capsys)
     assert rc == 0 and lines["autoscaler"].startswith("[PASS]"), lines["_out"]
-    assert "2 bundles (1.5 CPU, 0 GPU)" in lines["autoscaler"]  # 1 train worker x 1 CPU + 1 scorer x 0.5
+    # stage by stage: 1 train worker x 1 CPU, then 1 scorer x 0.5 CPU beside Ray Data's CPU
+    assert "training 1 x {CPU: 1}; scoring 1 x {CPU: 0.5} + 1 x {CPU: 1}" in lines["autoscaler"]
+    assert "(request cleared)" in lines["autoscaler"]
     gpu = _write_config(tmp_path, tiny_llama, resources__use_gpu=True, resources__num_workers=2)
     rc = main(["doctor", gpu, "--request-resources", "--wait", "1"])
     lines = _lines(capsys)
     assert rc == 1 and lines["autoscaler"].startswith("[FAIL]"), lines["_out"]
-    assert "GPU 0 of 2" in lines["autoscaler"] and "max_workers" in lines["_out"]
+    assert "cannot hold training's 2 x {CPU: 1, GPU: 1}" in lines["autoscaler"] and "max_workers" in lines["_out"]
