@@ -40,12 +40,14 @@ sys.path.insert(0, str(REPO / "bench"))
 GIB = 2**30
 FULL_SHAPE = "qwen2.5-0.5b"
 WARMUP_STEPS = 1  # the first step pays DeepSpeed's first gathers and the allocator's growth
-# The full fine-tune holds 16 bytes of fp32 weight, gradient and AdamW states per parameter (over 2 ranks) and
-# one reduce bucket of whole gradients. With DeepSpeed's default bucket (5e8 elements: all of a 0.5B model) two
-# workers passed 9.6 GB each in their first step and Ray's memory monitor stopped the run on 2026-12-06
-# (bench/results/scale_1b_full_oom.txt), as plan --cpu predicted (8.97 GiB per worker); a 5e7 bucket saves 1.7 GiB
-# per worker. A failed full run is still recorded, not fatal.
-FULL_GATHER = {"max_live_parameters": 100_000_000, "max_reuse_distance": 0, "reduce_bucket_size": 50_000_000}
+# The full fine-tune holds 16 bytes of fp32 weight, gradient and AdamW states per parameter (over the ranks), and
+# more that plan --cpu does not yet account for: at Qwen2.5-0.5B's shape it did not fit this 24 GiB machine in any
+# of five tries on 2026-12-06 (two workers with DeepSpeed's 5e8 and a 5e7 reduce bucket, with Ray's memory monitor
+# at 95 % and 98 %, with glibc returning freed blocks; one worker): bench/results/scale_1b_full_oom.txt. A failed
+# full run is recorded in the raw figures, not fatal; --full-only retries it alone on a bigger host.
+FULL_GATHER = {"max_live_parameters": 100_000_000, "max_reuse_distance": 0}
+FULL_WORKERS = 2
+MEMORY_MONITOR_THRESHOLD = "0.98"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", default=None, help="default: the config's run_dir")
     p.add_argument("--out", default=str(REPO / "bench/results/scale_1b.json"), help="raw figures (JSON)")
     p.add_argument("--report", default=None, help="print the table of an earlier run's raw figures and stop")
+    p.add_argument("--full-only", action="store_true",
+                   help="run the full fine-tune alone into --out's earlier raw figures (the LoRA stages must be "
+                        "complete in --run-dir: they are reused, not timed again)")
     return p.parse_args(argv)
 
 
@@ -130,6 +135,7 @@ def run(args: argparse.Namespace) -> dict:
     base = load_config(args.config)
     run_dir, out = Path(args.run_dir or base.run_dir), Path(args.out)
     arch = dict(lookup_architecture(args.shape)[1])
+    os.environ.setdefault("RAY_memory_usage_threshold", MEMORY_MONITOR_THRESHOLD)  # read by the raylet it starts
     init_ray(None, num_cpus=os.cpu_count())
     shapes = gemm_shapes(arch, base.data.max_length)
     timings: dict[str, float] = {}
@@ -138,6 +144,8 @@ def run(args: argparse.Namespace) -> dict:
     model = _timed(timings, "build model", build_model, arch, run_dir / f"model-{args.shape}", corpus, on_gpu=False)
     cfg = base.model_copy(update={"run_dir": str(run_dir),
                                   "model": base.model.model_copy(update={"name_or_path": str(model)})})
+    if args.full_only:
+        return run_full_only(args, cfg, out, timings, corpus, shapes)
     raw = {
         "date": date.today().isoformat(), "command": "python bench/bench_scale.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
@@ -160,20 +168,53 @@ def run(args: argparse.Namespace) -> dict:
     raw["eval"] = {"tasks": evaluated.metrics, "limit": cfg.eval.limit}
     save(raw, out)
     if args.full_shape != "none":
-        full_arch = dict(lookup_architecture(args.full_shape)[1])
-        full_model = _timed(timings, "build full model", build_model, full_arch, run_dir / f"model-{args.full_shape}",
-                            corpus, on_gpu=False)
-        training = cfg.training.model_copy(update={"lora": cfg.training.lora.model_copy(update={"enabled": False}),
-                                                   "deepspeed": cfg.training.deepspeed.model_copy(update=FULL_GATHER)})
-        full_cfg = cfg.model_copy(update={"training": training,
-                                          "model": cfg.model.model_copy(update={"name_or_path": str(full_model)})})
-        raw["full"] = {"shape": args.full_shape, "model": str(full_model), "deepspeed": FULL_GATHER}
-        try:
-            full = _timed(timings, "train (full)", run_finetune, full_cfg, "train", part.train_path)
-            raw["full"].update(fine_tune_raw(full))
-        except Exception as e:  # e.g. Ray's memory monitor killing a worker: the LoRA figures still stand
-            raw["full"]["error"] = f"{type(e).__name__}: {e}"[-4000:]
+        run_full(args, cfg, part.train_path, raw, timings, corpus)
     raw["matmul_peak"]["after"] = matmul_peak(shapes, threads=os.cpu_count())
+    save(raw, out)
+    return raw
+
+
+def run_full(args: argparse.Namespace, cfg, train_path: Path, raw: dict, timings: dict, corpus: list[str]) -> None:
+    """The full-parameter ZeRO-3 fine-tune at ``args.full_shape`` on the partitioned table ``train_path``."""
+    from gpu_check import build_model
+
+    from forgetting_ray.plan import lookup_architecture
+    from forgetting_ray.stages.train import run_finetune
+
+    full_arch = dict(lookup_architecture(args.full_shape)[1])
+    full_model = _timed(timings, "build full model", build_model, full_arch, Path(cfg.run_dir) / f"model-{args.full_shape}",
+                        corpus, on_gpu=False)
+    training = cfg.training.model_copy(update={"lora": cfg.training.lora.model_copy(update={"enabled": False}),
+                                               "deepspeed": cfg.training.deepspeed.model_copy(update=FULL_GATHER)})
+    full_cfg = cfg.model_copy(update={"training": training,
+                                      "resources": cfg.resources.model_copy(update={"num_workers": FULL_WORKERS}),
+                                      "model": cfg.model.model_copy(update={"name_or_path": str(full_model)})})
+    raw["full"] = {"shape": args.full_shape, "model": str(full_model), "deepspeed": FULL_GATHER, "workers": FULL_WORKERS,
+                   "memory_monitor_threshold": float(os.environ["RAY_memory_usage_threshold"])}
+    try:
+        full = _timed(timings, "train (full)", run_finetune, full_cfg, "train", train_path)
+        raw["full"].update(fine_tune_raw(full))
+    except Exception as e:  # e.g. Ray's memory monitor killing a worker: the LoRA figures still stand
+        raw["full"]["error"] = f"{type(e).__name__}: {e}"[-4000:]
+
+
+def run_full_only(args: argparse.Namespace, cfg, out: Path, timings: dict, corpus: list[str], shapes) -> dict:
+    """The full fine-tune alone, added to an earlier run's raw figures; the LoRA stages' outputs are reused
+    from the run folder (each stage finds its output complete and returns it)."""
+    from forgetting_ray.stages.partition import run_partition
+    from forgetting_ray.stages.prepare import run_prepare
+    from forgetting_ray.stages.score import run_score
+    from forgetting_ray.stages.train import run_finetune
+
+    raw = json.loads(out.read_text())
+    prep = run_prepare(cfg)
+    ref = run_finetune(cfg, "reference", prep.reference_path)
+    scores = run_score(cfg, prep.train_path, ref.export_dir)
+    part = run_partition(cfg, prep.train_path, scores.dir)
+    run_full(args, cfg, part.train_path, raw, raw["seconds"], corpus)
+    raw["full"]["command"] = "python bench/bench_scale.py " + " ".join(sys.argv[1:])
+    raw["full"]["date"] = date.today().isoformat()
+    raw["matmul_peak"]["after_full"] = matmul_peak(shapes, threads=os.cpu_count())
     save(raw, out)
     return raw
 
@@ -199,8 +240,7 @@ def fine_tune_figures(ft_raw: dict, ft_cfg, shape, cfg, workers: int, peak: floa
     estimate = host_training_memory(shape, workers=workers, lora=lora, lora_r=ft_cfg.lora.r,
                                     zero_stage=ft_cfg.deepspeed.zero_stage if ft_cfg.deepspeed.enabled else 0,
                                     micro_batch_size=ft_cfg.micro_batch_size, seq_len=cfg.data.max_length,
-                                    gradient_checkpointing=ft_cfg.gradient_checkpointing,
-                                    reduce_bucket_size=ft_cfg.deepspeed.reduce_bucket_size)
+                                    gradient_checkpointing=ft_cfg.gradient_checkpointing)
     return {"tokens_per_s": tokens / seconds, "step_s": statistics.median(step_s),
             "model_flops_per_s": work.model / seconds, "hardware_flops_per_s": work.hardware / seconds,
             "mfu": work.model / seconds / peak, "hfu": work.hardware / seconds / peak, "split_s": split,
@@ -216,7 +256,7 @@ def figures(raw: dict) -> dict:
 
     cfg = PipelineConfig.model_validate(raw["config"])
     workers = cfg.resources.num_workers
-    peak = min(m["gflops"] for m in raw["matmul_peak"].values()) * 1e9
+    peak = min(raw["matmul_peak"][k]["gflops"] for k in ("before", "after") if k in raw["matmul_peak"]) * 1e9
     shape = model_shape(raw["shape"], lora_targets=cfg.training.lora.target_modules)
     out = {"peak_gflops": peak / 1e9, "params": shape.params,
            "reference": fine_tune_figures(raw["reference"], cfg.reference, shape, cfg, workers, peak),
@@ -236,7 +276,7 @@ def figures(raw: dict) -> dict:
                                                    "deepspeed": cfg.training.deepspeed.model_copy(
                                                        update=raw["full"]["deepspeed"])})
         full_shape = model_shape(raw["full"]["shape"])
-        out["full"] = fine_tune_figures(raw["full"], full_cfg, full_shape, cfg, workers, peak)
+        out["full"] = fine_tune_figures(raw["full"], full_cfg, full_shape, cfg, raw["full"].get("workers", workers), peak)
         out["full"]["params"] = full_shape.params
     return out
 
@@ -246,6 +286,7 @@ def report(raw: dict) -> str:
 
     f = figures(raw)
     s = raw["seconds"]
+    cfg_workers = raw["config"]["resources"]["num_workers"]
 
     def mem(x):
         measured = ", ".join(f"{g:.2f}" for g in x["peak_rss_gib"])
@@ -273,15 +314,17 @@ def report(raw: dict) -> str:
             lines.append(f"| partition | {s['partition']:.1f} | | | | | | | |")
     lines.append(f"| eval (BoolQ, {raw['eval']['limit']:g} documents) | {s['eval']:.0f} | | | | | | | |")
     if "full" in raw and "error" in raw["full"]:
-        lines.append(f"| train full, {raw['full']['shape']} shape, ZeRO-3 | failed: {raw['full']['error'][:200]} |"
-                     " | | | | | | |")
+        err = raw["full"]["error"]
+        why = "Ray's memory monitor stopped a worker" if "memory" in err else err[:200].replace("\n", " ")
+        lines.append(f"| train full, {raw['full']['shape']} shape, ZeRO-3, {raw['full'].get('workers', cfg_workers)} "
+                     f"worker(s) | failed: {why} (bench/results/scale_1b_full_oom.txt) | | | | | | | |")
     if "full" in f:
         x = f["full"]
         split = " / ".join(f"{v:.1f}" for v in x["split_s"].values())
-        lines.append(f"| train full, {raw['full']['shape']} shape ({x['params'] / 1e9:.2f} B), ZeRO-3 + export | "
+        lines.append(f"| train full, {raw['full']['shape']} shape ({x['params'] / 1e9:.2f} B), ZeRO-3, "
+                     f"{raw['full'].get('workers', cfg_workers)} worker(s) + export | "
                      f"{s['train (full)']:.0f} | {x['tokens_per_s']:.1f} | {x['model_flops_per_s'] / 1e9:.1f} | "
                      f"{x['mfu']:.0%} | {x['hfu']:.0%} | {split} | {mem(x)} |")
-    cfg_workers = raw["config"]["resources"]["num_workers"]
     full_1b = host_training_memory(model_shape(raw["shape"]), workers=cfg_workers, lora=False, lora_r=0, zero_stage=3,
                                    micro_batch_size=1, seq_len=raw["config"]["data"]["max_length"],
                                    gradient_checkpointing=True)
@@ -289,7 +332,7 @@ def report(raw: dict) -> str:
               f"workers ({full_1b.parts['trained_states'] / GIB:.1f} GiB of it fp32 weights, gradients and AdamW "
               f"states) on a {raw['machine']['memory_gib']:.0f} GiB machine: not run.",
               "Exports: " + ", ".join(f"{k} {len(raw[k]['export_files'])} files" for k in ("reference", "train", "full")
-                                      if k in raw)]
+                                      if "export_files" in raw.get(k, {}))]
     lines += ["", "plan's parts (GiB, worst worker): " + "; ".join(
         f"{k}: " + ", ".join(f"{n} {v:.2f}" for n, v in f[k]["plan_parts_gib"].items()) for k in f
         if isinstance(f[k], dict) and "plan_parts_gib" in f[k])]

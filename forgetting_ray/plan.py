@@ -36,7 +36,7 @@ from typing import Any, Literal
 from .aliases import ALIASES as MODEL_ALIASES
 from .cluster.devices import cluster_gpus, smallest_gpu_gib
 from .cluster.session import init_ray
-from .config import DeepSpeedSettings, PipelineConfig, ScoringConfig, load_config
+from .config import PipelineConfig, ScoringConfig, load_config
 from .constants import logit_chunk_rows
 from .errors import UserError
 
@@ -338,7 +338,6 @@ def host_training_memory(
     seq_len: int,
     gradient_checkpointing: bool,
     deepspeed: bool = True,
-    reduce_bucket_size: int = DeepSpeedSettings().reduce_bucket_size,
 ) -> HostMemory:
     """Peak private memory of one Ray Train worker fine-tuning on the CPU: fp32 weights and compute
     (``model.dtype: auto`` on a CPU), torch AdamW, ``workers`` ranks.
@@ -351,8 +350,11 @@ def host_training_memory(
       its mmap threshold, up to 32 MiB, for reuse), so at the peak nearly the whole model is resident in both
       forms. bench/bench_scale.py measured it at Llama-3.2-1B's shape with ``deepspeed.max_live_parameters``
       3e8 and ``max_reuse_distance`` 1e8, which bound what DeepSpeed keeps but not what the allocator keeps.
-      A full fine-tune also holds up to one reduce bucket (``deepspeed.reduce_bucket_size`` elements) of
-      whole gradients before they are reduce-scattered;
+      A full fine-tune also produces every weight's whole gradient in the backward before it is
+      reduce-scattered: counted as the whole model a third time. For full fine-tunes this is a lower bound:
+      at Qwen2.5-0.5B's shape two workers passed 9.7 GiB each in their first steps against 8.97 planned, and one
+      worker 19 GiB against 13.6 (bench/results/scale_1b_full_oom.txt; not the allocator: the same with freed
+      blocks unmapped), so DeepSpeed holds more for full fine-tunes on CPUs than these parts;
     * activations: :func:`activation_bytes` at 4 bytes per value;
     * runtime: :data:`HOST_RUNTIME_BYTES`.
     """
@@ -370,7 +372,7 @@ def host_training_memory(
     if stage == 3:
         gathered = n
         if not lora:
-            gathered += min(trained, reduce_bucket_size)
+            gathered += trained
         parts["gathered"] = b * gathered
     parts["activations"] = activation_bytes(shape, micro_batch_size=micro_batch_size, seq_len=seq_len, lora=lora,
                                             lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
@@ -597,8 +599,7 @@ def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     scoring = ScoringConfig()
     s: dict[str, Any] = dict(model=args.model, gpus_per_node=8, zero_stage=3, offload="none", lora=True, lora_r=64,
                              lora_targets="all-linear", micro_batch_size=2, seq_len=2048, gradient_checkpointing=True,
-                             attention=None, deepspeed=True, reduce_bucket_size=DeepSpeedSettings().reduce_bucket_size,
-                             reference_lora=True, reference_lora_r=64,
+                             attention=None, deepspeed=True, reference_lora=True, reference_lora_r=64,
                              batch_tokens=scoring.batch_tokens, chunk_size=scoring.chunk_size)
     if args.model.endswith((".yaml", ".yml")):
         cfg = load_config(args.model)
@@ -611,8 +612,7 @@ def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
             lora=ft.lora.enabled, lora_r=ft.lora.r, lora_targets=ft.lora.target_modules,
             micro_batch_size=ft.micro_batch_size, seq_len=cfg.data.max_length,
             gradient_checkpointing=ft.gradient_checkpointing, attention=cfg.model.attn_implementation,
-            deepspeed=ds.enabled, reduce_bucket_size=ds.reduce_bucket_size,
-            reference_lora=cfg.reference.lora.enabled, reference_lora_r=cfg.reference.lora.r,
+            deepspeed=ds.enabled, reference_lora=cfg.reference.lora.enabled, reference_lora_r=cfg.reference.lora.r,
             batch_tokens=cfg.scoring.batch_tokens, chunk_size=cfg.scoring.chunk_size,
         )
     overrides = dict(gpus_per_node=args.gpus_per_node, zero_stage=args.zero_stage, offload=args.offload,
@@ -650,8 +650,7 @@ def _print_cpu_plan(args: argparse.Namespace, s: dict[str, Any], shape: ModelSha
     workers = s["gpus_per_node"] * args.nodes
     train = host_training_memory(shape, workers=workers, lora=s["lora"], lora_r=s["lora_r"], zero_stage=s["zero_stage"],
                                  micro_batch_size=s["micro_batch_size"], seq_len=s["seq_len"],
-                                 gradient_checkpointing=s["gradient_checkpointing"], deepspeed=s["deepspeed"],
-                                 reduce_bucket_size=s["reduce_bucket_size"])
+                                 gradient_checkpointing=s["gradient_checkpointing"], deepspeed=s["deepspeed"])
     score = scoring_actor_memory(shape, adapter_reference=s["reference_lora"], lora_r=s["reference_lora_r"],
                                  batch_tokens=s["batch_tokens"], max_length=s["seq_len"], chunk_size=s["chunk_size"])
     if args.json:
@@ -664,6 +663,9 @@ def _print_cpu_plan(args: argparse.Namespace, s: dict[str, Any], shape: ModelSha
     for name, mem in (("training worker", train), ("scoring actor", score)):
         parts = ", ".join(f"{k} {_gib(v)}" for k, v in mem.parts.items())
         print(f"{name:<16} {_gib(mem.total):>6} GiB  ({parts})")
+    if not s["lora"] and s["deepspeed"]:
+        print("full fine-tune: the training worker's figure is a lower bound on CPUs (measured 8-30 % above it at "
+              "Qwen2.5-0.5B's shape; BENCHMARKS.md, 'Scale on this CPU')")
     return 0
 
 
