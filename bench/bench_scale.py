@@ -48,6 +48,7 @@ WARMUP_STEPS = 1  # the first step pays DeepSpeed's first gathers and the alloca
 FULL_GATHER = {"max_live_parameters": 100_000_000, "max_reuse_distance": 0}
 FULL_WORKERS = 2
 MEMORY_MONITOR_THRESHOLD = "0.98"
+PEAK_WHEN = {"before": "before the stages", "after": "after them", "after_full": "after the --full-only run"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -297,7 +298,8 @@ def report(raw: dict) -> str:
              f"{raw['machine']['cpus']} CPUs ({raw['machine']['processor']}), {raw['machine']['memory_gib']:.0f} GiB; "
              f"{raw['shape']} shape, {f['params'] / 1e9:.2f} B parameters, fp32, random weights; fp32 GEMM peak "
              f"{f['peak_gflops']:.0f} GFLOP/s (median, {raw['machine']['cpus']} threads, the step's shapes; "
-             + ", ".join(f"{m['gflops']:.0f} {when} the stages" for when, m in raw["matmul_peak"].items()) + ")",
+             + ", ".join(f"{m['gflops']:.0f} {PEAK_WHEN.get(when, when)}" for when, m in raw["matmul_peak"].items())
+             + ")",
              "",
              "| stage | wall s | tokens/s | model GFLOP/s | of peak | hardware | step: forward / backward / optimizer s "
              "| peak RSS per worker GiB | plan GiB (error) |",
