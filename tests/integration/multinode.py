@@ -321,7 +321,7 @@ print(actors[0].node_id if actors else "")
 def _worker_node_cmd(gcs_address: str, temp_dir: Path, used: set[int]) -> list[str]:
     """`ray start` of a one-CPU worker node on ports of its own; its worker port range is added to ``used``."""
     agent_http, agent_grpc, metrics, rt_env, node_manager, object_manager = _free_ports(6)
-    workers = _free_port_range(20, used)
+    workers = _free_port_range(100, used)  # 20 ran out on a busy node (every worker process holds one)
     used |= set(workers)
     return [str(BIN / "ray"), "start", "--block", "--address", gcs_address, "--num-cpus", "1",
             "--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(agent_http),
