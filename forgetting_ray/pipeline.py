@@ -27,15 +27,16 @@ from .report.plots import log_finetune_plots
 from .report.study import StudyError, compare_models, read_eval_samples, results_table
 from .runcard import RunCard
 from .search import resolve_objective
-from .stages.evaluate import EVAL_RESULTS_FILE, check_eval_files, eval_key, load_eval_result, run_eval
+from .stages.evaluate import (EVAL_RESULTS_FILE, check_eval_files, eval_key, load_eval_result, log_model_scores,
+                               run_eval)
 from .stages.partition import run_partition
 from .stages.prepare import run_prepare
 from .stages.score import run_score
-from .stages.train import run_finetune
+from .stages.train import model_params, run_finetune
 from .stages.tune import run_tune
 from .store import is_complete, portable, run_root, tree_sha256
 from .tiny import build_demo_model, corpus_lines
-from .tracking import Tracker, compare_runs_url, experiment_url, resolve_tracking_uri
+from .tracking import Tracker, compare_runs_url, experiment_url, models_url, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class PipelineResult:
     seconds: dict[str, float] = field(default_factory=dict)
     tracker: Tracker | None = None
     run_card: Path | None = None
+    model_ids: dict[str, str] = field(default_factory=dict)  # export folder -> its MLflow LoggedModel
 
 
 def start_tracking(cfg: PipelineConfig, run_name: str = "pipeline") -> Tracker:
@@ -107,7 +109,8 @@ def log_splits(t: Tracker, prep) -> None:
                       context="training" if split == "train" else "reference", num_rows=info.get("n_samples"))
 
 
-def _finetune(t: Tracker, cfg: PipelineConfig, stage: str, table: Path, card=None, name: str | None = None):
+def _finetune(t: Tracker, cfg: PipelineConfig, stage: str, table: Path, card=None, name: str | None = None,
+              model_ids: dict[str, str] | None = None, reference: Path | None = None):
     logged: set[int] = set()
 
     def log_step(row: dict) -> None:  # live, from this process, while the fit runs
@@ -117,12 +120,15 @@ def _finetune(t: Tracker, cfg: PipelineConfig, stage: str, table: Path, card=Non
             logged.add(step)
 
     res = run_finetune(cfg, stage, table, on_step=log_step if t.enabled else None)
-    _log_finetune(t, cfg, res, card, name or stage, logged)
+    _log_finetune(t, cfg, res, card, name or stage, logged, model_ids, reference)
     return res
 
 
-def _log_finetune(t: Tracker, cfg: PipelineConfig, res, card, name: str, logged: set[int] = frozenset()) -> None:
-    """Step metrics (those not logged live), plots and the export (by URI and hash) of a finished fine-tune."""
+def _log_finetune(t: Tracker, cfg: PipelineConfig, res, card, name: str, logged: set[int] = frozenset(),
+                  model_ids: dict[str, str] | None = None, reference: Path | None = None) -> None:
+    """Step metrics (those not logged live), plots and the export of a finished fine-tune: an MLflow LoggedModel
+    (by URI and hash, ``model_ids`` maps its folder to the model's id), registered as ``tracking.register_as``
+    when it is the pipeline's answer (the configured strategy's fine-tune or Tune's best)."""
     for row in res.metrics:
         if int(row.get("step", 0)) not in logged:
             t.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row.get("step", 0)))
@@ -133,7 +139,14 @@ def _log_finetune(t: Tracker, cfg: PipelineConfig, res, card, name: str, logged:
         log_finetune_plots(t, res, cfg.training if res.stage == "train" else None)
     if res.export_dir is not None:
         sha = tree_sha256(res.export_dir)
-        t.log_model_reference(name, res.export_dir, sha, upload=cfg.tracking.upload_models)
+        shown_as = "reference" if res.stage == "reference" else cfg.training.strategy  # the Models tab's names
+        model_id = t.log_model(shown_as, res.export_dir, sha, model_params(cfg, res.stage, reference),
+                               upload=cfg.tracking.upload_models)
+        if model_id and model_ids is not None:
+            model_ids[str(res.export_dir)] = model_id
+        if model_id and name == "train" and cfg.tracking.register_as:
+            version = t.register_model(model_id, cfg.tracking.register_as)
+            log.info("registered %s as %s version %d", res.export_dir, cfg.tracking.register_as, version)
         if card is not None:
             card.add_model(name, res.export_dir, sha, key=res.key, steps=res.global_step, nodes=res.nodes)
 
@@ -174,7 +187,8 @@ def _tune(t: Tracker, cfg: PipelineConfig, table: Path, scores):
     return run_tune(cfg, table, scores, t)
 
 
-def _evaluate(t: Tracker, cfg: PipelineConfig, models: dict[str, str]):
+def _evaluate(t: Tracker, cfg: PipelineConfig, models: dict[str, str], model_ids: dict[str, str] | None = None):
+    """Each model on the benchmarks; a fine-tune's scores are linked to its LoggedModel (the Models tab)."""
     results = {}
     for name, path in models.items():
         key = eval_key(cfg, model_identity(path))
@@ -182,10 +196,14 @@ def _evaluate(t: Tracker, cfg: PipelineConfig, models: dict[str, str]):
         if is_complete(out, EVAL_RESULTS_FILE):  # results.json is written last
             log.info("eval: reusing %s for %s", out, name)
             results[name] = load_eval_result(out)
-            continue
-        with t.stage(f"eval-{name}") as child:
-            child.log_params({"model": path, "key": key})
-            results[name] = run_eval(cfg, path, out, tracker=child)
+            run = t
+        else:
+            with t.stage(f"eval-{name}") as run:
+                run.log_params({"model": path, "key": key})
+                results[name] = run_eval(cfg, path, out, tracker=run)
+        model_id = (model_ids or {}).get(path)
+        if model_id:
+            log_model_scores(run, cfg, model_id, results[name])
     return results
 
 
@@ -232,7 +250,7 @@ def _run_stages(cfg: PipelineConfig, result: PipelineResult, card: RunCard, last
     card.add_data(prep)
     if last >= STAGES.index("reference"):
         ref = _timed(result, "reference", tracker, _finetune, cfg, "reference", prep.reference_path, card,
-                     detail=f"fine-tune {cfg.model.name_or_path}")
+                     model_ids=result.model_ids, detail=f"fine-tune {cfg.model.name_or_path}")
     if last >= STAGES.index("score"):
         scores = _timed(result, "score", tracker, _score, cfg, prep.train_path, ref.export_dir,
                         detail=f"{cfg.model.name_or_path} against its reference")
@@ -257,18 +275,19 @@ def _run_stages(cfg: PipelineConfig, result: PipelineResult, card: RunCard, last
                 continue
             variant = train_cfg.model_copy(update={"training": train_cfg.training.model_copy(update={"strategy": strategy})})
             models[strategy] = _timed(result, f"train-{strategy}", tracker, _finetune, variant, "train",
-                                      train_table, card, f"train-{strategy}")
+                                      train_table, card, f"train-{strategy}", result.model_ids, ref.export_dir)
         if tuned is not None:  # the best trial is the forgetting model: log it, do not retrain it
-            models[train_cfg.training.strategy] = _timed(result, "train", tracker, _adopt_best, train_cfg, tuned, card)
+            models[train_cfg.training.strategy] = _timed(result, "train", tracker, _adopt_best, train_cfg, tuned, card,
+                                                         result.model_ids, ref.export_dir)
         else:
             models[cfg.training.strategy] = _timed(result, "train", tracker, _finetune, cfg, "train",
-                                                   train_table, card, "train",
+                                                   train_table, card, "train", result.model_ids, ref.export_dir,
                                                    detail=f"{cfg.training.strategy} on {cfg.model.name_or_path}")
             _log_plots(tracker, Path(models[cfg.training.strategy].out_dir) / "plots")
     if last >= STAGES.index("eval") and cfg.eval.enabled:
         paths = {"base": cfg.model.name_or_path} if cfg.eval_base_model else {}
         paths.update({name: str(r.export_dir) for name, r in models.items()})
-        evals = _timed(result, "eval", tracker, _evaluate, train_cfg, paths)
+        evals = _timed(result, "eval", tracker, _evaluate, train_cfg, paths, result.model_ids)
         card.add_stage("eval", {name: {"headline": r.headline, "average": r.average} for name, r in evals.items()})
         tracker.log_metrics(result_metrics(evals, cfg.training.strategy))
 
@@ -301,11 +320,12 @@ def _log_plots(tracker: Tracker, folder: Path) -> None:
             tracker.log_artifact(folder / name, "plots")
 
 
-def _adopt_best(t: Tracker, cfg: PipelineConfig, tuned, card):
+def _adopt_best(t: Tracker, cfg: PipelineConfig, tuned, card, model_ids: dict[str, str] | None = None,
+                reference: Path | None = None):
     """The train stage after a search: the best trial's fine-tune, logged like a trained model."""
     t.set_tags({"forgetting_ray.from_trial": tuned.best["trial_id"]})
     t.log_params({f"best.{k}": v for k, v in sorted(tuned.best["config"].items())})
-    _log_finetune(t, cfg, tuned.best_train, card, "train")
+    _log_finetune(t, cfg, tuned.best_train, card, "train", model_ids=model_ids, reference=reference)
     return tuned.best_train
 
 
@@ -343,6 +363,8 @@ def summarize(cfg: PipelineConfig, result: PipelineResult) -> str:
         if ui != t.uri:
             out.append(f"  mlflow ui --backend-store-uri {t.uri} --host 127.0.0.1 --port 5000")
         out.append(f"  {experiment_url(ui, t.experiment_id)}")
+        if result.model_ids:
+            out.append(f"  the fine-tunes and their scores: {models_url(ui, t.experiment_id)}")
         trial_runs = getattr(result.outputs.get("tune"), "trial_runs", None)
         if trial_runs:
             out.append(f"  the Tune trials side by side: {compare_runs_url(ui, t.experiment_id, list(trial_runs.values()))}")

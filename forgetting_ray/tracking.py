@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import urlencode
 
-from .store import run_root
+from .store import remote_of, run_root
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ SECRET_KEY = re.compile(r"(^|[_-])(pass(word)?|secret|token|api[_-]?key|credenti
 URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:]+)(:(?P<pw>[^/@]*))?@", re.I)
 MAX_PARAM_LEN = 6000  # MLflow's limit for a param value
 TRIAL_ID_TAG = "forgetting_ray.trial_id"  # on a Tune trial's child run
+MODEL_URI_TAG = "forgetting_ray.export_uri"  # on a LoggedModel: where its export folder is
+MODEL_SHA256_TAG = "forgetting_ray.sha256"  # on a LoggedModel and a registered version: the export's tree hash
 
 
 class TrackingError(RuntimeError):
@@ -60,6 +63,14 @@ def resolve_tracking_uri(tracking_uri: str | None, run_dir: str | Path) -> str:
     return f"sqlite:///{db}"
 
 
+def _local_artifact_location(uri: str) -> str | None:
+    """Beside a sqlite store: its artifacts (plots, configs, models' MLmodel files) in ``mlartifacts/`` next to
+    the database, where MLflow would put them in ``./mlruns`` of whatever folder the run started in."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a server decides where its artifacts go
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     """Fail before any compute when a remote tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -89,6 +100,11 @@ def experiment_url(ui: str, experiment_id: str) -> str:
     """The experiment's runs table in the MLflow UI.  MLflow 3.17's UI picks its view from a global workflow
     switch (GenAI by default) rather than from the experiment's kind tag; the URL selects machine learning."""
     return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def models_url(ui: str, experiment_id: str) -> str:
+    """The experiment's Models tab: every fine-tune's export with its parameters and benchmark scores."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/models?workflowType=machine_learning"
 
 
 def compare_runs_url(ui: str, experiment_id: str, run_ids: list[str]) -> str:
@@ -130,7 +146,8 @@ class Tracker:
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
-            exp_id = client.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
+            exp_id = client.create_experiment(experiment, artifact_location=_local_artifact_location(uri),
+                                              tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
         else:
             exp_id = exp.experiment_id
             if EXPERIMENT_KIND_TAG not in exp.tags:  # a kind the user chose in the UI stays
@@ -210,14 +227,19 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow batch limit
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, *, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
+        """Finite numbers only; ``model_id`` links them to a LoggedModel (its scores in the Models tab), and
+        ``dataset`` (name, digest) to the dataset they were measured on."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        name, digest = dataset or (None, None)
+        digest = digest[:36] if digest else None  # as log_dataset stores it
         items = [
-            Metric(k, float(v), now, step or 0)
+            Metric(k, float(v), now, step or 0, model_id=model_id, dataset_name=name, dataset_digest=digest)
             for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
         ]
@@ -253,11 +275,64 @@ class Tracker:
         if self.enabled:
             self.client.log_text(self.run_id, text, name)
 
-    def log_model_reference(self, name: str, path: str | Path, sha256: str, upload: bool = False) -> None:
-        """Record a checkpoint/export by URI and hash; uploading (large) is opt-in."""
+    def log_model(self, name: str, path: str | Path, sha256: str, params: Mapping[str, Any] | None = None,
+                  upload: bool = False) -> str | None:
+        """Record an export as an MLflow LoggedModel of this run (the UI's Models tab): its parameters, and its
+        folder by URI and sha256; the weights are copied into MLflow only when ``upload``.  The same export
+        logged again (a rerun that reused it) is the same model.  Returns the model's id."""
         if not self.enabled:
-            return
-        uri = Path(path).resolve().as_uri() if "://" not in str(path) else str(path)
+            return None
+        # a bucket run's export is in the driver's mirror: the model names the bucket, which every node reaches
+        uri = str(path) if "://" in str(path) else (remote_of(path) or Path(path).resolve().as_uri())
         self.set_tags({f"model.{name}.uri": uri, f"model.{name}.sha256": sha256})
+        for known in self.client.search_logged_models([self.experiment_id], filter_string=f"name = '{name}'"):
+            if known.tags.get(MODEL_SHA256_TAG) == sha256 and known.status == "READY":
+                self.set_tags({f"model.{name}.id": known.model_id})
+                return known.model_id
+        from mlflow.models.model import MLMODEL_FILE_NAME, Model
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
+
+        tags = {MODEL_URI_TAG: uri, MODEL_SHA256_TAG: sha256}
+        if not upload:
+            tags[MLFLOW_MODEL_IS_EXTERNAL] = "true"
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=self.run_id, tags=tags, model_type="fine-tune",
+            params={k: str(redact(k, v))[:MAX_PARAM_LEN] for k, v in (params or {}).items()})
+        # an MLmodel file makes the model registrable; it says where the weights are when MLflow does not hold them
+        spec = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, model_id=model.model_id,
+                     run_id=self.run_id, metadata=None if upload else {MLFLOW_MODEL_IS_EXTERNAL: True, "uri": uri})
+        with tempfile.TemporaryDirectory() as tmp:
+            spec.save(str(Path(tmp) / MLMODEL_FILE_NAME))
+            self.client.log_model_artifacts(model.model_id, tmp)
         if upload:
-            self.client.log_artifacts(self.run_id, str(path), f"models/{name}")
+            self.client.log_model_artifacts(model.model_id, str(path), "export")
+        self.client.finalize_logged_model(model.model_id, "READY")
+        self.set_tags({f"model.{name}.id": model.model_id})
+        return model.model_id
+
+    def register_model(self, model_id: str, name: str) -> int:
+        """A new version of registered model ``name`` (created when missing) for the LoggedModel ``model_id``,
+        tagged with its sha256; an export already registered under ``name`` keeps its version."""
+        from mlflow.exceptions import MlflowException
+
+        model = self.client.get_logged_model(model_id)
+        sha256 = model.tags.get(MODEL_SHA256_TAG, "")
+        try:
+            self.client.create_registered_model(name, description="FORGETTING fine-tunes (forgetting-ray)")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        for version in self.client.search_model_versions(f"name = '{name}'"):
+            if version.tags.get(MODEL_SHA256_TAG) == sha256:
+                return int(version.version)
+        # the model's artifact location, not models:/<id>: a local store would resolve that id through MLflow's
+        # process-global tracking URI, which need not be this tracker's
+        version = self.client.create_model_version(
+            name, source=model.artifact_location, run_id=model.source_run_id, model_id=model_id,
+            tags={MODEL_SHA256_TAG: sha256, MODEL_URI_TAG: model.tags.get(MODEL_URI_TAG, "")})
+        # what mlflow.register_model records on the model: the Models tab's "Registered models" column
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        versions = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS, "[]")) + [{"name": name, "version": str(version.version)}]
+        self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
+        return int(version.version)

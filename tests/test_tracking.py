@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import pytest
@@ -132,3 +133,46 @@ def test_close_trial_runs_marks_the_runs_the_scheduler_stopped_or_that_errored(t
     assert status["stopped"].data.tags["forgetting_ray.stopped_by"] == "scheduler"
     assert "forgetting_ray.stopped_by" not in status["errored"].data.tags
     Tracker.disabled().close_trial_runs(stopped=["x"], errored=[])  # nothing to close, no store
+
+
+def test_an_export_is_a_logged_model_with_its_scores_and_a_registered_version(tmp_path, monkeypatch):
+    """Each fine-tune's export as an MLflow LoggedModel (the Models tab): by URI and sha256, weights copied only
+    when asked; its benchmark scores linked to it and their datasets; registered as a new version, once."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root would be ./mlruns here
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"weights")
+    uri = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    (tmp_path / "run").mkdir()
+    pipeline = Tracker.start(uri, "exp", "pipeline")
+    train = pipeline.child("train")
+    model_id = train.log_model("train", export, "sha-1", {"strategy": "forgetting", "rho": 0.7, "hub.token": "x"})
+    assert train.log_model("train", export, "sha-1", {"strategy": "forgetting"}) == model_id  # a rerun: same model
+    pipeline.log_metrics({"boolq": 0.61}, model_id=model_id, dataset=("boolq", "d" * 64))
+    pipeline.log_metrics({"mean": 0.55}, model_id=model_id)
+
+    client = MlflowClient(uri)
+    model = client.get_logged_model(model_id)
+    assert model.name == "train" and model.status == "READY" and model.source_run_id == train.run_id
+    assert model.params == {"strategy": "forgetting", "rho": "0.7", "hub.token": "***"}
+    assert model.tags["forgetting_ray.export_uri"] == export.as_uri() and model.tags["mlflow.model.isExternal"] == "true"
+    assert {(m.key, m.value, m.dataset_name) for m in model.metrics} == {("boolq", 0.61, "boolq"), ("mean", 0.55, None)}
+    artifacts = {a.path for a in client.list_logged_model_artifacts(model_id)}
+    assert artifacts == {"MLmodel"}  # the weights stay where they are
+    assert model.artifact_location.startswith((tmp_path / "run" / "mlartifacts").as_uri())  # beside the store
+    assert not (tmp_path / "mlruns").exists()
+
+    uploaded = train.log_model("train", export, "sha-2", upload=True)
+    assert uploaded != model_id
+    assert "export/model.safetensors" in {a.path for a in client.list_logged_model_artifacts(uploaded, "export")}
+
+    assert pipeline.register_model(model_id, "forgetting-demo") == 1
+    assert pipeline.register_model(model_id, "forgetting-demo") == 1  # already registered: its version
+    assert pipeline.register_model(uploaded, "forgetting-demo") == 2
+    version = client.get_model_version("forgetting-demo", "1")
+    assert version.tags["forgetting_ray.sha256"] == "sha-1" and version.run_id == train.run_id
+    assert json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "forgetting-demo", "version": "1"}]  # the Models tab's "Registered models" column
+    assert Tracker.disabled().log_model("train", export, "sha-1") is None

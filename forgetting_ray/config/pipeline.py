@@ -25,7 +25,13 @@ class TrackingConfig(Section):
     )
     experiment_name: str = Field("forgetting-ray", description="MLflow experiment name.")
     upload_models: bool = Field(
-        False, description="Upload checkpoints/exports as artifacts (large); by default only URIs and hashes."
+        False, description="Copy each export's weights into MLflow with its LoggedModel (large); by default the "
+        "model records the export's URI and sha256 and MLflow holds no weights."
+    )
+    register_as: str | None = Field(
+        None, description="Register the pipeline's answer (the configured strategy's export, or Tune's best trial) "
+        "in the MLflow Model Registry under this name: a new version tagged with the export's sha256 (an export "
+        "already registered keeps its version). None: nothing is registered."
     )
     system_metrics: bool = Field(
         False,

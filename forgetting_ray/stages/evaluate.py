@@ -156,14 +156,28 @@ def _predict(e: Any, model_cfg: ModelConfig, requests: list[dict[str, Any]], lab
     return answers
 
 
+def _benchmark_digests(cfg: PipelineConfig) -> dict[str, str]:
+    """Each benchmark subset's identity: its files' content and the subset taken (limit)."""
+    return {name: content_hash({"data": fp, "limit": cfg.eval.limit}) for name, fp in eval_data_fingerprint(cfg.eval).items()}
+
+
 def _log_benchmarks(cfg: PipelineConfig, result: dict[str, Any], tracker: Any) -> None:
-    """Each benchmark subset as an MLflow dataset: its files' content and the subset taken (limit)."""
-    fingerprints = eval_data_fingerprint(cfg.eval)
+    """Each benchmark subset as an MLflow dataset."""
+    digests = _benchmark_digests(cfg)
     for name, metrics in result["tasks"].items():
         sources = [str(getattr(inp, "path", inp)) for inp in runner.get_task(name).files(cfg.eval)]
-        digest = content_hash({"data": fingerprints.get(name), "limit": cfg.eval.limit})
-        tracker.log_dataset(name, digest, sources[0] if len(sources) == 1 else json.dumps(sources), context="eval",
-                            num_rows=int(metrics.get("n", 0)))
+        tracker.log_dataset(name, digests.get(name, ""), sources[0] if len(sources) == 1 else json.dumps(sources),
+                            context="eval", num_rows=int(metrics.get("n", 0)))
+
+
+def log_model_scores(tracker: Any, cfg: PipelineConfig, model_id: str, result: EvalResult) -> None:
+    """A fine-tune's scores on its MLflow LoggedModel (the Models tab's columns): each benchmark's headline
+    metric, linked to that benchmark's dataset, and their mean."""
+    digests = _benchmark_digests(cfg)
+    for name, value in result.headline.items():
+        tracker.log_metrics({name: value}, model_id=model_id, dataset=(name, digests.get(name, "")))
+    if result.average is not None:
+        tracker.log_metrics({"mean": result.average}, model_id=model_id)
 
 
 def _log_mlflow(cfg: PipelineConfig, result: dict[str, Any], tracker: Any = None) -> None:

@@ -431,3 +431,20 @@ def load_result(out_dir: str | Path) -> FinetuneResult:
         guardrail_events=d.get("guardrail_events", []), metrics=metrics, nodes=d.get("nodes", []),
         peak_rss_bytes=d.get("peak_rss_bytes", []), export_peak_rss_bytes=d.get("export_peak_rss_bytes", []),
     )
+
+
+def model_params(cfg: PipelineConfig, stage: str, reference: Path | None = None) -> dict[str, Any]:
+    """A fine-tune as its LoggedModel's parameters say it: the method's knobs (strategy, rho, the lambda
+    schedule) for the train stage, and for every fine-tune its base, reference, seed and adapter."""
+    ft = cfg.reference if stage == "reference" else cfg.training
+    params: dict[str, Any] = {"stage": stage, "base": cfg.model.name_or_path, "seed": ft.seed, "lr": ft.lr,
+                              "lora_r": ft.lora.r if ft.lora.enabled else "full"}
+    if stage == "reference":
+        return params | {"strategy": "sft", "data": "reference split"}
+    params |= {"strategy": ft.strategy, "reference": portable(reference) if reference else None}
+    if ft.strategy != "sft":
+        params |= {"rho": cfg.selection.rho}
+    if ft.strategy == "forgetting":
+        params |= {"lambda_schedule": ft.lambda_schedule, "t_min": ft.t_min, "t_max": ft.t_max,
+                   "forget_loss": ft.forget_loss}
+    return {k: v for k, v in params.items() if v is not None}

@@ -9,7 +9,7 @@ from typing import Any
 from ..config import PipelineConfig
 from ..report.plots import log_finetune_plots
 from ..search import OBJECTIVE_METRIC, trial_config
-from ..stages.train import FinetuneResult, load_result
+from ..stages.train import FinetuneResult, load_result, model_params
 from ..store import is_complete, local_path, portable, tree_sha256
 from ..tracking import TRIAL_ID_TAG, Tracker
 
@@ -67,8 +67,11 @@ class TrialTracker:
             return  # stopped by the scheduler: Tracker.close_trial_runs marks its run KILLED
         try:
             res = load_trial_result(last["out_dir"], self.base)
-            log_finetune_plots(t, res, trial_config(self.base, dict(trial.config or {})).training)
-            t.log_model_reference("trial", portable(res.export_dir), tree_sha256(res.export_dir), upload=False)
+            cfg = trial_config(self.base, dict(trial.config or {}))
+            log_finetune_plots(t, res, cfg.training)
+            model_id = t.log_model(f"trial-{trial.trial_id}", portable(res.export_dir), tree_sha256(res.export_dir),
+                                   model_params(cfg, "train") | {"trial_id": trial.trial_id})
+            t.log_metrics({k: last[k] for k in (OBJECTIVE_METRIC, self.score_key) if k in last}, model_id=model_id)
         finally:
             t.end("FINISHED")
 

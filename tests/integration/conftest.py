@@ -82,6 +82,7 @@ def clone_run(tmp_path_factory) -> CloneRun:
     run_dir = clone / "runs" / "tiny"
     run = CloneRun(clone, site, env, run_dir, "", "")
     proc = run.cli("run", "examples/demo.yaml", "--tiny", f"run_dir={run_dir}", "reference.max_steps=3",
-                   "training.max_steps=3", "baselines=[]", "eval_base_model=false", "eval.limit=3")
+                   "training.max_steps=3", "baselines=[]", "eval_base_model=false", "eval.limit=3",
+                   "tracking.register_as=forgetting-tiny")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return CloneRun(clone, site, env, run_dir, proc.stdout, proc.stderr)

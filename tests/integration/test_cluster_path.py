@@ -49,7 +49,7 @@ def test_pipeline_and_tune_on_three_nodes_with_a_bucket_and_mlflow_on_the_head(
     run_dir = f"s3://{s3.bucket}/runs/demo"
     args = ["--config", "examples/demo.yaml", "--tiny", f"run_dir={run_dir}",
             f"tracking.tracking_uri={mlflow_server}", "tracking.experiment_name=cluster-path",
-            *FITS_TWO_ONE_CPU_NODES]
+            "tracking.register_as=forgetting-cluster", *FITS_TWO_ONE_CPU_NODES]
     pipeline = [sys.executable, "jobs/pipeline.py", *args]
 
     # a local run_dir that one worker node does not see: refused before any compute, naming the fix
@@ -104,6 +104,15 @@ def test_pipeline_and_tune_on_three_nodes_with_a_bucket_and_mlflow_on_the_head(
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     steps = client.get_metric_history(by_name["train"].info.run_id, "loss")
     assert len(steps) >= 2 and len({m.step for m in steps}) == len(steps)
+    # every export an MLflow model pointing at the bucket, its scores linked; the answer registered
+    models = {m.name: m for m in client.search_logged_models([exp.experiment_id])}
+    assert set(models) == {"reference", "sft", "forgetting"}, sorted(models)
+    for name, card_name in (("sft", "train-sft"), ("forgetting", "train")):
+        assert {"boolq", "tydiqa", "mean"} <= {m.key for m in models[name].metrics}
+        assert models[name].tags["forgetting_ray.export_uri"] == card["models"][card_name]["uri"]
+        assert models[name].tags["forgetting_ray.sha256"] == card["models"][card_name]["sha256"]
+    [version] = client.search_model_versions("name = 'forgetting-cluster'")
+    assert version.tags["forgetting_ray.sha256"] == card["models"]["train"]["sha256"]
 
     # a resubmission reuses every stage from the bucket
     status, logs = cluster.submit(pipeline, timeout_s=600)
@@ -113,6 +122,8 @@ def test_pipeline_and_tune_on_three_nodes_with_a_bucket_and_mlflow_on_the_head(
                           ("partition", "reusing"), ("train", "already complete"), ("eval", "reusing")):
         assert re.search(rf"{stage}.*{phrase}", logs), (stage, logs[-6000:])
     assert "score: scored" not in logs
+    assert len(client.search_logged_models([exp.experiment_id])) == 3  # the same exports: the same models
+    assert len(client.search_model_versions("name = 'forgetting-cluster'")) == 1
 
     # a Tune search on the same scores: its trial on a worker node, its MLflow run written by the driver (searches
     # of several trials: tests/integration/test_tune.py)

@@ -152,7 +152,11 @@ def test_mlflow_lineage(searched):
             assert run.info.status == "FINISHED" and "objective" in run.data.metrics
             arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
             assert arts == {"plots/lambda_schedule.png", "plots/loss_curves.png"}
-            assert run.data.tags["model.trial.sha256"]
+            # the trial's export as an MLflow model (the Models tab compares trials), with its objective linked
+            model = client.get_logged_model(run.data.tags[f"model.trial-{t['trial_id']}.id"])
+            assert model.source_run_id == run.info.run_id and model.tags["forgetting_ray.sha256"]
+            assert float(model.params["rho"]) == pytest.approx(t["config"]["rho"])
+            assert "objective" in {m.key for m in model.metrics}
         else:
             assert run.info.status == "KILLED" and run.data.tags["forgetting_ray.stopped_by"] == "scheduler"
 
