@@ -450,6 +450,21 @@ def _sum_by(keys: np.ndarray, values: np.ndarray) -> tuple[list[int], list[float
     return uniq.tolist(), np.bincount(inv, weights=values).tolist()
 
 
+def steady_throughput(blocks: dict[int, list[tuple[float, float, int]]]) -> dict[str, float]:
+    """Tokens/s while every actor of the pool is scoring: from the end of the last actor's first block (all
+    started, models loaded) to the end of the first actor's last block (none done), counting only blocks computed
+    wholly inside that window.  Each actor computes one block at a time, so n actors no faster than one alone
+    give at most n times one actor's rate.  ``blocks``: per actor, each block's (start, end, tokens), one clock."""
+    if not blocks or any(len(b) < 2 for b in blocks.values()):
+        return {}
+    start = max(b[0][1] for b in blocks.values())
+    end = min(b[-1][1] for b in blocks.values())
+    tokens = sum(t for b in blocks.values() for s, e, t in b if s >= start - 1e-9 and e <= end + 1e-9)
+    if end <= start or tokens == 0:
+        return {}
+    return {"steady_tokens_per_s": tokens / (end - start), "steady_window_s": end - start}
+
+
 class _Meter:
     """Throughput bookkeeping of one scoring pass, for the log and the completion marker's stats."""
 
@@ -457,6 +472,7 @@ class _Meter:
         self.stats = stats
         self.per_actor: dict[str, float] = {}  # busy seconds by actor pid: shows the pool is balanced
         self.nodes: set[str] = set()
+        self.blocks: dict[int, list[tuple[float, float, int]]] = {}  # actor pid -> (start, end, tokens) per block
         self.tokens = 0
         self.t0 = time.perf_counter()
 
@@ -472,6 +488,10 @@ class _Meter:
                                                 float(pc.max(batch.column("_peak_rss")).as_py()))
         for pid, b in zip(*_sum_by(batch.column("_actor").to_numpy(), busy_s)):
             self.per_actor[str(pid)] = self.per_actor.get(str(pid), 0.0) + b
+        if len(batch):  # a block is one actor call: it ended about now, after its compute time
+            end = self.elapsed()
+            pid = int(batch.column("_actor")[0].as_py())
+            self.blocks.setdefault(pid, []).append((end - float(busy_s.sum()), end, real_tokens))
         self.tokens += real_tokens
 
     def elapsed(self) -> float:
@@ -485,6 +505,7 @@ class _Meter:
         self.stats["score_s"] = el
         self.stats["actors_used"] = float(len(self.per_actor))
         self.stats["busiest_actor_s"] = max(self.per_actor.values(), default=0.0)
+        self.stats.update(steady_throughput(self.blocks))
         log.info("score: scored %d samples (%d tokens) in %.1fs: %.1f samples/s, %.0f tokens/s",
                  n_samples, self.tokens, el, n_samples / el, self.tokens / el)
 
