@@ -25,6 +25,7 @@ from .exports import model_identity
 from .report.html import main_report
 from .report.plots import log_finetune_plots
 from .report.study import StudyError, compare_models, read_eval_samples, results_table
+from .run_lock import hold_run_dir
 from .runcard import RunCard
 from .search import resolve_objective
 from .stages.evaluate import (EVAL_RESULTS_FILE, check_eval_files, eval_key, load_eval_result, log_model_scores,
@@ -220,6 +221,11 @@ def run_pipeline(cfg: PipelineConfig, *, until: str | None = None) -> PipelineRe
         check_eval_files(cfg)  # a missing benchmark file fails now, not after hours of training
 
     check_run_dir(cfg.run_dir, cfg.resources.ray_address)  # an unusable run_dir fails before any compute
+    with hold_run_dir(cfg.run_dir, stale_after_s=cfg.run_dir_lock_stale_s):  # one run per run_dir at a time
+        return _run_held(cfg, until, last)
+
+
+def _run_held(cfg: PipelineConfig, until: str | None, last: int) -> PipelineResult:
     result = PipelineResult(tracker=start_tracking(cfg))
     tracker = result.tracker
     card = RunCard(cfg, until=until)

@@ -154,3 +154,34 @@ class FakeRayNodes:
 
     def nodes(self):
         return self._nodes
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto) in this process, for the storage tests."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch):
+    """A fresh bucket, with the standard AWS variables pointing at the local server."""
+    for k, v in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    name = f"runs-{len(s3.list_buckets()['Buckets'])}"
+    s3.create_bucket(Bucket=name)
+    return name, s3

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from forgetting_ray.cluster.session import default_storage_path
 from forgetting_ray.config import PipelineConfig
@@ -33,30 +29,6 @@ from forgetting_ray.store import (
     stage_dir,
     unmark_complete,
 )
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3_endpoint, monkeypatch):
-    """A fresh bucket, with the standard AWS variables pointing at the local server."""
-    for k, v in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    name = f"runs-{len(s3.list_buckets()['Buckets'])}"
-    s3.create_bucket(Bucket=name)
-    return name, s3
 
 
 def test_uri_paths_are_joined_as_uris_not_as_local_folders(tmp_path):

@@ -86,6 +86,12 @@ class PipelineConfig(Section):
         "sees) or a bucket URI (s3://, gs://, abfs://; S3-compatible endpoints through AWS_ENDPOINT_URL). A "
         f"relative path lands under ${STORAGE_ENV} when that is set (cluster.yaml sets it once per cluster).",
     )
+    run_dir_lock_stale_s: float = Field(
+        120.0, gt=0,
+        description="A run holds run_dir with a lock it renews every quarter of this; another run on the same "
+        "run_dir stops at once naming the holder (host, pid, start), and takes the lock over when the holder's "
+        "process is gone (same host) or its lock has not been renewed for this many seconds.",
+    )
     seed: int = Field(42, description="Global seed.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     data: DataConfig = Field(default_factory=DataConfig, description="Corpus and prepare stage.")
