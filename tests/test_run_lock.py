@@ -107,3 +107,14 @@ def test_a_bucket_lock_is_kept_in_the_bucket_and_released(bucket):
                 pass
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=name, Prefix="runs/a/").get("Contents", [])]
     assert "runs/a/run.lock.json" not in keys  # (pyarrow leaves a folder marker, runs/a/)
+
+
+def test_the_cli_refuses_a_held_run_dir_with_one_line_and_writes_nothing(tmp_path, capsys):
+    from forgetting_ray.cli import main
+
+    run_dir = tmp_path / "run"
+    with hold_run_dir(run_dir) as me:
+        rc = main(["prepare", "examples/demo.yaml", f"run_dir={run_dir}", "tracking.enabled=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: run_dir ") and f"pid {me.pid}" in err and "Traceback" not in err
+    assert sorted(p.name for p in run_dir.iterdir()) in ([], ["logs"])  # no stage began
