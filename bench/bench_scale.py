@@ -40,11 +40,11 @@ sys.path.insert(0, str(REPO / "bench"))
 GIB = 2**30
 FULL_SHAPE = "qwen2.5-0.5b"
 WARMUP_STEPS = 1  # the first step pays DeepSpeed's first gathers and the allocator's growth
-# The full fine-tune holds 16 bytes of fp32 weight, gradient and AdamW states per parameter (over the ranks), and
-# more that plan --cpu does not yet account for: at Qwen2.5-0.5B's shape it did not fit this 24 GiB machine in any
-# of five tries on 2026-12-06 (two workers with DeepSpeed's 5e8 and a 5e7 reduce bucket, with Ray's memory monitor
-# at 95 % and 98 %, with glibc returning freed blocks; one worker): bench/results/scale_1b_full_oom.txt. A failed
-# full run is recorded in the raw figures, not fatal; --full-only retries it alone on a bigger host.
+# The full fine-tune holds 16 bytes of fp32 weight, gradient and AdamW states per parameter (over the ranks) and
+# DeepSpeed's reduce bucket and step transients (plan --cpu counts them since bench_host_memory.py found them): at
+# Qwen2.5-0.5B's shape it did not fit this 24 GiB machine in any of five tries on 2026-12-06
+# (bench/results/scale_1b_full_oom.txt). A failed full run is recorded in the raw figures, not fatal; --full-only
+# retries it alone on a bigger host.
 FULL_GATHER = {"max_live_parameters": 100_000_000, "max_reuse_distance": 0}
 FULL_WORKERS = 2
 MEMORY_MONITOR_THRESHOLD = "0.98"
@@ -241,7 +241,8 @@ def fine_tune_figures(ft_raw: dict, ft_cfg, shape, cfg, workers: int, peak: floa
     estimate = host_training_memory(shape, workers=workers, lora=lora, lora_r=ft_cfg.lora.r,
                                     zero_stage=ft_cfg.deepspeed.zero_stage if ft_cfg.deepspeed.enabled else 0,
                                     micro_batch_size=ft_cfg.micro_batch_size, seq_len=cfg.data.max_length,
-                                    gradient_checkpointing=ft_cfg.gradient_checkpointing)
+                                    gradient_checkpointing=ft_cfg.gradient_checkpointing,
+                                    reduce_bucket_size=ft_cfg.deepspeed.reduce_bucket_size)
     return {"tokens_per_s": tokens / seconds, "step_s": statistics.median(step_s),
             "model_flops_per_s": work.model / seconds, "hardware_flops_per_s": work.hardware / seconds,
             "mfu": work.model / seconds / peak, "hfu": work.hardware / seconds / peak, "split_s": split,

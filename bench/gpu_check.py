@@ -174,7 +174,8 @@ def fine_tune_figures(name: str, res, shape, cfg, workers: int, peak: float | No
     peak_gib = max((r.get("system/rank0_gpu_peak_gib", 0.0) for r in res.metrics), default=0.0)
     host = host_training_memory(shape, workers=workers, lora=ft.lora.enabled, lora_r=ft.lora.r, zero_stage=3,
                                 micro_batch_size=ft.micro_batch_size, seq_len=cfg.data.max_length,
-                                gradient_checkpointing=ft.gradient_checkpointing)
+                                gradient_checkpointing=ft.gradient_checkpointing,
+                                reduce_bucket_size=ft.deepspeed.reduce_bucket_size)
     return {
         "fine_tune": name, "steps": res.global_step, "export": str(res.export_dir),
         "tokens_per_s": tokens_s, "mean_tokens_per_sequence": mean_seq, "flops_per_token": per_token,

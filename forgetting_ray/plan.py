@@ -36,7 +36,7 @@ from typing import Any, Literal
 from .aliases import ALIASES as MODEL_ALIASES
 from .cluster.devices import cluster_gpus, smallest_gpu_gib
 from .cluster.session import init_ray
-from .config import PipelineConfig, ScoringConfig, load_config
+from .config import DeepSpeedSettings, PipelineConfig, ScoringConfig, load_config
 from .constants import logit_chunk_rows
 from .errors import UserError
 
@@ -327,6 +327,9 @@ class HostMemory:
         return sum(self.parts.values())
 
 
+DEEPSPEED_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's default sub_group_size; the product leaves it
+
+
 def host_training_memory(
     shape: ModelShape,
     *,
@@ -338,6 +341,7 @@ def host_training_memory(
     seq_len: int,
     gradient_checkpointing: bool,
     deepspeed: bool = True,
+    reduce_bucket_size: int = DeepSpeedSettings().reduce_bucket_size,
 ) -> HostMemory:
     """Peak private memory of one Ray Train worker fine-tuning on the CPU: fp32 weights and compute
     (``model.dtype: auto`` on a CPU), torch AdamW, ``workers`` ranks.
@@ -345,18 +349,25 @@ def host_training_memory(
     * parameters: every weight at 4 bytes, partitioned over the ranks at ZeRO-3;
     * trained states: per trained weight AdamW's two moments (8 bytes), the gradient (4) and, under DeepSpeed,
       its fp32 master copy (4), partitioned from ZeRO-1 (gradients from ZeRO-2); DDP adds its 4-byte buckets;
-    * gathered (ZeRO-3): every weight once more, whole. Each layer is gathered for its forward and again for
-      the backward; on the CPU the freed buffers mostly stay in the process (the C allocator keeps blocks under
-      its mmap threshold, up to 32 MiB, for reuse), so at the peak nearly the whole model is resident in both
-      forms. bench/bench_scale.py measured it at Llama-3.2-1B's shape with ``deepspeed.max_live_parameters``
-      3e8 and ``max_reuse_distance`` 1e8, which bound what DeepSpeed keeps but not what the allocator keeps.
-      A full fine-tune also produces every weight's whole gradient in the backward before it is
-      reduce-scattered: counted as the whole model a third time. For full fine-tunes this is a lower bound:
-      at Qwen2.5-0.5B's shape two workers passed 9.7 GiB each in their first steps against 8.97 planned, and one
-      worker 19 GiB against 13.6 (bench/results/scale_1b_full_oom.txt; not the allocator: the same with freed
-      blocks unmapped), so DeepSpeed holds more for full fine-tunes on CPUs than these parts;
     * activations: :func:`activation_bytes` at 4 bytes per value;
     * runtime: :data:`HOST_RUNTIME_BYTES`.
+
+    ZeRO-3 with LoRA adds *gathered*: every weight once more, whole. Each layer is gathered for its forward and
+    again for the backward; on the CPU the freed buffers mostly stay in the process (the C allocator keeps blocks
+    under its mmap threshold for reuse), so at the peak nearly the whole model is resident in both forms
+    (bench/bench_scale.py at Llama-3.2-1B's shape: within 3 %).
+
+    A full fine-tune at ZeRO-3 adds, instead, DeepSpeed's own buffers (found part by part at Qwen2.5-0.5B's width
+    with 2-6 layers; bench/bench_host_memory.py holds the sum within 2.5 % of the measured steady state and peak,
+    one rank and two, bench/results/host_memory.md):
+    * reduce bucket: ``torch.empty(reduce_bucket_size)`` whole on every rank, resident as far as it is written:
+      4 bytes x min(trained, reduce_bucket_size);
+    * transient, the larger of the backward's last bucket flush (twice the bucket: the reduce-scatter's
+      ``torch.cat`` copy and gloo's own, plus the gathered input embedding still alive on more than one rank)
+      and the optimizer step (12 bytes per weight of a sub group: the flattened gradient copy and AdamW's
+      temporaries).
+    Not counted: what the C allocator keeps of freed blocks, measured there with glibc's defaults at 0.10-0.20 GiB
+    per layer at 896 wide (varying run to run; none with ``MALLOC_MMAP_THRESHOLD_=65536``).
     """
     b = 4
     n, trained = shape.params, shape.lora_params(lora_r) if lora else shape.params
@@ -369,11 +380,14 @@ def host_training_memory(
     if not deepspeed and workers > 1:
         trained_states += 4 * trained  # DDP's gradient buckets
     parts = {"runtime": HOST_RUNTIME_BYTES, "parameters": b * n // params_shard, "trained_states": trained_states}
-    if stage == 3:
-        gathered = n
-        if not lora:
-            gathered += trained
-        parts["gathered"] = b * gathered
+    if stage == 3 and lora:
+        parts["gathered"] = b * n
+    elif stage == 3:
+        bucket = min(trained, reduce_bucket_size)
+        parts["reduce_bucket"] = b * bucket
+        flush = 2 * b * bucket + (b * shape.vocab_size * shape.hidden_size if workers > 1 else 0)
+        optimizer_step = 3 * b * min(trained // workers, DEEPSPEED_SUB_GROUP_SIZE)
+        parts["transient"] = max(flush, optimizer_step)
     parts["activations"] = activation_bytes(shape, micro_batch_size=micro_batch_size, seq_len=seq_len, lora=lora,
                                             lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
                                             attention="sdpa", value_bytes=b)
@@ -600,7 +614,8 @@ def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     s: dict[str, Any] = dict(model=args.model, gpus_per_node=8, zero_stage=3, offload="none", lora=True, lora_r=64,
                              lora_targets="all-linear", micro_batch_size=2, seq_len=2048, gradient_checkpointing=True,
                              attention=None, deepspeed=True, reference_lora=True, reference_lora_r=64,
-                             batch_tokens=scoring.batch_tokens, chunk_size=scoring.chunk_size)
+                             batch_tokens=scoring.batch_tokens, chunk_size=scoring.chunk_size,
+                             reduce_bucket_size=DeepSpeedSettings().reduce_bucket_size)
     if args.model.endswith((".yaml", ".yml")):
         cfg = load_config(args.model)
         ft = getattr(cfg, args.section)
@@ -614,6 +629,7 @@ def _settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
             gradient_checkpointing=ft.gradient_checkpointing, attention=cfg.model.attn_implementation,
             deepspeed=ds.enabled, reference_lora=cfg.reference.lora.enabled, reference_lora_r=cfg.reference.lora.r,
             batch_tokens=cfg.scoring.batch_tokens, chunk_size=cfg.scoring.chunk_size,
+            reduce_bucket_size=ds.reduce_bucket_size,
         )
     overrides = dict(gpus_per_node=args.gpus_per_node, zero_stage=args.zero_stage, offload=args.offload,
                      lora=args.lora, lora_r=args.lora_r, micro_batch_size=args.micro_batch, seq_len=args.seq_len,
@@ -650,7 +666,8 @@ def _print_cpu_plan(args: argparse.Namespace, s: dict[str, Any], shape: ModelSha
     workers = s["gpus_per_node"] * args.nodes
     train = host_training_memory(shape, workers=workers, lora=s["lora"], lora_r=s["lora_r"], zero_stage=s["zero_stage"],
                                  micro_batch_size=s["micro_batch_size"], seq_len=s["seq_len"],
-                                 gradient_checkpointing=s["gradient_checkpointing"], deepspeed=s["deepspeed"])
+                                 gradient_checkpointing=s["gradient_checkpointing"], deepspeed=s["deepspeed"],
+                                 reduce_bucket_size=s["reduce_bucket_size"])
     score = scoring_actor_memory(shape, adapter_reference=s["reference_lora"], lora_r=s["reference_lora_r"],
                                  batch_tokens=s["batch_tokens"], max_length=s["seq_len"], chunk_size=s["chunk_size"])
     if args.json:
@@ -664,8 +681,8 @@ def _print_cpu_plan(args: argparse.Namespace, s: dict[str, Any], shape: ModelSha
         parts = ", ".join(f"{k} {_gib(v)}" for k, v in mem.parts.items())
         print(f"{name:<16} {_gib(mem.total):>6} GiB  ({parts})")
     if not s["lora"] and s["deepspeed"]:
-        print("full fine-tune: the training worker's figure is a lower bound on CPUs (measured 8-30 % above it at "
-              "Qwen2.5-0.5B's shape; BENCHMARKS.md, 'Scale on this CPU')")
+        print("full fine-tune: DeepSpeed's parts measured within 2.5 % at reduced depth (bench/bench_host_memory.py); "
+              f"glibc's allocator may keep 0.10-0.20 GiB per layer more ({shape.num_layers} layers here)")
     return 0
 
 

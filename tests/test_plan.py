@@ -162,10 +162,16 @@ def test_host_memory_of_cpu_training_follows_the_accounting(shapes):
     assert full2.parts["trained_states"] == 16 * one_b.params // 2
     # ... which is why bench_scale does not run one at 1B on a 24 GiB machine with two workers
     assert 2 * full2.total > 24 * GIB > 2 * lora2.total
-    # ... and, in the backward, every whole gradient: the whole model a third time
-    assert full2.parts["gathered"] - lora2.parts["gathered"] == 4 * one_b.params
-    # on the CPU the allocator keeps what a step gathered: the whole model is resident twice at the peak
-    assert lora2.parts["gathered"] == 4 * one_b.params
+    # ... and DeepSpeed's reduce bucket, whole on every rank as far as the gradients fill it, and at the peak the
+    # larger of the backward's last flush (two bucket copies, the gathered embedding) and the optimizer step's
+    # temporaries (12 bytes per weight of a rank's partition)
+    bucket = min(one_b.params, 500_000_000)
+    assert full2.parts["reduce_bucket"] == 4 * bucket and "gathered" not in full2.parts
+    assert full2.parts["transient"] == max(8 * bucket + 4 * one_b.vocab_size * one_b.hidden_size, 12 * one_b.params // 2)
+    small_bucket = P.host_training_memory(one_b, workers=2, lora=False, zero_stage=3, reduce_bucket_size=50_000_000, **kw)
+    assert full2.total - small_bucket.total == 4 * (bucket - 50_000_000)  # the optimizer step is the peak at 1B
+    # on the CPU the allocator keeps what a LoRA step gathered: the whole model is resident twice at the peak
+    assert lora2.parts["gathered"] == 4 * one_b.params and "reduce_bucket" not in lora2.parts
     longer = P.host_training_memory(one_b, workers=2, lora=True, zero_stage=3, **{**kw, "seq_len": 1024})
     assert longer.parts["activations"] > 3 * lora2.parts["activations"]
 
