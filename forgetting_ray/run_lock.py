@@ -153,12 +153,11 @@ class _BucketLock:
             return Holder("?", 0, "", "?", 0.0, "")
 
     def write(self, holder: Holder) -> None:
-        with self.fs.open_output_stream(self.key) as out:
-            out.write(json.dumps(asdict(holder)).encode())
+        self.fs.write_bytes(self.key, json.dumps(asdict(holder)).encode())
 
     def remove(self) -> None:
         try:
-            self.fs.delete_file(self.key)
+            self.fs.delete(self.key)
         except FileNotFoundError:
             pass
 

@@ -20,12 +20,17 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import random
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+
+from .errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow.fs as pafs
@@ -33,6 +38,17 @@ if TYPE_CHECKING:  # pragma: no cover
 DONE_MARKER = "_SUCCESS.json"
 MIRROR_TAG = ".forgetting-ray-remote"  # in a mirror's root: the URI it mirrors
 FETCHED_TAG = ".fetched.json"  # in a fetched copy: what was fetched (written last)
+# Object storage answers 503 (slow down), resets connections and times out now and then: each call is tried
+# this many times, backing off from RETRY_BASE_S to RETRY_MAX_S (about 15 s in all) before it counts as down.
+RETRY_ATTEMPTS = 6
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 8.0
+# errors no retry mends: fail at once
+PERMANENT_ERRORS = ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "NoSuchBucket",
+                    "NO_SUCH_BUCKET", "SignatureDoesNotMatch")
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -189,7 +205,7 @@ def unmark_complete(folder: str | Path) -> None:
     if remote is not None:
         fs, root = _filesystem(remote)
         with contextlib.suppress(FileNotFoundError):
-            fs.delete_file(f"{root}/{DONE_MARKER}")
+            fs.delete(f"{root}/{DONE_MARKER}")
     (folder / DONE_MARKER).unlink(missing_ok=True)
 
 
@@ -226,11 +242,16 @@ def probe_storage(path: str | Path) -> str:
     target = str(path) if is_uri(path) else str(Path(path).expanduser().resolve())
     try:
         fs, root = pafs.FileSystem.from_uri(target if is_uri(target) else Path(target).as_uri())
-        fs.create_dir(root, recursive=True)
         probe = f"{root.rstrip('/')}/.write-probe-{uuid.uuid4().hex[:12]}"
-        with fs.open_output_stream(probe) as out:
-            out.write(b"ok")
-        fs.delete_file(probe)
+
+        def write_and_delete() -> None:  # a pre-flight check: a few tries, so a wrong endpoint fails fast
+            fs.create_dir(root, recursive=True)
+            with fs.open_output_stream(probe) as out:
+                out.write(b"ok")
+            fs.delete_file(probe)
+        retried("write a probe into", target, write_and_delete, attempts=3)
+    except StorageError as e:
+        raise StorageNotWritable(target, str(e).rsplit(": ", 1)[-1]) from None
     except (OSError, ValueError) as e:  # pyarrow raises OSError for I/O and auth, ValueError for bad URIs
         raise StorageNotWritable(target, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     return target
@@ -285,7 +306,7 @@ def exists(location: str | Path) -> bool:
     import pyarrow.fs as pafs
 
     fs, root = _filesystem(str(location))
-    return fs.get_file_info(root).type != pafs.FileType.NotFound
+    return fs.info(root).type != pafs.FileType.NotFound
 
 
 def _fetched_uri(path: str | Path) -> str | None:
@@ -309,20 +330,101 @@ def portable(path: str | Path) -> str:
     return remote_of(path) or _fetched_uri(path) or str(path)
 
 
-def _filesystem(uri: str) -> tuple["pafs.FileSystem", str]:
+class StorageError(UserError, OSError):
+    """Object storage kept failing one operation after every retry."""
+
+
+def retried(operation: str, target: str, call: Callable[[], T], attempts: int | None = None) -> T:
+    """``call()``, tried again with jittered exponential backoff while it raises a transient storage error;
+    then :class:`StorageError` naming the operation and the object.  A missing object is an answer, not a fault."""
+    attempts = attempts or RETRY_ATTEMPTS
+    delay = RETRY_BASE_S
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if attempt == attempts or any(code in str(e) for code in PERMANENT_ERRORS):
+                raise StorageError(f"object storage: {operation} {target} failed "
+                                   f"{'after ' + str(attempt) + ' attempts' if attempt > 1 else ''}: {first}") from None
+            log.debug("object storage: %s %s failed (attempt %d): %s; retrying", operation, target, attempt, first)
+            time.sleep(delay * (1 + 0.5 * random.random()))
+            delay = min(2 * delay, RETRY_MAX_S)
+    raise AssertionError("unreachable")
+
+
+class RetryingFS:
+    """The calls this module makes on a ``pyarrow.fs`` filesystem, each whole (open, transfer, close) under
+    :func:`retried`: a stream that breaks halfway is started again, and nothing is left half-written (one PUT
+    becomes visible only when complete)."""
+
+    def __init__(self, fs: "pafs.FileSystem", scheme: str) -> None:
+        self.fs, self.scheme = fs, scheme
+
+    def _uri(self, path: str) -> str:
+        return f"{self.scheme}{path}"
+
+    def info(self, path: str):
+        return retried("stat", self._uri(path), lambda: self.fs.get_file_info(path))
+
+    def listing(self, root: str, recursive: bool = True) -> list:
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(root, recursive=recursive, allow_not_found=True)
+        return retried("list", self._uri(root), lambda: self.fs.get_file_info(selector))
+
+    def read_bytes(self, path: str) -> bytes:
+        import pyarrow.fs as pafs
+
+        def read() -> bytes:
+            if self.fs.get_file_info(path).type != pafs.FileType.File:
+                raise FileNotFoundError(path)
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        return retried("read", self._uri(path), read)
+
+    def download(self, path: str, local: Path) -> None:
+        """``path`` into the local file ``local`` (through a temporary sibling)."""
+        def copy() -> None:
+            tmp = _tmp_sibling(local)
+            try:
+                with self.fs.open_input_stream(path) as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, 8 << 20)
+                os.replace(tmp, local)
+            finally:
+                tmp.unlink(missing_ok=True)
+        retried("download", self._uri(path), copy)
+
+    def upload(self, local: Path, path: str) -> None:
+        def put() -> None:
+            with open(local, "rb") as src, self.fs.open_output_stream(path) as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        retried("upload", self._uri(path), put)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        def put() -> None:
+            with self.fs.open_output_stream(path) as dst:
+                dst.write(data)
+        retried("write", self._uri(path), put)
+
+    def delete(self, path: str) -> None:
+        retried("delete", self._uri(path), lambda: self.fs.delete_file(path))
+
+    def create_dir(self, path: str) -> None:
+        retried("create", self._uri(path), lambda: self.fs.create_dir(path, recursive=True))
+
+
+def _filesystem(uri: str) -> tuple[RetryingFS, str]:
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(uri)
-    return fs, root.rstrip("/")
+    fs, root = retried("open", uri, lambda: pafs.FileSystem.from_uri(uri))
+    return RetryingFS(fs, uri[: uri.index("://") + 3] if "://" in uri else ""), root.rstrip("/")
 
 
-def _read_remote(fs: "pafs.FileSystem", path: str) -> bytes:
-    import pyarrow.fs as pafs
-
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise FileNotFoundError(path)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+def _read_remote(fs: RetryingFS, path: str) -> bytes:
+    return fs.read_bytes(path)
 
 
 def read_text(location: str | Path) -> str:
@@ -333,11 +435,11 @@ def read_text(location: str | Path) -> str:
     return _read_remote(fs, path).decode()
 
 
-def _remote_files(fs: "pafs.FileSystem", root: str) -> dict[str, int]:
+def _remote_files(fs: RetryingFS, root: str) -> dict[str, int]:
     """{relative path: size} of every object under ``root`` (empty when there is none)."""
     import pyarrow.fs as pafs
 
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    infos = fs.listing(root)
     return {i.path[len(root) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
 
 
@@ -346,10 +448,9 @@ def _is_scratch(rel: str) -> bool:
     return any(part.startswith(".") and (".tmp-" in part or part.endswith(".lock")) for part in rel.split("/"))
 
 
-def _upload_file(fs: "pafs.FileSystem", local: Path, remote: str) -> None:
+def _upload_file(fs: RetryingFS, local: Path, remote: str) -> None:
     # One PUT (multipart for large files) that becomes visible only when complete: no partial objects.
-    with open(local, "rb") as src, fs.open_output_stream(remote) as dst:
-        shutil.copyfileobj(src, dst, 8 << 20)
+    fs.upload(local, remote)
 
 
 def push(path: str | Path) -> None:
@@ -384,7 +485,7 @@ def upload_tree(folder: str | Path, uri: str | None = None, *, last: str = DONE_
         _upload_file(fs, f, f"{root}/{rel}")
 
 
-def _download(fs: "pafs.FileSystem", root: str, folder: Path) -> None:
+def _download(fs: RetryingFS, root: str, folder: Path) -> None:
     """Replace ``folder`` with a copy of the objects under ``root`` (to a temporary sibling, then renamed)."""
     files = _remote_files(fs, root)
     if not files:
@@ -393,8 +494,7 @@ def _download(fs: "pafs.FileSystem", root: str, folder: Path) -> None:
         for rel in sorted(files):
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            with fs.open_input_stream(f"{root}/{rel}") as src, open(dst, "wb") as out:
-                shutil.copyfileobj(src, out, 8 << 20)
+            fs.download(f"{root}/{rel}", dst)
 
 
 def fetch(path: str | Path) -> Path:
@@ -431,10 +531,7 @@ def fetch_partial(folder: str | Path) -> None:
         if _is_scratch(rel) or (dst.is_file() and dst.stat().st_size == size):
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_sibling(dst)
-        with fs.open_input_stream(f"{root}/{rel}") as src, open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out, 8 << 20)
-        os.replace(tmp, dst)
+        fs.download(f"{root}/{rel}", dst)
 
 
 def fetch_children(folder: str | Path) -> list[Path]:
@@ -446,7 +543,7 @@ def fetch_children(folder: str | Path) -> list[Path]:
     remote = remote_of(folder)
     if remote is not None:
         fs, root = _filesystem(remote)
-        for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        for info in fs.listing(root, recursive=False):
             if info.type == pafs.FileType.Directory:
                 (folder / info.base_name).mkdir(parents=True, exist_ok=True)
     return sorted(p for p in folder.glob("*") if p.is_dir()) if folder.is_dir() else []
@@ -461,7 +558,7 @@ def local_copy(location: str | Path) -> Path:
     import pyarrow.fs as pafs
 
     fs, root = _filesystem(str(location))
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    infos = fs.listing(root)
     listing = sorted((i.path, i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File)
     if not listing:
         raise FileNotFoundError(f"{location}: no objects stored there")

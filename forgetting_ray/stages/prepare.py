@@ -24,7 +24,7 @@ from ..data.render import Renderer
 from ..data.sources import Source
 from ..data.table import rows_to_table, token_table_hash, write_token_table
 from ..errors import UserError
-from ..models import load_tokenizer, tokenizer_fingerprint
+from ..models import load_tokenizer, portable_model_ref, tokenizer_fingerprint
 from ..store import atomic_dir, atomic_write_json, content_hash, is_complete, mark_complete, stage_dir
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class _Corpus:
     """Records of one corpus after deduplication, with the counts the manifest reports."""
 
     name: str
+    labels: list[str] = field(default_factory=list)  # the files / datasets it was read from
     records: list[tuple[str, Record]] = field(default_factory=list)
     records_read: int = 0
     duplicates_within: int = 0
@@ -107,7 +108,7 @@ def prepare_key(
 # reading, rendering, splitting
 # ------------------------------------------------------------------------------------------------
 def _load_corpus(name: str, files: list[Source], data: DataConfig) -> _Corpus:
-    corpus = _Corpus(name)
+    corpus = _Corpus(name, [s.label for s in files])
     seen: set[str] = set()
     for rec in read_records(files, data, limit=data.max_samples):
         corpus.records_read += 1
@@ -154,20 +155,29 @@ def reference_size(n: int, data: DataConfig) -> int:
     else:
         raise PrepareError("set data.reference_fraction, data.reference_count or data.reference_files")
     if k >= n:
+        field = (f"data.reference_count={data.reference_count}" if data.reference_count is not None
+                 else f"data.reference_fraction={data.reference_fraction}")
         raise PrepareError(
-            f"the reference split needs {k} samples but only {n} usable samples exist; at least one "
+            f"{field}: the reference split needs {k} samples but only {n} usable samples exist; at least one "
             "must stay for training"
         )
     return k
 
 
 def _nonempty(rows: list[_Row], corpus: _Corpus, what: str) -> None:
-    if not rows:
-        raise PrepareError(
-            f"all {corpus.records_read} records of the {what} were dropped or removed "
-            f"(dropped: {dict(corpus.dropped)}, duplicates: {corpus.duplicates_within}); "
-            "check the data or raise data.max_length"
-        )
+    if rows:
+        return
+    shown = corpus.labels[:3] + ([f"... {len(corpus.labels) - 3} more"] if len(corpus.labels) > 3 else [])
+    where = ", ".join(shown) or what
+    if corpus.records_read and corpus.dropped.get("empty_response", 0) == sum(corpus.dropped.values()) > 0:
+        fix = ("every response is empty: fill the 'completion' field or the assistant messages, or map the "
+               "response column onto them with data.column_map")
+    else:
+        fix = "check the data or raise data.max_length"
+    raise PrepareError(
+        f"{where}: no response tokens to train on: all {corpus.records_read} records of the {what} were dropped "
+        f"or removed (dropped: {dict(corpus.dropped)}, duplicates: {corpus.duplicates_within}); {fix}"
+    )
 
 
 def _set_summary(table: pa.Table, rows: list[_Row]) -> dict[str, Any]:
@@ -238,8 +248,8 @@ def _manifest(cfg: PipelineConfig, key: str, fingerprint: str, template: str, in
         "stage": STAGE,
         "version": PREPARE_VERSION,
         "key": key,
-        "model": cfg.model.name_or_path,
-        "tokenizer": cfg.model.tokenizer or cfg.model.name_or_path,
+        "model": portable_model_ref(cfg.model.name_or_path),  # a model in a bucket run's mirror: its URI
+        "tokenizer": portable_model_ref(cfg.model.tokenizer or cfg.model.name_or_path),
         "tokenizer_fingerprint": fingerprint,
         "template": template,
         "max_length": cfg.data.max_length,
