@@ -25,7 +25,14 @@ def _log_file(cfg: PipelineConfig) -> Path:
     """Every record of this run, Ray's and the libraries' included, in ``<run_dir>/logs/driver.log``."""
     from .store import run_root
 
-    return log_to_file(run_root(cfg.run_dir) / "logs")
+    root = run_root(cfg.run_dir)
+    try:
+        return log_to_file(root / "logs")
+    except OSError as e:  # the first write of a run: a read-only folder, or a file where run_dir should be
+        from .cluster.run_dir import RunDirError
+
+        raise RunDirError(f"run_dir {root} is not writable ({e.strerror or e}): set run_dir to a folder this user "
+                          "can create and write") from None
 
 
 def _keep_logs(since: float) -> None:

@@ -129,6 +129,53 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+# Fields of config.json that fix a model's architecture: a fine-tune keeps every one of its base's.
+ARCHITECTURE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "intermediate_size")
+
+
+def _architecture(config_file: Path) -> dict[str, Any] | None:
+    if not config_file.is_file():
+        return None
+    cfg = json.loads(config_file.read_text())
+    return {k: cfg[k] for k in ARCHITECTURE_FIELDS if k in cfg}
+
+
+def check_export_base(export_dir: str | Path | None, base: str | Path, *, revision: str | None = None) -> None:
+    """An export used beside ``base`` (the score stage's reference) must have been trained from ``base``.
+
+    The manifest records the base's :func:`model_identity` (``train_config.base_identity``); an export written
+    before that field, or by hand, is checked by the architecture in ``merged/config.json`` against the
+    base's ``config.json`` instead.  ``export_dir`` None (a plain or PEFT folder, not an export): nothing to check.
+    Raises :class:`ExportError` naming the export, the base it was trained from and the configured one.
+    """
+    if export_dir is None or is_uri(export_dir):
+        return
+    folder = Path(export_dir)
+    manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else {}
+    trained_from = manifest.get("base_model") or manifest.get("base_model_path") or "another model"
+    recorded = (manifest.get("train_config") or {}).get("base_identity")
+    if recorded:
+        recorded = {k: v for k, v in recorded.items() if k != "tokenizer"}  # the tokenizer is checked on its own
+        if recorded != model_identity(base, revision=revision):
+            raise ExportError(
+                f"reference export {folder} was trained from a different base model ({trained_from}; "
+                f"{MANIFEST} train_config.base_identity) than model.name_or_path {str(base)!r}: score with the "
+                "base it was trained from, or re-run the reference stage with this model")
+        return
+    ours = _architecture(Path(base) / "config.json") if Path(base).is_dir() else None
+    theirs = _architecture(folder / MERGED / "config.json")
+    if ours is None or theirs is None:
+        return
+    differ = [f"{k}: {theirs[k]!r} vs {ours[k]!r}" for k in ARCHITECTURE_FIELDS if k in ours and k in theirs
+              and ours[k] != theirs[k]]
+    if differ:
+        raise ExportError(
+            f"reference export {folder} was trained from a different base model ({trained_from}) than "
+            f"model.name_or_path {str(base)!r}: {MERGED}/config.json differs in {'; '.join(differ)}; score with "
+            "the base it was trained from, or re-run the reference stage with this model")
+
+
 # ------------------------------------------------------------------------------------------
 # identity
 # ------------------------------------------------------------------------------------------

@@ -70,12 +70,30 @@ def _tokenizer_source(tokenizer: str) -> str:
     return tokenizer
 
 
+# Files a tokenizer loads from: a local folder with none of them has no tokenizer (special_tokens_map.json or
+# chat_template.jinja alone are not one).
+TOKENIZER_SOURCE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                          "spiece.model")
+
+
+def _require_tokenizer_files(source: str, cfg: ModelConfig) -> None:
+    folder = Path(source)
+    if not folder.is_dir() or any((folder / f).is_file() for f in TOKENIZER_SOURCE_FILES):
+        return
+    if cfg.tokenizer:
+        raise ModelLoadError(f"model.tokenizer {folder} holds no tokenizer (none of {', '.join(TOKENIZER_SOURCE_FILES)}): "
+                             "point model.tokenizer at the folder or hub id of the model's tokenizer")
+    raise ModelLoadError(f"model folder {folder} holds no tokenizer (none of {', '.join(TOKENIZER_SOURCE_FILES)}): "
+                         "set model.tokenizer to the folder or hub id of its tokenizer, or save the tokenizer into it")
+
+
 def load_tokenizer(model: ModelConfig | str | Path) -> "PreTrainedTokenizerBase":
     """Load the tokenizer and give it a pad token taken from existing tokens (no new embedding rows)."""
     from transformers import AutoTokenizer
 
     cfg = _as_config(model)
     source = _tokenizer_source(cfg.tokenizer) if cfg.tokenizer else resolve_model_path(cfg)
+    _require_tokenizer_files(source, cfg)
     tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:

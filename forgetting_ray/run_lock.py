@@ -14,6 +14,7 @@ both proceed only if one's write landed later than the other's read-back, ``sett
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -81,6 +82,7 @@ class _LocalLock:
     def __init__(self, folder: Path) -> None:
         self.path = folder / LOCAL_LOCK
         self.where = str(self.path)
+        self.made_folder = not folder.exists()  # a run that fails early leaves no empty run_dir behind
 
     def create(self, holder: Holder) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +112,9 @@ class _LocalLock:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        if self.made_folder:
+            with contextlib.suppress(OSError):  # not empty: the run wrote there
+                self.path.parent.rmdir()
 
     def take_over(self, stale: Holder) -> None:
         """Move the dead holder's lock aside, unless another taker has replaced it with a live one meanwhile."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from forgetting_ray.cli import build_parser, main
@@ -58,3 +60,35 @@ def test_missing_benchmark_file_fails_before_any_stage(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "benchmark file not found" in err and "no-eval" in err
     assert not (tmp_path / "run" / "prepare").exists()  # nothing was computed
+
+
+def test_wrong_type_override_is_one_error_line_and_writes_nothing(tmp_path, capsys):
+    rc = main(["prepare", "examples/demo.yaml", f"run_dir={tmp_path}/run", "training.lr=abc", "training.max_steps=1.5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "training.lr: " in err and "(got 'abc')" in err and "training.max_steps: " in err and "(got 1.5)" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_that_is_a_file_is_one_clear_error(tmp_path, capsys):
+    in_the_way = tmp_path / "run"
+    in_the_way.write_text("not a folder")
+    rc = main(["prepare", "examples/demo.yaml", f"run_dir={in_the_way}", "tracking.enabled=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: run_dir {in_the_way} is not writable") and err.count("\n") == 1
+    assert "set run_dir" in err and in_the_way.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through folder permissions; "
+                    "test_run_dir_that_is_a_file_is_one_clear_error covers the same error path")
+def test_run_dir_without_write_permission_is_one_clear_error(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        rc = main(["prepare", "examples/demo.yaml", f"run_dir={locked}/run", "tracking.enabled=false"])
+    finally:
+        locked.chmod(0o700)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: run_dir {locked}/run is not writable") and "Permission denied" in err
+    assert list(locked.iterdir()) == []

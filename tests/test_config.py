@@ -1,5 +1,6 @@
 import pytest
 
+from forgetting_ray.errors import UserError
 from forgetting_ray.config import (
     ConfigError,
     PipelineConfig,
@@ -55,6 +56,7 @@ def test_typo_names_file_and_field(tmp_path):
 @pytest.mark.parametrize("bad,field", [
     ("selection.rho=0", "selection.rho"),
     ("selection.rho=1.5", "selection.rho"),
+    ("training.lr=-1", "training.lr"),
     ("training.lambda_schedule=exponential", "training.lambda_schedule"),
     ("training.t_min=0.5", "training"),
     ("tune.rho={low: 0.9, high: 0.5}", "tune.rho"),
@@ -65,14 +67,38 @@ def test_invalid_values(bad, field):
     assert field in str(e.value)
 
 
+@pytest.mark.parametrize("override, field, value", [
+    ("training.lr=abc", "training.lr", "'abc'"),
+    ("training.max_steps=1.5", "training.max_steps", "1.5"),
+    ("resources.num_workers=two", "resources.num_workers", "'two'"),
+    ("tracking.enabled=maybe", "tracking.enabled", "'maybe'"),
+])
+def test_wrong_type_from_the_command_line_names_field_and_value(override, field, value):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert isinstance(e.value, UserError) and "\n" not in msg  # the CLI prints it as one `error:` line
+    assert f" {field}: " in msg and f"(got {value})" in msg, msg
+
+
+def test_unknown_key_names_the_field_and_suggests_the_known_one(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.max_lenght=512"])
+    assert "data.max_lenght: unknown field (typo? did you mean 'max_length'?)" in str(e.value)
+    p = tmp_path / "typo.yaml"
+    p.write_text("model:\n  tokeniser: x\n")
+    with pytest.raises(ConfigError, match=rf"{p}.*model\.tokeniser: unknown field \(typo\? did you mean 'tokenizer'\?\)"):
+        load_config(p)
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("training: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(p)
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match=rf"^config file not found: {tmp_path}/nope\.yaml"):
         load_config(tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match="section.field=value"):
+    with pytest.raises(ConfigError, match=r"^override 'training\.lr' must look like section\.field=value"):
         load_config(None, ["training.lr"])
 
 

@@ -65,7 +65,7 @@ def test_resolve_names_what_to_load(tmp_path):
     assert resolve_reference(export).path == adapter
     with pytest.raises(ScoreInputError, match="is not a folder"):
         resolve_reference(tmp_path / "missing")
-    with pytest.raises(ScoreInputError, match="expected an export folder"):
+    with pytest.raises(ScoreInputError, match=rf"^reference model {tmp_path / 'other'}: expected an export folder"):
         resolve_reference(_touch(tmp_path / "other", "notes.txt"))
 
 
@@ -270,3 +270,43 @@ def test_a_tokenizer_from_elsewhere_enters_the_finetune_keys(world):
     _change_chat_template(tok)
     changed = {stage: _finetune_key(_cfg(run_dir, base, tok), stage, tables["classes"]) for stage in keys}
     assert _changed(keys, changed) == {"reference", "train"}
+
+
+# ------------------------------------------------------------------------------------------
+# an export of another base model
+# ------------------------------------------------------------------------------------------
+def _recorded_base(world: dict, base: Path) -> dict:
+    """train_config.base_identity as the train stage hands it to the export writer (its driver-side job)."""
+    cfg = _cfg(world["run_dir"], base)
+    ft = train_stage._finetune_config(cfg, "reference")
+    inputs = train_stage._check_inputs(cfg, ft, world["tables"]["classes"])
+    run = train_stage._identify(cfg, "reference", ft, inputs)
+    job = train_stage._worker_job(cfg, "reference", ft, inputs, run, world["tmp"] / "out", "unused", None)
+    return job.train_config["base_identity"]
+
+
+def test_an_export_of_another_base_is_refused_naming_both(world, tiny_models):
+    base, export, tmp = world["base"], world["export"], world["tmp"]
+    before = exports.file_hashes(export)
+    # the hand-written export records no base identity: its architecture is compared with the base's
+    exports.check_export_base(str(export), str(base))
+    with pytest.raises(exports.ExportError, match=rf"^reference export {export} was trained from a different base "
+                                                 rf"model \({base}\) than model\.name_or_path '{tiny_models['qwen2']}': "
+                                                 r"merged/config\.json differs in model_type: 'llama' vs 'qwen2'"):
+        exports.check_export_base(str(export), str(tiny_models["qwen2"]))
+    # an export that records its base (as the train stage's exports do): other weights of the same shapes are caught
+    recorded = tmp / "export_recorded"
+    shutil.copytree(export, recorded)
+    exports.write_manifest(recorded, {"lora": True, "base_model": str(base),
+                                      "train_config": {"base_identity": _recorded_base(world, base)}})
+    exports.check_export_base(str(recorded), str(base))
+    exports.check_export_base(None, str(tiny_models["qwen2"]))  # a plain folder: nothing recorded, nothing checked
+    other = tmp / "base_perturbed"
+    shutil.copytree(base, other)
+    _perturb_weights(other, seed=1)
+    with pytest.raises(exports.ExportError, match=rf"^reference export {recorded} was trained from a different base "
+                                                 rf"model \({base}; manifest\.json train_config\.base_identity\) than "
+                                                 rf"model\.name_or_path '{other}'"):
+        exports.check_export_base(str(recorded), str(other))
+    assert isinstance(exports.ExportError("x"), exports.UserError)
+    assert exports.file_hashes(export) == before and not world["run_dir"].exists()  # nothing written

@@ -70,7 +70,7 @@ def test_tokenizer_without_pad_or_eos_is_refused(tiny_dir, tiny_plain_tokenizer_
     out = tiny_dir / "tok_no_eos"
     tok.save_pretrained(out)
     (out / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ModelLoadError, match="neither a pad nor an eos"):
+    with pytest.raises(ModelLoadError, match=rf"^tokenizer of {out} has neither a pad nor an eos"):
         load_tokenizer(out)
 
 
@@ -112,10 +112,35 @@ def test_remote_code_is_not_run_by_default(tiny_llama, tmp_path):
 
 def test_folder_without_config_errors_clearly(tmp_path):
     (tmp_path / "weights_only").mkdir()
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=rf"^{tmp_path / 'weights_only'} exists but has no config.json"):
         load_model(tmp_path / "weights_only")
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=rf"^{tmp_path / 'weights_only'} exists but has no config.json"):
         load_tokenizer(tmp_path / "weights_only")
+
+
+def test_model_folder_without_tokenizer_names_it_and_the_fix(tiny_llama, tmp_path):
+    from forgetting_ray.config import PipelineConfig
+    from forgetting_ray.stages.prepare import run_prepare
+
+    folder = tmp_path / "no_tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama / name, folder / name)
+    corpus = tmp_path / "d.jsonl"
+    corpus.write_text("".join(f'{{"prompt": "q{i}", "completion": "a{i}"}}\n' for i in range(4)))
+    cfg = PipelineConfig.model_validate({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": str(folder)},
+                                         "data": {"train_files": [str(corpus)]}})
+    with pytest.raises(ModelLoadError, match=rf"^model folder {folder} holds no tokenizer .*set model\.tokenizer"):
+        run_prepare(cfg)
+    assert not (tmp_path / "run").exists()
+    # model.tokenizer pointing at a folder without one names that field
+    cfg.model.tokenizer = str(tmp_path / "empty_tok")
+    (tmp_path / "empty_tok").mkdir()
+    with pytest.raises(ModelLoadError, match=rf"^model\.tokenizer {tmp_path / 'empty_tok'} holds no tokenizer"):
+        run_prepare(cfg)
+    assert not (tmp_path / "run").exists()
+    cfg.model.tokenizer = str(tiny_llama)  # the fix the message names
+    assert run_prepare(cfg).train_path.is_file()
 
 
 class _Payload:
@@ -134,7 +159,7 @@ def test_pickle_weights_are_refused(tiny_llama, tmp_path):
     shutil.copy(tiny_llama / "config.json", folder / "config.json")
     sentinel = tmp_path / "PICKLE_RAN"
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(sentinel)))
-    with pytest.raises(ModelLoadError, match="safetensors"):
+    with pytest.raises(ModelLoadError, match=rf"cannot load model .* from {folder}: .*safetensors"):
         load_model(folder)
     assert not sentinel.exists()
 
@@ -158,7 +183,7 @@ def test_smollm2_hint_matches_docs():
 
 
 def test_unknown_alias():
-    with pytest.raises(ModelLoadError, match="unknown model alias"):
+    with pytest.raises(ModelLoadError, match=r"unknown model alias 'no-such-alias'; known: \["):
         aliases.materialize("no-such-alias")
 
 

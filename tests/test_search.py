@@ -38,7 +38,7 @@ from forgetting_ray.search import (
 def test_bad_search_range_names_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
-    assert f"  {field}:" in str(e.value)
+    assert f" {field}:" in str(e.value)
 
 
 def test_objective_resolution():

@@ -15,14 +15,33 @@ from .pipeline import PipelineConfig
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid configuration in {origin}:"]
+    """One line (the CLI prints it after ``error:``): the origin, then each bad field with its value."""
+    problems = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (typo?)"
-        lines.append(f"  {path}: {msg}")
-    return "\n".join(lines)
+            near = _near_field(e["loc"])
+            msg = "unknown field (typo?" + (f" did you mean {near!r}?)" if near else ")")
+        elif not isinstance(e.get("input"), (dict, list, type(None))) and str(e["input"]) not in msg:
+            msg += f" (got {e['input']!r})"  # a wrong type from the command line arrives as a string
+        problems.append(f"{path}: {msg}")
+    return f"invalid configuration in {origin}: " + "; ".join(problems)
+
+
+def _near_field(loc: tuple[Any, ...]) -> str | None:
+    """The known field closest to the unknown last part of ``loc`` (sections walked from PipelineConfig)."""
+    import difflib
+
+    model: Any = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    names = [f.alias or n for n, f in model.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

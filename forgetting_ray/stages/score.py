@@ -49,7 +49,7 @@ from ..data.collate import collate
 from ..data.score_set import LAYOUT_FILE, existing_shards, shard_name, write_shard
 from ..data.table import IGNORE_INDEX, TokenTableError, read_token_table, token_table_hash
 from ..errors import UserError
-from ..exports import ADAPTER, ModelSource, model_identity, resolve
+from ..exports import ADAPTER, ModelSource, check_export_base, model_identity, resolve
 from ..faults import SCORE_FAULT_ENV, maybe_exit_after_shards, parse_score_fault
 from ..models import load_model, load_tokenizer, portable_model, resolve_model_path, stage_device, tokenizer_fingerprint
 from ..scoring import token_nll
@@ -213,6 +213,7 @@ def _resolve_inputs(cfg: PipelineConfig, train_table: Path, reference_model: Pat
         raise ScoreInputError(f"token table {train_table} has no rows: nothing to score")
     ref = resolve_reference(reference_model)
     base_path = resolve_model_path(cfg.model)
+    check_export_base(ref.export_dir, base_path, revision=cfg.model.revision)  # another base's export fails now
     fingerprint, pad_id = _check_tokenizers(cfg, table, train_table, ref, base_path)
 
     if Path(base_path).is_dir():

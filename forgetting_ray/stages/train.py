@@ -328,7 +328,8 @@ def _worker_job(cfg: PipelineConfig, stage: Stage, ft: ReferenceConfig | Trainin
         export_dir=portable((out / "export").resolve()) if ft.export else None,
         train_config={"stage": stage, "strategy": strategy_of(ft), "finetune": config_to_dict(ft),
                       "model": config_to_dict(cfg.model), "table": inputs.table, "table_hash": run.table_hash,
-                      "key": run.key, "num_workers": res.num_workers},
+                      "key": run.key, "num_workers": res.num_workers,
+                      "base_identity": run.parts["model"]},  # exports.check_export_base compares it
         fault=fault,
         step_relay=relay,
         system_metrics=cfg.tracking.system_metrics,

@@ -106,9 +106,9 @@ def test_globs_folders_and_duplicates(tmp_path):
     by_glob = resolve_files([str(tmp_path / "*.jsonl"), str(tmp_path / "a.jsonl")])
     assert [p.name for p in by_glob] == ["a.jsonl", "b.jsonl"]  # sorted, each file once
     assert resolve_files([str(tmp_path)]) == by_glob  # a folder = its data files
-    with pytest.raises(DataError, match="no file matches"):
+    with pytest.raises(DataError, match=rf"^no file matches '{tmp_path}/\*\.parquet'"):
         resolve_files([str(tmp_path / "*.parquet")])
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match=rf"^input file not found: '{tmp_path}/missing\.jsonl'"):
         resolve_files([str(tmp_path / "missing.jsonl")])
 
 
@@ -206,6 +206,22 @@ def test_unknown_role_names_the_field(tmp_path):
 def test_missing_or_malformed_fields(tmp_path, record, match):
     with pytest.raises(DataError, match=match):
         read([write_jsonl(tmp_path / "m.jsonl", [record])])
+
+
+def test_parquet_without_the_needed_columns_or_corrupt_names_file_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "qa.parquet"
+    pq.write_table(pa.table({"question": ["q1", "q2"], "answer": ["a1", "a2"]}), f)
+    with pytest.raises(DataError, match=rf"^{f} row 0: cannot tell the schema: .* found \['answer', 'question'\] "
+                                        r"\(use data\.column_map"):
+        read([f])
+    assert len(read([f], column_map={"question": "prompt", "answer": "completion"})) == 2
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=rf"^{broken}: cannot read parquet"):
+        read([broken])
 
 
 def test_empty_response_is_read_and_flagged(tmp_path):

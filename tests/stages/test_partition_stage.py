@@ -134,11 +134,12 @@ def test_incomplete_or_foreign_score_set_is_rejected(tmp_path):
     table_path = make_table(tmp_path / "train.parquet")
     make_scores(table_path, tmp_path / "scores")
     (tmp_path / "scores" / "_SUCCESS.json").unlink()
-    with pytest.raises(PartitionInputError, match="not complete"):
+    with pytest.raises(PartitionInputError, match=rf"^score set {tmp_path / 'scores'} is not complete"):
         run_partition(cfg_for(tmp_path / "run"), table_path, tmp_path / "scores")
     other = make_table(tmp_path / "other.parquet", seed=1)
     make_scores(other, tmp_path / "other_scores")
-    with pytest.raises(PartitionInputError, match="different token table"):
+    with pytest.raises(PartitionInputError, match=rf"^score set {tmp_path / 'other_scores'} was computed for a "
+                                                 rf"different token table than {table_path}"):
         run_partition(cfg_for(tmp_path / "run"), table_path, tmp_path / "other_scores")
 
 

@@ -208,7 +208,7 @@ def test_split_is_seeded_and_independent_of_file_order(tmp_path, tiny_tokenizer_
 
 def test_reference_split_needs_enough_samples(tmp_path, tiny_tokenizer_dir):
     f = write_jsonl(tmp_path / "small.jsonl", [chat("q", "a"), chat("q2", "a2")])
-    with pytest.raises(PrepareError, match="only 2 usable samples"):
+    with pytest.raises(PrepareError, match=r"^data\.reference_count=2: the reference split needs 2 samples but only 2 usable"):
         run_prepare(make_cfg(tmp_path / "run", tiny_tokenizer_dir, [f], reference_count=2))
     assert files_under(tmp_path / "run") == []
 
@@ -235,8 +235,31 @@ def test_empty_and_fully_truncated_responses_are_dropped_and_counted(tmp_path, t
 
 def test_all_samples_dropped_is_an_error(tmp_path, tiny_tokenizer_dir):
     f = write_jsonl(tmp_path / "d.jsonl", [chat("word " * 200, "x"), {"prompt": "p", "completion": " "}])
-    with pytest.raises(PrepareError, match=r"all 2 records of the training corpus were dropped"):
+    with pytest.raises(PrepareError, match=rf"^{f}: no response tokens to train on: all 2 records of the training corpus "
+                                           r"were dropped.*raise data\.max_length"):
         run_prepare(make_cfg(tmp_path / "run", tiny_tokenizer_dir, [f], max_length=32))
+    assert files_under(tmp_path / "run") == []
+
+
+def test_every_response_empty_names_the_files_and_writes_nothing(tmp_path, tiny_tokenizer_dir):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "completion": ""}, chat("q", "  ")])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": "q2"},
+                                                         {"role": "assistant", "content": "###eos_token###"}]}])
+    with pytest.raises(PrepareError) as e:
+        run_prepare(make_cfg(tmp_path / "run", tiny_tokenizer_dir, [a, b]))
+    msg = str(e.value)
+    assert msg.startswith(f"{a}, {b}: no response tokens to train on: all 3 records of the training corpus"), msg
+    assert "every response is empty" in msg and "data.column_map" in msg
+    assert files_under(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("body", ["", "\n\n  \n"])
+def test_empty_corpus_file_fails_prepare_naming_it_and_writes_nothing(tmp_path, tiny_tokenizer_dir, body):
+    good = write_jsonl(tmp_path / "good.jsonl", [chat(f"q{i}", f"a{i}") for i in range(4)])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(body)
+    with pytest.raises(DataError, match=rf"^{empty}: no records \(the file is empty or holds only blank lines\)$"):
+        run_prepare(make_cfg(tmp_path / "run", tiny_tokenizer_dir, [good, empty]))
     assert files_under(tmp_path / "run") == []
 
 

@@ -103,7 +103,7 @@ def test_lora_all_linear_excludes_head_and_unknown_targets_list_names(tiny_model
     assert resolve_lora_targets(llama, ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
     with pytest.raises(LoraTargetError) as e:
         resolve_lora_targets(llama, ["q_proj", "query_key_value"])
-    assert "['query_key_value'] match no linear layer" in str(e.value) and "gate_proj" in str(e.value)
+    assert "lora.target_modules ['query_key_value'] match no linear layer" in str(e.value) and "gate_proj" in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------
