@@ -7,6 +7,7 @@ Every sub-command takes a YAML config and dotted overrides, e.g.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -160,6 +161,30 @@ def _cmd_report(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sync(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """Send to MLflow the writes a run kept while its tracking server did not answer."""
+    from .store import run_root
+    from .tracking import OUTBOX_FILE, Outbox, resolve_tracking_uri
+
+    box = Outbox.of(str(run_root(args.run) / OUTBOX_FILE))
+    if not box.pending():
+        print(f"nothing to send: {box.path} holds no kept MLflow writes")
+        return 0
+    first = json.loads(box.path.read_text().splitlines()[0])
+    uri = args.tracking_uri or resolve_tracking_uri(cfg.tracking.tracking_uri, args.run)
+    exp = _experiment_of(uri, first["run_id"])
+    before = box.pending()
+    sent = box.send(uri, exp)
+    print(f"sent {sent} of {before} kept MLflow writes to {uri}" + ("" if sent == before else f"; {box.pending()} stay"))
+    return 0 if sent == before else 1
+
+
+def _experiment_of(uri: str, run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+
+
 def _cmd_reproduce(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from .reproduce import format_comparison, reproduce
 
@@ -181,6 +206,7 @@ COMMANDS: dict[str, tuple[Callable[[PipelineConfig, argparse.Namespace], int], s
     "eval": (_cmd_eval, "evaluate a model (--model PATH, default the configured base) on the benchmark suite"),
     "doctor": (_cmd_doctor, "pre-flight checks: storage, resources, model, masks, memory plan, upload size"),
     "report": (_cmd_report, "self-contained HTML page of the scores and classes of a run (RUN = run or partition folder)"),
+    "sync": (_cmd_sync, "send to MLflow the writes a run kept while its tracking server did not answer"),
     "reproduce": (_cmd_reproduce, "rerun a finished run from its run card into a new folder and compare every "
                   "stage's content hashes (exit 1 when one differs)"),
 }
@@ -194,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "report":
             p.add_argument("run", help="run directory (newest partition of selection.rho) or a partition folder")
+        if name == "sync":
+            p.add_argument("run", help="run_dir whose kept MLflow writes to send (the folder or bucket URI)")
+            p.add_argument("--tracking-uri", help="the MLflow server (default: the config's, else $MLFLOW_TRACKING_URI)")
         if name == "reproduce":
             p.add_argument("run", help="run_dir of a finished run (a folder or a bucket URI)")
             p.add_argument("--into", help="where to rerun it (default <RUN>-reproduced; must not hold a run)")

@@ -37,7 +37,7 @@ from .stages.train import model_params, run_finetune
 from .stages.tune import run_tune
 from .store import is_complete, portable, run_root, tree_sha256
 from .tiny import build_demo_model, corpus_lines
-from .tracking import Tracker, compare_runs_url, experiment_url, models_url, resolve_tracking_uri
+from .tracking import OUTBOX_FILE, Outbox, Tracker, compare_runs_url, experiment_url, models_url, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def start_tracking(cfg: PipelineConfig, run_name: str = "pipeline") -> Tracker:
     if not cfg.tracking.enabled:
         return Tracker.disabled()
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.run_dir)
-    tracker = Tracker.start(uri, cfg.tracking.experiment_name, run_name, tags={"forgetting_ray.run_dir": portable(run_root(cfg.run_dir))})
+    tracker = Tracker.start(uri, cfg.tracking.experiment_name, run_name, tags={"forgetting_ray.run_dir": portable(run_root(cfg.run_dir))},
+                            journal=run_root(cfg.run_dir) / OUTBOX_FILE)
     tracker.log_params(flatten(config_to_dict(cfg)))
     tracker.log_text(dump_config(cfg), "config.yaml")
     return tracker
@@ -147,7 +148,8 @@ def _log_finetune(t: Tracker, cfg: PipelineConfig, res, card, name: str, logged:
             model_ids[str(res.export_dir)] = model_id
         if model_id and name == "train" and cfg.tracking.register_as:
             version = t.register_model(model_id, cfg.tracking.register_as)
-            log.info("registered %s as %s version %d", res.export_dir, cfg.tracking.register_as, version)
+            if version:  # None: MLflow was down and the outbox holds the registration
+                log.info("registered %s as %s version %d", res.export_dir, cfg.tracking.register_as, version)
         if card is not None:
             card.add_model(name, res.export_dir, sha, key=res.key, steps=res.global_step, nodes=res.nodes)
 
@@ -246,6 +248,19 @@ def _run_held(cfg: PipelineConfig, until: str | None, last: int) -> PipelineResu
                 tracker.log_artifact(result.run_card)
             finally:
                 tracker.end(status)
+                _send_kept(tracker)
+
+
+def _send_kept(tracker: Tracker) -> None:
+    """The run's last try at sending what an MLflow outage held back; what stays is named for `sync`."""
+    try:
+        tracker.send_kept()
+    except Exception as e:  # a write the server refuses for another reason: the journal keeps it for sync
+        log.warning("MLflow: could not send the kept writes (%s)", str(e).splitlines()[0][:200])
+    box = Outbox.of(tracker.journal)
+    if box is not None and box.pending():
+        log.warning("MLflow still does not answer: %d writes stay in %s; send them with: forgetting-ray sync %s",
+                    box.pending(), box.path, box.path.parent)
 
 
 def _run_stages(cfg: PipelineConfig, result: PipelineResult, card: RunCard, last: int) -> None:

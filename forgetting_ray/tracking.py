@@ -11,9 +11,12 @@ import json
 import logging
 import math
 import os
+import functools
 import re
 import tempfile
+import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,138 @@ MODEL_SHA256_TAG = "forgetting_ray.sha256"  # on a LoggedModel and a registered 
 
 class TrackingError(RuntimeError):
     pass
+
+
+OUTBOX_FILE = "mlflow_pending.jsonl"  # in the run folder: what MLflow could not take yet
+RETRY_OUTBOX_S = 30.0  # while MLflow is down, how often a write tries to send what is kept
+PENDING = "pending-"  # the id of a run created while MLflow was down, until it is sent
+# errors that mean "the server is not answering now", not "the request is wrong"
+UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish", "Read timed out",
+               "Connection aborted", "RemoteDisconnected", "error code 502", "error code 503", "error code 504")
+
+
+def _unreachable(e: BaseException) -> bool:
+    import requests
+
+    return isinstance(e, (requests.ConnectionError, requests.Timeout)) or any(m in str(e) for m in UNREACHABLE)
+
+
+class Outbox:
+    """The writes an MLflow server that stopped answering could not take, kept in order in a journal file in the
+    run folder and sent, in order, when it answers again (a later write tries every ``RETRY_OUTBOX_S``; the run's
+    end tries once more; ``forgetting-ray sync RUN_DIR`` sends them by hand).  A run created meanwhile gets a
+    placeholder id, mapped to the real one as it is sent.  One per journal file in a process."""
+
+    _open: dict[str, "Outbox"] = {}
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.RLock()
+        self.last_try = 0.0
+        self.warned = False
+
+    @classmethod
+    def of(cls, path: str) -> "Outbox | None":
+        if not path:
+            return None
+        if path not in cls._open:
+            cls._open[path] = cls(Path(path))
+        return cls._open[path]
+
+    def pending(self) -> int:
+        try:
+            return sum(1 for line in self.path.read_text().splitlines() if line.strip())
+        except FileNotFoundError:
+            return 0
+
+    def keep(self, tracker: "Tracker", method: str, args: tuple, kwargs: dict, error: BaseException | None) -> Any:
+        """Append one write; a ``child`` gets a placeholder run to log into."""
+        placeholder = f"{PENDING}{uuid.uuid4().hex}" if method == "child" else None
+        op = {"run_id": tracker.run_id, "method": method, "args": list(args), "kwargs": kwargs, "creates": placeholder}
+        with self.lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(op, default=str) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if not self.warned:
+                self.warned = True
+                log.warning("MLflow at %s is not answering (%s): tracking is degraded; its writes are kept in %s and "
+                            "sent when it answers again (or: forgetting-ray sync %s)", redact("uri", tracker.uri),
+                            str(error).splitlines()[0][:200] if error else "earlier failure", self.path,
+                            self.path.parent)
+        if placeholder:
+            return Tracker(uri=tracker.uri, experiment_id=tracker.experiment_id, run_id=placeholder,
+                           journal=tracker.journal, _client=tracker._client)
+        return None
+
+    def due(self) -> bool:
+        return time.time() - self.last_try >= RETRY_OUTBOX_S
+
+    def send(self, uri: str, experiment_id: str, client: Any = None) -> int:
+        """Send every kept write in order; returns how many were sent.  Stops at the first one the server does not
+        take (it stays first in the journal, with the runs created so far mapped to their real ids)."""
+        with self.lock:
+            self.last_try = time.time()
+            try:
+                ops = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            except FileNotFoundError:
+                return 0
+            ids: dict[str, str] = {}
+            sent = 0
+            try:
+                for op in ops:
+                    run_id = ids.get(op["run_id"], op["run_id"])
+                    target = Tracker(uri=uri, experiment_id=experiment_id, run_id=run_id, _client=client)
+                    result = getattr(target, op["method"]).__wrapped__(target, *op["args"], **op["kwargs"])
+                    if op.get("creates"):
+                        ids[op["creates"]] = result.run_id
+                    sent += 1
+            except Exception as e:
+                if not _unreachable(e):
+                    raise
+                rest = ops[sent:]
+                for op in rest:
+                    op["run_id"] = ids.get(op["run_id"], op["run_id"])
+                tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+                tmp.write_text("".join(json.dumps(op, default=str) + "\n" for op in rest))
+                os.replace(tmp, self.path)
+                return sent
+            self.path.unlink(missing_ok=True)
+            if sent:
+                log.warning("MLflow at %s answers again: sent the %d writes kept while it was down",
+                            redact("uri", uri), sent)
+            self.warned = False
+            return sent
+
+
+def _journaled(method):
+    """A write to MLflow that an outage does not lose: while the server does not answer, it goes to the run's
+    :class:`Outbox` (after any writes already kept, so the order holds)."""
+
+    @functools.wraps(method)
+    def write(self: "Tracker", *args, **kwargs):
+        box = Outbox.of(self.journal) if self.enabled else None
+        if box is None:
+            return method(self, *args, **kwargs)
+        if method.__name__ == "log_metrics":
+            kwargs.setdefault("timestamp_ms", int(time.time() * 1000))  # the time it was measured, kept as it is sent
+        if box.pending():
+            if not box.due():
+                return box.keep(self, method.__name__, args, kwargs, None)
+            box.send(self.uri, self.experiment_id, self._client)
+            if box.pending():
+                return box.keep(self, method.__name__, args, kwargs, None)
+        if self.run_id.startswith(PENDING):  # a run created during the outage: only the journal knows it
+            return box.keep(self, method.__name__, args, kwargs, None)
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            if not _unreachable(e):
+                raise
+            return box.keep(self, method.__name__, args, kwargs, e)
+
+    return write
 
 
 def redact(key: str, value: Any) -> Any:
@@ -122,6 +257,7 @@ class Tracker:
     experiment_id: str
     run_id: str
     enabled: bool = True
+    journal: str = ""  # the Outbox file of this run's writes while MLflow is down ("": none, writes raise)
     _client: Any = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -139,10 +275,16 @@ class Tracker:
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
-    def start(cls, uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> "Tracker":
+    def start(cls, uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
+              journal: str | Path | None = None) -> "Tracker":
+        """A new run; ``journal``: where its writes wait while a server stops answering (see :class:`Outbox`)."""
         from mlflow.tracking import MlflowClient
 
         check_reachable(uri)
+        if journal and uri.startswith(("http://", "https://")):
+            # MLflow retries a refused connection 7 times over minutes; the outbox takes over after a few seconds
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
@@ -153,18 +295,20 @@ class Tracker:
             if EXPERIMENT_KIND_TAG not in exp.tags:  # a kind the user chose in the UI stays
                 client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
         run = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
-        return cls(uri=uri, experiment_id=exp_id, run_id=run.info.run_id, _client=client)
+        return cls(uri=uri, experiment_id=exp_id, run_id=run.info.run_id, journal=str(journal or ""), _client=client)
 
     @classmethod
     def disabled(cls) -> "Tracker":
         return cls(uri="", experiment_id="", run_id="", enabled=False)
 
+    @_journaled
     def child(self, run_name: str, tags: Mapping[str, str] | None = None) -> "Tracker":
         if not self.enabled:
             return self
         all_tags = {"mlflow.parentRunId": self.run_id, **(tags or {})}
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
-        return Tracker(uri=self.uri, experiment_id=self.experiment_id, run_id=run.info.run_id, _client=self._client)
+        return Tracker(uri=self.uri, experiment_id=self.experiment_id, run_id=run.info.run_id, journal=self.journal,
+                       _client=self._client)
 
     @contextmanager
     def stage(self, name: str, tags: Mapping[str, str] | None = None) -> Iterator["Tracker"]:
@@ -193,9 +337,15 @@ class Tracker:
         finally:
             monitor.finish()
 
+    @_journaled
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled:
             self.client.set_terminated(self.run_id, status=status)
+
+    def send_kept(self) -> int:
+        """Send what the outbox holds now (the run's end calls it; a server still down keeps it)."""
+        box = Outbox.of(self.journal) if self.enabled else None
+        return box.send(self.uri, self.experiment_id, self._client) if box is not None and box.pending() else 0
 
     def close_trial_runs(self, stopped: Iterable[str], errored: Iterable[str]) -> None:
         """End the child runs of the Tune trials that did not finish (tagged :data:`TRIAL_ID_TAG`).
@@ -208,7 +358,13 @@ class Tracker:
         if not self.enabled:
             return
         stopped, errored = set(stopped), set(errored)
-        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'")
+        try:
+            runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'")
+        except Exception as e:
+            if not _unreachable(e):
+                raise
+            log.warning("MLflow is not answering: the stopped trials' runs stay RUNNING (%s)", str(e).splitlines()[0])
+            return
         for run in runs:
             tid = run.data.tags.get(TRIAL_ID_TAG)
             if run.info.status in ("RUNNING", "FAILED") and tid in stopped:
@@ -218,6 +374,7 @@ class Tracker:
                 self.client.set_terminated(run.info.run_id, status="FAILED")
 
     # -- logging ----------------------------------------------------------------------------
+    @_journaled
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
@@ -227,15 +384,16 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow batch limit
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    @_journaled
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, *, model_id: str | None = None,
-                    dataset: tuple[str, str] | None = None) -> None:
+                    dataset: tuple[str, str] | None = None, timestamp_ms: int | None = None) -> None:
         """Finite numbers only; ``model_id`` links them to a LoggedModel (its scores in the Models tab), and
         ``dataset`` (name, digest) to the dataset they were measured on."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp_ms or int(time.time() * 1000)
         name, digest = dataset or (None, None)
         digest = digest[:36] if digest else None  # as log_dataset stores it
         items = [
@@ -246,15 +404,18 @@ class Tracker:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
+    @_journaled
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
             for k, v in tags.items():
                 self.client.set_tag(self.run_id, k, str(redact(k, v)))
 
+    @_journaled
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @_journaled
     def log_dataset(self, name: str, digest: str, source: str, context: str, num_rows: int | None = None) -> None:
         """Record a dataset this run read (the runs table's Dataset column): by name, content digest and
         where it is, never its rows."""
@@ -267,14 +428,17 @@ class Tracker:
                           profile=json.dumps({"num_rows": num_rows}) if num_rows is not None else None)
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
+    @_journaled
     def log_dict(self, obj: Any, name: str) -> None:
         if self.enabled:
             self.client.log_dict(self.run_id, obj, name)
 
+    @_journaled
     def log_text(self, text: str, name: str) -> None:
         if self.enabled:
             self.client.log_text(self.run_id, text, name)
 
+    @_journaled
     def log_model(self, name: str, path: str | Path, sha256: str, params: Mapping[str, Any] | None = None,
                   upload: bool = False) -> str | None:
         """Record an export as an MLflow LoggedModel of this run (the UI's Models tab): its parameters, and its
@@ -310,6 +474,7 @@ class Tracker:
         self.set_tags({f"model.{name}.id": model.model_id})
         return model.model_id
 
+    @_journaled
     def register_model(self, model_id: str, name: str) -> int:
         """A new version of registered model ``name`` (created when missing) for the LoggedModel ``model_id``,
         tagged with its sha256; an export already registered under ``name`` keeps its version."""

@@ -176,3 +176,83 @@ def test_an_export_is_a_logged_model_with_its_scores_and_a_registered_version(tm
     assert json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"]) == [
         {"name": "forgetting-demo", "version": "1"}]  # the Models tab's "Registered models" column
     assert Tracker.disabled().log_model("train", export, "sha-1") is None
+
+
+class _Outage:
+    """An MlflowClient whose server stops answering while ``down`` is set (the error requests raises)."""
+
+    def __init__(self, uri: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.real, self.down = MlflowClient(uri), False
+
+    def __getattr__(self, name):
+        attr = getattr(self.real, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            if self.down:
+                import requests
+
+                raise requests.ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded")
+            return attr(*args, **kwargs)
+        return call
+
+
+def test_an_outage_keeps_the_writes_in_order_and_sends_them_when_mlflow_answers(tmp_path, monkeypatch, caplog):
+    """Writes while MLflow is down (metrics, tags, a new child run and its writes, the ends) go to the outbox with
+    one warning; the next write after it answers sends them in order: the same histories, timestamps included."""
+    from mlflow.tracking import MlflowClient
+
+    from forgetting_ray import tracking
+    from forgetting_ray.tracking import OUTBOX_FILE, Outbox
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    journal = tmp_path / OUTBOX_FILE
+    pipeline = Tracker.start(uri, "exp", "pipeline", journal=journal)
+    client = _Outage(uri)
+    pipeline._client = client
+    train = pipeline.child("train")
+    for step in range(3):
+        train.log_metrics({"loss": 3.0 - step}, step=step)
+    client.down = True
+    for step in range(3, 6):
+        train.log_metrics({"loss": 3.0 - step}, step=step)
+    train.set_tags({"guardrail.stop_reason": "none"})
+    train.end("FINISHED")
+    with pipeline.stage("eval-forgetting") as ev:  # a run created while the server is down
+        ev.log_params({"model": "/x"})
+        ev.log_metrics({"eval.average": 0.5})
+    assert ev.run_id.startswith(tracking.PENDING)
+    assert Outbox.of(str(journal)).pending() == 9
+    assert caplog.text.count("is not answering") == 1  # one warning line, not one per write
+    kept_ts = [json.loads(line)["kwargs"]["timestamp_ms"] for line in journal.read_text().splitlines()[:3]]
+
+    client.down = False
+    monkeypatch.setattr(tracking, "RETRY_OUTBOX_S", 0.0)
+    pipeline.log_metrics({"answer": 1.0})  # the next write sends what was kept first
+    assert not journal.exists() and "answers again: sent the 9 writes" in caplog.text
+    real = MlflowClient(uri)
+    history = real.get_metric_history(train.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, 3.0 - s) for s in range(6)]
+    assert [m.timestamp for m in history][3:] == kept_ts  # when they were measured, not when sent
+    t = real.get_run(train.run_id)
+    assert t.info.status == "FINISHED" and t.data.tags["guardrail.stop_reason"] == "none"
+    [e] = real.search_runs([pipeline.experiment_id], "attributes.run_name = 'eval-forgetting'")
+    assert e.data.tags["mlflow.parentRunId"] == pipeline.run_id and e.info.status == "FINISHED"
+    assert e.data.params == {"model": "/x"} and e.data.metrics == {"eval.average": 0.5}
+    assert real.get_run(pipeline.run_id).data.metrics == {"answer": 1.0}
+
+
+def test_a_request_mlflow_refuses_is_not_kept(tmp_path):
+    """Only a server that does not answer fills the outbox; a write it refuses raises as before."""
+    from mlflow.exceptions import MlflowException
+
+    from forgetting_ray.tracking import OUTBOX_FILE
+
+    t = Tracker.start(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", "pipeline", journal=tmp_path / OUTBOX_FILE)
+    t.log_params({"a": 1})
+    with pytest.raises(MlflowException):
+        t.log_params({"a": 2})  # params are immutable: MLflow refuses
+    assert not (tmp_path / OUTBOX_FILE).exists()

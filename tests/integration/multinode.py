@@ -187,9 +187,10 @@ def s3_server() -> Iterator[S3Server]:
 
 
 @contextmanager
-def serve_mlflow(store: str, artifacts: Path, log: Path) -> Iterator[str]:
-    """``mlflow server`` on the backend store ``store`` (e.g. a run's ``sqlite:///…/mlflow.db``); yields its URL."""
-    (port,) = _free_ports(1)
+def serve_mlflow(store: str, artifacts: Path, log: Path, port: int | None = None) -> Iterator[str]:
+    """``mlflow server`` on the backend store ``store`` (e.g. a run's ``sqlite:///…/mlflow.db``); yields its URL.
+    ``port``: the one a server that was stopped had, to bring it back where its clients look."""
+    (port,) = [port] if port else _free_ports(1)
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", store, "--default-artifact-root", str(artifacts)]
     proc = _start(cmd, _env(), log)

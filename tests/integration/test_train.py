@@ -210,6 +210,48 @@ def test_smollm2_lora_smoke_step(ray_cluster, tmp_path, smollm2_dir):
     assert result.global_step == 1 and np.isfinite(m["loss"]) and m["n_pos"] > 0 and m["grad_norm"] > 0
 
 
+def test_mlflow_killed_mid_fit_and_back_loses_no_metric_point(ray_cluster, tmp_path, tables, tiny_llama,
+                                                             monkeypatch, caplog):
+    """A real `mlflow server`, stopped while the fit is held after step 2: the fit goes on and ends, its writes
+    wait in the run's outbox (one warning line); the server back on its port, `forgetting-ray sync` sends them:
+    every step's metrics in MLflow once, with the values the fit wrote, and the run FINISHED."""
+    from urllib.parse import urlsplit
+
+    from mlflow.tracking import MlflowClient
+
+    from forgetting_ray.cli import main
+    from forgetting_ray.faults import TRAIN_FAULT_ENV
+    from forgetting_ray.pipeline import _finetune
+    from forgetting_ray.tracking import OUTBOX_FILE, Tracker
+
+    from .multinode import serve_mlflow
+
+    cfg = make_cfg(tmp_path, tiny_llama, deepspeed={"enabled": False}, max_steps=4, checkpoint_every=2)
+    held = tmp_path / "held-after-step-2"
+    monkeypatch.setenv(TRAIN_FAULT_ENV, f"rank=0,after_step=2,marker={held},hold_s=60")
+    store, artifacts = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts"
+    journal = Path(cfg.run_dir) / OUTBOX_FILE
+    with ThreadPoolExecutor(1) as pool:
+        with serve_mlflow(store, artifacts, tmp_path / "mlflow-1.log") as uri:
+            tracker = Tracker.start(uri, "outage", "train", journal=journal)
+            fit = pool.submit(_finetune, tracker, cfg, "train", tables["train"])
+            while not held.exists():
+                assert not fit.done(), fit.result()
+                time.sleep(0.5)
+        Path(f"{held}.release").touch()  # the server is gone: the fit goes on
+        result = fit.result()
+        tracker.end("FINISHED")
+    assert journal.is_file() and caplog.text.count("is not answering") == 1
+    with serve_mlflow(store, artifacts, tmp_path / "mlflow-2.log", port=urlsplit(uri).port):
+        assert main(["sync", cfg.run_dir, "--tracking-uri", uri]) == 0
+        client = MlflowClient(uri)
+        history = client.get_metric_history(tracker.run_id, "loss")
+        run = client.get_run(tracker.run_id)
+    assert sorted((m.step, m.value) for m in history) == [(r["step"], r["loss"]) for r in result.metrics]
+    assert [r["step"] for r in result.metrics] == [1, 2, 3, 4] and run.info.status == "FINISHED"
+    assert not journal.exists()
+
+
 def test_step_metrics_reach_mlflow_while_the_fit_runs(ray_cluster, tmp_path, tables, tiny_llama, monkeypatch):
     """The pipeline's driver logs each step as rank 0 sends it: an MLflow query made while the fit is held
     after step 2 sees steps 1-2; at the end every step is in MLflow exactly once."""
