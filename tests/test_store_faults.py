@@ -70,6 +70,7 @@ def test_a_persistent_fault_names_the_object_and_leaves_the_stage_unmarked(bucke
                                                                             tmp_path, quick_retries):
     name, s3 = bucket
     monkeypatch.setenv("FORGETTING_RAY_CACHE", str(tmp_path / "node-a"))
+    monkeypatch.setattr(store, "RETRY_ATTEMPTS", 3)  # each try also waits out pyarrow's own AWS retries
     with FaultProxy(s3_endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         folder = _stage_folder(f"s3://{name}/broken")
@@ -81,7 +82,7 @@ def test_a_persistent_fault_names_the_object_and_leaves_the_stage_unmarked(bucke
     keys = _objects(s3, name, "broken/")
     assert "score/k1/shard-005.parquet" not in keys and f"score/k1/{DONE_MARKER}" not in keys
     assert not (folder / DONE_MARKER).exists()  # not done here either
-    assert proxy.counts["persistent"] == store.RETRY_ATTEMPTS or proxy.counts["persistent"] > store.RETRY_ATTEMPTS
+    assert proxy.counts["persistent"] >= 3  # every try reached the store
 
 
 def test_the_prepare_stage_through_faults_writes_what_it_writes_without(bucket, s3_endpoint, monkeypatch, tmp_path,
