@@ -22,7 +22,7 @@ from .config import PipelineConfig, config_to_dict, dump_config, flatten
 from .data.readers import read_records, resolve_inputs
 from .data.sources import FileSource
 from .exports import model_identity
-from .report.html import main_report
+from .report.html import REPORT_ARTIFACT_DIR, main_report, write_results_page
 from .report.plots import log_finetune_plots
 from .report.study import StudyError, compare_models, read_eval_samples, results_table
 from .run_lock import hold_run_dir
@@ -51,6 +51,7 @@ class PipelineResult:
     tracker: Tracker | None = None
     run_card: Path | None = None
     model_ids: dict[str, str] = field(default_factory=dict)  # export folder -> its MLflow LoggedModel
+    results: str | None = None  # the result table (means and paired differences with their intervals)
 
 
 def start_tracking(cfg: PipelineConfig, run_name: str = "pipeline") -> Tracker:
@@ -311,6 +312,10 @@ def _run_stages(cfg: PipelineConfig, result: PipelineResult, card: RunCard, last
         evals = _timed(result, "eval", tracker, _evaluate, train_cfg, paths, result.model_ids)
         card.add_stage("eval", {name: {"headline": r.headline, "average": r.average} for name, r in evals.items()})
         tracker.log_metrics(result_metrics(evals, cfg.training.strategy))
+        result.results = comparison_table(evals)
+        page = write_results_page(result.results, run_root(cfg.run_dir) / "report" / "results.html",
+                                  meta=f"{cfg.model.name_or_path} · run_dir {cfg.run_dir}")  # (uploaded as written)
+        tracker.log_artifact(page, REPORT_ARTIFACT_DIR)
 
 
 def result_metrics(evals: dict[str, Any], strategy: str) -> dict[str, float]:
@@ -376,7 +381,7 @@ def summarize(cfg: PipelineConfig, result: PipelineResult) -> str:
         if path is not None:
             out.append(f"{name}: {path}")
     if "eval" in result.outputs:
-        out += ["", comparison_table(result.outputs["eval"])]
+        out += ["", result.results or comparison_table(result.outputs["eval"])]
     if result.tracker is not None and result.tracker.enabled:
         t = result.tracker
         ui = t.uri if t.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"

@@ -494,6 +494,40 @@ def render_report(inp: PartitionInputs, views: list[SampleView], pieces: list[li
     )
 
 
+def render_results(markdown: str, *, meta: str = "") -> str:
+    """The result table page: the text ``report.study.results_table`` prints (Markdown tables and lines: each
+    model's mean with its 95 % interval, the paired differences and their reading), as HTML."""
+    body, table = [], []
+
+    def close_table() -> None:
+        if not table:
+            return
+        header, *rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table
+                         if not set(line.replace("|", "").strip()) <= set("-:")]
+        body.append("<table><thead><tr>" + "".join(f"<th>{_e(c)}</th>" for c in header) + "</tr></thead><tbody>"
+                    + "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
+                    + "</tbody></table>")
+        table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        close_table()
+        if line.strip():
+            body.append(f'<p class="note">{_e(line)}</p>')
+    close_table()
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            '<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f"<title>FORGETTING results</title><style>{CSS}</style></head><body><main><h1>Results</h1>"
+            f'<div class="meta">{_e(meta)}</div>' + "".join(body) + "</main></body></html>\n")
+
+
+def write_results_page(markdown: str, out_path: str | Path, *, meta: str = "") -> Path:
+    return Path(atomic_write_text(out_path, render_results(markdown, meta=meta)))
+
+
 # ------------------------------------------------------------------------------------------------
 # entry points
 # ------------------------------------------------------------------------------------------------
@@ -536,4 +570,4 @@ def main_report(cfg: "PipelineConfig", run_dir: str | Path | None = None, out: s
 
 __all__ = ["ReportInputError", "PartitionInputs", "SampleView", "find_partition", "load_partition", "select_rows",
            "load_samples", "histogram_svg", "sources_svg", "render_report", "build_report",
-           "log_report", "main_report"]
+           "log_report", "main_report", "render_results", "write_results_page"]

@@ -70,6 +70,7 @@ def test_the_console_shows_stages_bars_and_the_table_and_the_logs_keep_the_rest(
     assert re.search(r"eval forgetting-\w+: 100%", err)  # the requests bar
     run_dir = clone_run.run_dir
     assert f"mlflow ui --backend-store-uri sqlite:///{run_dir}/mlflow.db" in log
+    assert "<td>forgetting</td>" in (run_dir / "report" / "results.html").read_text()  # the table, as a page
     driver_log = (run_dir / "logs" / "driver.log").read_text()
     assert "ray" in driver_log and "== train" in driver_log
     # the workers' own output (those that wrote any), copied from Ray's session logs into the run

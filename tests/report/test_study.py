@@ -308,3 +308,19 @@ def test_the_pipeline_parent_run_gets_scores_and_the_paired_differences(tmp_path
     assert m["forgetting-ignore.ci_low"] <= m["forgetting-ignore.mean"] <= m["forgetting-ignore.ci_high"]
     assert "sft-ignore.mean" not in m and set(result_metrics({"forgetting": evals["forgetting"]}, "forgetting")) == {
         "forgetting.boolq", "forgetting.mean"}
+
+
+def test_the_results_page_shows_the_same_table_and_readings(tmp_path):
+    from forgetting_ray.report.html import write_results_page
+
+    rng = np.random.default_rng(1)
+    base = rng.random(200) < 0.5
+    samples = {"sft": {"boolq": ts("boolq", "acc", base & (rng.random(200) < 0.7))},
+               "forgetting": {"boolq": ts("boolq", "acc", base)}}
+    table = results_table(samples, n_boot=500)
+    page = write_results_page(table, tmp_path / "report" / "results.html", meta="tiny · run").read_text()
+    assert page.count("<table>") == 2 and "Content-Security-Policy" in page and "<script" not in page
+    difference = next(line for line in table.splitlines() if line.startswith("| forgetting − sft"))
+    for cell in difference.strip("| ").split(" | "):
+        assert f"<td>{cell}</td>" in page, cell  # every cell of the printed table, as printed
+    assert "Paired differences, points (95 % bootstrap over the same 200 documents per task):" in page
