@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import PipelineConfig, config_reference_markdown, dump_config, load_config
-from .console import close_log_file, current_log_file, log_to_file, setup_console
+from .console import adopt_console, close_log_file, current_log_file, log_to_file, run_relayed, setup_console
 from .errors import UserError
 
 log = logging.getLogger("forgetting_ray")
@@ -260,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RAY_COMMANDS = ("run", "prepare", "reference", "score", "partition", "train", "tune", "eval", "doctor", "reproduce")
+
+
+def _starts_ray(argv: list[str]) -> bool:
+    """Whether this command line may start Ray with a quiet console (``--verbose`` shows everything)."""
+    words = [a for a in argv if not a.startswith("-")]
+    return bool(words) and words[0] in RAY_COMMANDS and not {"-v", "--verbose", "-h", "--help"} & set(argv)
+
+
 def _split_config_arg(args: argparse.Namespace) -> None:
     # `forgetting-ray prepare training.lr=1` (no file): the first positional is an override
     if args.config is not None and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
@@ -268,9 +277,14 @@ def _split_config_arg(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; ``argv`` None (the installed script, ``python -m``): a quiet run of a command that may
+    start Ray is relayed through the console's filter of Ray's native stderr (``console.run_relayed``)."""
     parser = build_parser()
     if argv is None:
         argv = sys.argv[1:]
+        if not adopt_console() and _starts_ray(argv):
+            return run_relayed([sys.executable, *(["-P"] if sys.flags.safe_path else []), "-m", "forgetting_ray.cli",
+                                *argv])
     if "plan" in argv[:2]:  # not a pipeline-config command: its own flags, no overrides
         from .plan import main_plan
 

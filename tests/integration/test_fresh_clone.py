@@ -63,7 +63,7 @@ def test_the_console_shows_stages_bars_and_the_table_and_the_logs_keep_the_rest(
     # output (those are in the run's log file)
     lines = out.split("\n") + err.split("\n")  # \r-updated progress bars count once
     assert len(lines) <= 60, log
-    assert not re.search(r"Warning|Traceback|\(\w+ pid=\d+\)|View run", log), log
+    assert not re.search(r"Warning|Traceback|core_worker|\(\w+ pid=\d+\)|View run", log), log
     for stage in ("prepare", "reference", "score", "partition", "train", "eval"):
         assert re.search(rf"== {stage}( \(.+\))?\n", err) and re.search(rf"== {stage} done in [\d.]+ s", err), stage
     assert re.search(r"train \w+: 100%.*loss=", err)  # the optimizer-step bar
