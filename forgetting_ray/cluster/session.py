@@ -104,3 +104,23 @@ def ray_data_bars_off() -> Iterator[None]:
         yield
     finally:
         ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start = saved
+
+
+@contextmanager
+def working_in(folder: Path) -> Iterator[None]:
+    """Run the block with ``folder`` (absolute) as the cwd, then return to the cwd's path as it is by then.
+
+    A Ray job's cwd is its unpacked working_dir, and Ray unpacks it again (delete, then extract) when a node
+    that shares the Ray temp dir sets up the same runtime env: a shared /tmp/ray, or Ray's fake multi-node
+    provider.  Tune's driver resolves bucket paths against the cwd (``os.path.relpath`` in
+    ``ray.train._internal.storage``), so a cwd removed under it fails a finished search.
+    """
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        try:
+            os.chdir(before)  # the path, unpacked again if Ray replaced it
+        except OSError:
+            pass  # gone for good: ``folder`` stays the cwd

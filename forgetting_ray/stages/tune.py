@@ -55,7 +55,7 @@ from ..cluster.capacity import (
     starves_ray_data,
 )
 from ..cluster.internals import pg_recorder_class, reaper_class
-from ..cluster.session import init_ray
+from ..cluster.session import init_ray, working_in
 from ..config import PipelineConfig, TuneConfig, config_to_dict
 from ..console import quiet
 from ..search import (
@@ -303,7 +303,8 @@ def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_al
                                         reuse_actors=False),  # a stopped trial's fit must die with its actor
         )
     try:
-        grid = tuner.fit()
+        with working_in(folder):
+            grid = tuner.fit()
     except Exception as e:  # Tune wraps what a callback raises; the placement timeout is the user's to fix
         cause = e
         while cause is not None and not isinstance(cause, PlacementTimeout):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
-from forgetting_ray.cluster.session import RAY_JOB_CONFIG_VAR, worker_env
+from forgetting_ray.cluster.session import RAY_JOB_CONFIG_VAR, worker_env, working_in
 
 
 def test_worker_env_leaves_to_a_submitted_job_what_its_runtime_env_sets(monkeypatch):
@@ -22,3 +25,19 @@ def test_worker_env_leaves_to_a_submitted_job_what_its_runtime_env_sets(monkeypa
 
     monkeypatch.setenv(RAY_JOB_CONFIG_VAR, "not json")  # unreadable: forward everything, as before
     assert "AWS_ENDPOINT_URL" in worker_env()
+
+
+def test_working_in_returns_to_a_cwd_that_ray_unpacked_again(tmp_path, monkeypatch):
+    unpacked, search = tmp_path / "_ray_pkg_1", tmp_path / "search"
+    unpacked.mkdir(), search.mkdir()
+    monkeypatch.chdir(unpacked)
+    with working_in(search):
+        assert Path.cwd() == search
+        shutil.rmtree(unpacked)  # another node sharing the temp dir sets up the same runtime env
+        unpacked.mkdir()
+        assert os.path.relpath("bucket/runs/x", start="bucket/runs") == "x"  # Tune's call, cwd intact
+    assert Path.cwd() == unpacked and os.getcwd()
+
+    with working_in(search):
+        shutil.rmtree(unpacked)  # and gone for good: the search folder stays the cwd
+    assert Path.cwd() == search
