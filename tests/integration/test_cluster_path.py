@@ -6,10 +6,11 @@ server that only the driver talks to.
 Checked: the jobs succeed; every stage output is in the bucket and nothing is written where the job
 runs (the head works in a mirror under its own cache); the score actors, the train workers and the
 trials ran on the worker nodes (their node ids are recorded in the stage outputs and the run card);
-MLflow holds the parent, stage and trial runs with per-step metrics; a resubmission reuses every
-stage from the bucket; a local run_dir that one worker node cannot see is one `error:` line before any
-compute; killing the worker node that trains lets Ray Train restart from the bucket checkpoint on the
-other node and finish with the weights of the uninterrupted run.
+MLflow holds the parent, stage and trial runs with per-step metrics; a resubmission through a fault proxy
+that fails a fifth of the bucket requests reuses every stage from the bucket; a local run_dir that one
+worker node cannot see is one `error:` line before any compute; killing the worker node that trains lets
+Ray Train restart from the bucket checkpoint on the other node and finish with the weights of the
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING
 import mlflow
 import pytest
 from safetensors.torch import load as load_safetensors
+
+from faultproxy import FaultProxy
 
 if TYPE_CHECKING:  # the fixtures come in through pytest_plugins
     from .multinode import MultinodeCluster, S3Server
@@ -114,9 +117,12 @@ def test_pipeline_and_tune_on_three_nodes_with_a_bucket_and_mlflow_on_the_head(
     [version] = client.search_model_versions("name = 'forgetting-cluster'")
     assert version.tags["forgetting_ray.sha256"] == card["models"]["train"]["sha256"]
 
-    # a resubmission reuses every stage from the bucket
-    status, logs = cluster.submit(pipeline, timeout_s=600)
+    # a resubmission reuses every stage from the bucket, through a network that fails a fifth of its requests
+    # (503 or a reset connection): retried, and nothing in the bucket changes
+    with FaultProxy(s3.endpoint, fault_rate=0.2, seed=11) as proxy:
+        status, logs = cluster.submit(pipeline, env_vars={**s3.env, "AWS_ENDPOINT_URL": proxy.url}, timeout_s=600)
     assert status == "SUCCEEDED", logs[-8000:]
+    assert proxy.counts["503"] + proxy.counts["reset"] >= 3 and proxy.counts["forwarded"] >= 10, proxy.counts
     assert _stage_keys(s3, "runs/demo/") == done
     for stage, phrase in (("prepare", "reusing it"), ("reference", "already complete"), ("score", "reusing cached"),
                           ("partition", "reusing"), ("train", "already complete"), ("eval", "reusing")):
