@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test test-fast demo demo-tiny bench gpu-kit gpu-kit-rehearsal readme clean
+.PHONY: install test test-fast demo demo-tiny bench tables gpu-kit gpu-kit-rehearsal readme clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(VENV_PY) -m venv $(VENV)
@@ -49,6 +49,11 @@ demo-tiny: $(STAMP)
 
 bench: $(STAMP)
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
+
+# Every study table again from its committed raw record (bench/results/studies/NAME.json -> NAME.md), to diff
+# against BENCHMARKS.md (tests/report/test_study_tables.py checks that every row is there).
+tables: $(STAMP)
+	for f in bench/results/studies/*.json; do $(BIN)/python bench/bench_harmful_responses.py --tables $$f > $${f%.json}.md || exit 1; done
 
 # Wheels an offline GPU machine lacks for bench/gpu_check.py, in .gpu-kit/ parts <= 60 MiB (bench/README.md).
 gpu-kit: $(STAMP)

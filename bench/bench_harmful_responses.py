@@ -22,6 +22,10 @@ training seeds, the five benchmarks) and reports:
 With ``--fraction 0`` the same run is the clean-corpus study: the same reference, splits and probes, no
 answer swapped in (the corruption figures are NaN and the wrong-answer probe drops out).
 
+Every table is printed from one raw record (``--json``: the figures above, every probe's per-question values
+and every benchmark's per-document values per model and seed); ``--tables RAW`` prints them again from a
+committed record without running anything (``make tables`` does it for bench/results/studies/).
+
 Usage (SmolLM2-135M, about an hour per training seed on 2 CPU cores; every stage is cached, so a rerun
 with more seeds only trains the new ones):
     .venv/bin/python bench/bench_harmful_responses.py --seeds 0 1 2 --eval-seeds 3 --json out.json
@@ -35,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -69,8 +74,14 @@ def main() -> None:
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the data split and of the corruption")
     ap.add_argument("--run-dir", default="/tmp/forgetting-ray-bench-harmful")
     ap.add_argument("--n-boot", type=int, default=10_000)
-    ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    ap.add_argument("--json", default=None, help="also write the raw record (every figure, the per-question probe "
+                    "values and the per-document benchmark values) to this JSON file")
+    ap.add_argument("--tables", default=None, metavar="RAW_JSON",
+                    help="run nothing: print the tables of a raw record that --json wrote")
     args = ap.parse_args()
+    if args.tables:
+        print(render(json.loads(Path(args.tables).read_text())))
+        return
     for k, v in (("HF_HUB_OFFLINE", "1"), ("DS_ACCELERATOR", "cpu"), ("TOKENIZERS_PARALLELISM", "false"),
                  ("MLFLOW_DISABLE_TELEMETRY", "true"), ("RAY_AUTH_MODE", "disabled"),
                  ("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))):
@@ -84,8 +95,7 @@ def main() -> None:
     from forgetting_ray.studies.corruption import corrupt_records, harmful_split, write_jsonl
     from forgetting_ray.studies.token_view import format_token_marks, load_token_view, token_exact_marks
     from forgetting_ray.pipeline import run_pipeline
-    from forgetting_ray.report.study import average_over_seeds, compare_models_over_seeds, comparison_table, \
-        read_eval_samples, score_table, seed_example_interval
+    from forgetting_ray.report.study import read_eval_samples
     from forgetting_ray.scoring import mean_response_nll
     from forgetting_ray.stages.evaluate import resolve_eval_model
     from forgetting_ray.stages.prepare import run_prepare
@@ -228,60 +238,101 @@ def main() -> None:
     names = [*STRATEGIES, *(["variant"] if args.variant else [])]
     for name in names:
         measured[name] = {seed: probes(runs[seed]["models"][name].export_dir) for seed in args.seeds}
-    probe_table = _probe_table(measured, names, args.seeds, seed_example_interval)
 
-    # 4: the benchmarks, paired over the same documents (and, with several evaluated seeds, over the seeds)
-    bench_md, bench_json = "", {}
+    # 4: the benchmarks' per-document values, for the evaluated seeds (the same documents for every model)
     eval_seeds = args.seeds[:args.eval_seeds]
-    if eval_seeds:
-        per_seed = [{name: read_eval_samples(r.out_dir, runs[s]["cfg"].eval.tasks) for name, r in runs[s]["evals"].items()}
-                    for s in eval_seeds]
-        comparisons = [compare_models_over_seeds(per_seed, a, b, n_boot=args.n_boot)
-                       for a, b in (("forgetting", "sft"), ("ignore", "sft"), ("forgetting", "ignore"), ("sft", "base"),
-                                    ("forgetting", "base"), ("variant", "sft"), ("variant", "forgetting"))
-                       if a in per_seed[0] and b in per_seed[0]]
-        per_seed_means = {f"{c.a} − {c.b}": [float(np.mean([per[c.a][t].score() - per[c.b][t].score()
-                                                           for t in c.per_task])) for per in per_seed]
-                          for c in comparisons}
-        bench_md = (f"\n\n### Benchmarks, training seeds {eval_seeds}: scores are means over the seeds, intervals "
-                    f"cover the seeds and the documents\n\n{score_table(average_over_seeds(per_seed))}\n\n"
-                    f"{comparison_table(comparisons)}\n\nmean difference per seed (points): " + "; ".join(
-                        f"{k} " + " / ".join(f"{100 * v:+.2f}" for v in vals) for k, vals in per_seed_means.items()) + "\n")
-        bench_json = {"seeds": eval_seeds,
-                      "scores": {str(s): {m: {t: x.score() for t, x in per.items()} for m, per in samples.items()}
-                                 for s, samples in zip(eval_seeds, per_seed)},
-                      "comparisons": [{"a": c.a, "b": c.b, "mean": vars(c.mean),
-                                       "per_task": {t: vars(i) for t, i in c.per_task.items()}} for c in comparisons],
-                      "mean_difference_per_seed": per_seed_means}
+    per_seed = [{name: read_eval_samples(r.out_dir, runs[s]["cfg"].eval.tasks) for name, r in runs[s]["evals"].items()}
+                for s in eval_seeds]
 
-    nll = reference_nll
-    for split, f in reference_fit.items():
-        print(f"reference fit, {split}, {f['samples']} samples: mean response NLL per sample {f['base']:.3f} (base) "
-              f"-> {f['reference']:.3f} (reference), {f['gain_relative']:.1%} lower")
-    print(f"\nreference: mean NLL on the training split (held out from it) {nll.get('mean_nll_base', float('nan')):.3f} "
-          f"(base) -> {nll.get('mean_nll_ref', float('nan')):.3f} (reference), gain {nll.get('heldout_gain', float('nan')):.4f}")
-    for name, f in partitions.items():
-        bins = f["base_nll_bins"]
-        print(f"base NLL of the tokens ({name}), share per bin: " + "; ".join(
-            f"[{lo:g}, {hi:g}) {n:.1%} of negatives vs {p:.1%} of positives" for lo, hi, n, p in zip(
-                bins["edges"][:-1], bins["edges"][1:], bins["negative"], bins["positive"])))
-        print(f"partition ({name}): threshold {f['threshold']:.4f}; {f['changed_negative']:.1%} of the {f['changed_tokens']} "
-              f"changed tokens negative (base rate {f['negative_share']:.0%}), clean samples' tokens "
-              f"{f['clean_tokens_negative']:.1%}; end-of-turn tokens {f['end_of_turn_negative']:.1%} negative "
-              f"({f['negatives_end_of_turn_share']:.1%} of the negatives), answer-format tokens "
-              f"{f['answer_format_negative']:.1%} negative ({f['negatives_answer_format_share']:.1%} of the negatives); "
-              f"base NLL p10/p50/p90 negatives {f['base_nll_quantiles']['negative']} vs positives "
-              f"{f['base_nll_quantiles']['positive']}")
-    print("\n" + probe_table + bench_md)
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    # Every table is rendered from this raw record, here and by --tables from the committed file, so a
+    # table in the docs can be regenerated and diffed.
+    raw = {
+        "command": "python bench/bench_harmful_responses.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - t0),
+        "args": {k: v for k, v in vars(args).items() if k not in ("json", "tables", "run_dir")},
+        "reference_nll": {k: v for k, v in reference_nll.items() if k != "base_nll_histogram"},
+        "reference_fit": reference_fit, "partitions": partitions,
+        "probes": {m: {str(s): {k: v.tolist() for k, v in d.items()} for s, d in per.items()}
+                   for m, per in measured.items()},
+        "benchmarks": {"seeds": eval_seeds, "per_seed": [
+            {m: {t: {"metric": x.metric, "values": x.values, "groups": x.groups} for t, x in tasks.items()}
+             for m, tasks in samples.items()} for samples in per_seed]},
+    }
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "args": vars(args), "reference_nll": {k: v for k, v in reference_nll.items() if k != "base_nll_histogram"},
-            "reference_fit": reference_fit,
-            "partitions": partitions, "benchmarks": bench_json,
-            "probes": {m: {str(s): {k: float(v.mean()) for k, v in d.items()} for s, d in per.items()}
-                       for m, per in measured.items()},
-        }, indent=2, default=str))
+        with atomic_path(Path(args.json)) as tmp:
+            Path(tmp).write_text(json.dumps(raw, indent=1, default=str) + "\n")
+    print(render(json.loads(json.dumps(raw, default=str))))
+
+
+def render(raw: dict) -> str:
+    """Markdown of every figure of one run, from its raw record (the file ``--json`` writes)."""
+    from forgetting_ray.report.study import TaskSamples, average_over_seeds, compare_models_over_seeds, pts, \
+        score_table, seed_example_interval
+
+    args = raw["args"]
+    out = [f"`{raw['command']}` ({raw['date']}, {raw['seconds']} s)", ""]
+    out += ["| split | samples | base NLL | reference NLL | lower by |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {split} | {f['samples']} | {f['base']:.3f} | {f['reference']:.3f} | {f['gain_relative']:.1%} |"
+            for split, f in raw["reference_fit"].items()]
+    nll = raw["reference_nll"]
+    out += ["", f"Per token on the training split (the partition stage's record): {nll.get('mean_nll_base', float('nan')):.3f}"
+            f" -> {nll.get('mean_nll_ref', float('nan')):.3f}, gain {nll.get('heldout_gain', float('nan')):.4f} nats."]
+    for name, f in raw["partitions"].items():
+        edges = f["base_nll_bins"]["edges"]
+        bins = [f"[{lo:g}, {hi:g})" if hi != float("inf") else f"≥ {lo:g}" for lo, hi in zip(edges[:-1], edges[1:])]
+        out += ["", f"Partition ({_label(name, args)}): threshold {f['threshold']:+.4f}, {f['negative_share']:.1%} of the "
+                f"tokens negative; "
+                + (f"changed tokens {f['changed_tokens']} ({f['changed_negative']:.1%} negative); "
+                   if f["changed_tokens"] else "")
+                + f"end-of-turn tokens {f['end_of_turn_negative']:.1%} negative ({f['negatives_end_of_turn_share']:.1%} of "
+                f"the negatives); answer-format tokens {f['answer_format_negative']:.1%} negative "
+                f"({f['negatives_answer_format_share']:.1%} of the negatives); base NLL p10 / p50 / p90 of the negatives "
+                f"{' / '.join(f'{q:g}' for q in f['base_nll_quantiles']['negative'])} vs the positives "
+                f"{' / '.join(f'{q:g}' for q in f['base_nll_quantiles']['positive'])}.", "",
+                "| base NLL | " + " | ".join(bins) + " |", "|---|" + "---:|" * len(bins) + ""]
+        out += [f"| {cls} | " + " | ".join(f"{x:.1%}" for x in f["base_nll_bins"][cls]) + " |"
+                for cls in ("negative", "positive")]
+    measured = {m: {int(s): {k: np.asarray(v) for k, v in d.items()} for s, d in per.items()}
+                for m, per in raw["probes"].items()}
+    names = [m for m in measured if m != "base"]
+    out += ["", "Probes (mean [95 % interval over training seeds and questions, seeds crossed with the shared "
+            "questions]):", "", _probe_table(measured, names, sorted(measured[names[0]]), seed_example_interval, args)]
+
+    bench = raw["benchmarks"]
+    if bench["seeds"]:
+        per_seed = [{m: {t: TaskSamples(t, x["metric"], x["values"], x["groups"]) for t, x in tasks.items()}
+                     for m, tasks in samples.items()} for samples in bench["per_seed"]]
+        pairs = [(a, b) for a, b in (("forgetting", "sft"), ("ignore", "sft"), ("forgetting", "ignore"), ("sft", "base"),
+                                     ("forgetting", "base"), ("variant", "sft"), ("variant", "forgetting"))
+                 if a in per_seed[0] and b in per_seed[0]]
+        comparisons = [compare_models_over_seeds(per_seed, a, b, n_boot=args["n_boot"]) for a, b in pairs]
+        tasks = sorted({t for c in comparisons for t in c.per_task})
+        averaged = average_over_seeds(per_seed)
+        out += ["", f"Benchmarks, training seeds {bench['seeds']}: per-document values averaged over the seeds, "
+                f"{', '.join(f'{t} {len(x.values)}' for t, x in averaged['sft'].items())} documents:", "",
+                score_table({_label(m, args): x for m, x in averaged.items()}), "",
+                "Differences in points, 95 % interval over the training seeds and the shared documents "
+                "(docs/method.md §8), p from the same t, and the mean difference of each seed:", "",
+                "| difference | " + " | ".join(tasks) + " | mean | p | per seed (" + " / ".join(map(str, bench["seeds"]))
+                + ") |", "|---|" + "---:|" * (len(tasks) + 2) + "---|"]
+        for c in comparisons:
+            seeds = " / ".join(pts(np.mean([per[c.a][t].score() - per[c.b][t].score() for t in c.per_task]), True)
+                               for per in per_seed)
+            p = c.mean.p_two_sided
+            out.append(f"| {_label(c.a, args)} − {_label(c.b, args)} | " + " | ".join(
+                _ci(c.per_task[t]) for t in tasks) + f" | {_ci(c.mean)} | {'< 0.001' if p < 0.001 else f'{p:.3f}'} | "
+                f"{seeds} |")
+    return "\n".join(out)
+
+
+def _label(name: str, args: dict) -> str:
+    return f"forgetting + {' '.join(args['variant'])}" if name == "variant" else name
+
+
+def _ci(i) -> str:
+    from forgetting_ray.report.study import pts
+
+    return f"{pts(i.estimate, True)} [{pts(i.low, True)}, {pts(i.high, True)}]"
 
 
 BASE_NLL_EDGES = [0.0, 0.1, 0.5, 1.0, 2.0, 4.0, 8.0, float("inf")]
@@ -291,7 +342,7 @@ def _bin_shares(nll: np.ndarray) -> list[float]:
     return (np.histogram(nll, bins=BASE_NLL_EDGES)[0] / max(len(nll), 1)).round(4).tolist()
 
 
-def _probe_table(measured: dict, names: list[str], seeds: list[int], interval) -> str:
+def _probe_table(measured: dict, names: list[str], seeds: list[int], interval, args: dict) -> str:
     """Markdown: each probe per model (mean [95 % interval over seeds and examples]) and each strategy's
     difference from sft on the same examples."""
     cols = [("heldout_correct_nll", "held-out correct NLL", 1.0), ("prefers_correct", "prefers correct %", 100.0),
@@ -302,14 +353,14 @@ def _probe_table(measured: dict, names: list[str], seeds: list[int], interval) -
         digits = 1 if scale == 100.0 else 3
         return f"{scale * i.estimate:.{digits}f} [{scale * i.low:.{digits}f}, {scale * i.high:.{digits}f}]"
 
-    cols = [c for c in cols if c[0] in measured["base"][seeds[0]]]
+    cols = [c for c in cols if c[0] in next(iter(measured["base"].values()))]
     lines = ["| model | seeds | " + " | ".join(c[1] for c in cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for name in ["base", *names]:
         per = measured[name]
-        lines.append(f"| {name} | {len(per)} | " + " | ".join(
+        lines.append(f"| {_label(name, args)} | {len(per)} | " + " | ".join(
             cell(np.stack([per[s][key] for s in per]), scale) for key, _, scale in cols) + " |")
     for name in names[1:]:
-        lines.append(f"| {name} − sft | {len(seeds)} | " + " | ".join(
+        lines.append(f"| {_label(name, args)} − sft | {len(seeds)} | " + " | ".join(
             cell(np.stack([measured[name][s][key] - measured["sft"][s][key] for s in seeds]), scale)
             for key, _, scale in cols) + " |")
     return "\n".join(lines)
