@@ -167,8 +167,11 @@ def main() -> None:
         eot, fmt = format_token_marks(part.train_path, tok)
         neg, pos = view.token_class < 0, view.token_class > 0
         q = (0.1, 0.5, 0.9)
+        record = json.loads((Path(part.dir) / "partition.json").read_text())
         return {
             "threshold": part.threshold, "negative_share": float(neg.mean()),
+            "tokens": {k: record[k] for k in ("N", "n_positive", "n_negative", "n_ignored")},
+            "score_range": [record["score_min"], record["score_max"]],
             "changed_tokens": int(view.changed.sum()),
             "changed_negative": float(neg[view.changed].mean()) if view.changed.any() else float("nan"),
             "corrupted_sample_tokens_negative": float(neg[view.bad].mean()) if view.bad.any() else float("nan"),
@@ -270,7 +273,7 @@ def render(raw: dict) -> str:
         score_table, seed_example_interval
 
     args = raw["args"]
-    out = [f"`{raw['command']}` ({raw['date']}, {raw['seconds']} s)", ""]
+    out = [f"`{raw['command']}` ({raw['date']})", ""]
     out += ["| split | samples | base NLL | reference NLL | lower by |", "|---|---:|---:|---:|---:|"]
     out += [f"| {split} | {f['samples']} | {f['base']:.3f} | {f['reference']:.3f} | {f['gain_relative']:.1%} |"
             for split, f in raw["reference_fit"].items()]
@@ -280,8 +283,12 @@ def render(raw: dict) -> str:
     for name, f in raw["partitions"].items():
         edges = f["base_nll_bins"]["edges"]
         bins = [f"[{lo:g}, {hi:g})" if hi != float("inf") else f"≥ {lo:g}" for lo, hi in zip(edges[:-1], edges[1:])]
+        counts = f.get("tokens", {})  # (absent from records written before it was kept)
         out += ["", f"Partition ({_label(name, args)}): threshold {f['threshold']:+.4f}, {f['negative_share']:.1%} of the "
-                f"tokens negative; "
+                f"tokens negative"
+                + (f" ({counts['N']:,} response tokens: {counts['n_positive']:,} positive, {counts['n_negative']:,} "
+                   f"negative, {counts['n_ignored']:,} left out; scores from {f['score_range'][0]:+.2f} to "
+                   f"{f['score_range'][1]:+.2f})" if counts else "") + "; "
                 + (f"changed tokens {f['changed_tokens']} ({f['changed_negative']:.1%} negative); "
                    if f["changed_tokens"] else "")
                 + f"end-of-turn tokens {f['end_of_turn_negative']:.1%} negative ({f['negatives_end_of_turn_share']:.1%} of "
@@ -309,7 +316,7 @@ def render(raw: dict) -> str:
         tasks = sorted({t for c in comparisons for t in c.per_task})
         averaged = average_over_seeds(per_seed)
         out += ["", f"Benchmarks, training seeds {bench['seeds']}: per-document values averaged over the seeds, "
-                f"{', '.join(f'{t} {len(x.values)}' for t, x in averaged['sft'].items())} documents:", "",
+                f"{', '.join(f'{t} {len(x.values)}' for t, x in sorted(averaged['sft'].items()))} documents:", "",
                 score_table({_label(m, args): x for m, x in averaged.items()}), "",
                 "Differences in points, 95 % interval over the training seeds and the shared documents "
                 "(docs/method.md §8), p from the same t, and the mean difference of each seed:", "",

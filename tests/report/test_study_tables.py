@@ -1,0 +1,72 @@
+"""The study tables in BENCHMARKS.md are regenerated from committed raw records (bench/results/studies/*.json):
+the bench's own renderer on a hand-made record, then every committed record against the document."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+from bench_harmful_responses import render  # noqa: E402  (the bench's own renderer)
+
+TASKS = {"boolq": "acc", "tydiqa": "f1"}
+
+
+def _record(seed_offsets: dict[str, float], n_docs: int = 20, seeds: int = 3) -> dict:
+    """A raw record whose per-document values are shifted by a per-model offset (known differences)."""
+    rng = np.random.default_rng(0)
+    base_values = {t: rng.uniform(0.2, 0.8, n_docs) for t in TASKS}
+
+    def samples(offset: float, seed: int) -> dict:
+        out = {}
+        for task, metric in TASKS.items():
+            langs = ["english", "finnish"] * (n_docs // 2) if task == "tydiqa" else [""] * n_docs
+            keys = [f"{lang}:{i}" if lang else str(i) for i, lang in enumerate(langs)]
+            noise = np.random.default_rng(100 * seed + len(task)).normal(0, 0.01, n_docs)
+            out[task] = {"metric": metric, "values": dict(zip(keys, (base_values[task] + offset + noise).tolist())),
+                         "groups": dict(zip(keys, langs))}
+        return out
+
+    probe = {"heldout_correct_nll": [2.0, 2.2, 1.9], "prefers_correct": [1.0, 0.0, 1.0], "margin": [0.5, -0.1, 0.7]}
+    fit = {"samples": 3, "base": 2.3, "reference": 1.2, "gain_relative": 0.48}
+    partition = {"threshold": 0.0019, "negative_share": 0.3, "changed_tokens": 0, "changed_negative": float("nan"),
+                 "end_of_turn_negative": 0.0, "negatives_end_of_turn_share": 0.0, "answer_format_negative": 0.003,
+                 "negatives_answer_format_share": 0.001,
+                 "base_nll_quantiles": {"negative": [0.002, 0.74, 5.2], "positive": [0.063, 1.08, 6.14]},
+                 "base_nll_bins": {"edges": [0.0, 0.1, float("inf")], "negative": [0.3, 0.7], "positive": [0.13, 0.87]}}
+    return {
+        "command": "python bench/bench_harmful_responses.py --fraction 0", "date": "2026-12-06", "seconds": 1,
+        "args": {"variant": ["selection.base_nll_floor=0.5"], "n_boot": 1000},
+        "reference_nll": {"mean_nll_base": 2.06, "mean_nll_ref": 1.52, "heldout_gain": 0.54},
+        "reference_fit": {"training split (held out)": fit}, "partitions": {"forgetting": partition},
+        "probes": {m: {str(s): probe for s in range(1 if m == "base" else seeds)} for m in seed_offsets},
+        "benchmarks": {"seeds": list(range(seeds)), "per_seed": [
+            {m: samples(off, s) for m, off in seed_offsets.items()} for s in range(seeds)]},
+    }
+
+
+def test_render_gives_the_known_differences_with_their_labels():
+    md = render(json.loads(json.dumps(_record({"base": 0.0, "sft": -0.02, "ignore": 0.0, "forgetting": 0.01,
+                                               "variant": 0.01}))))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if " − " in line.split(" | ")[0]}
+    assert rows["forgetting − sft"].split(" | ")[3].startswith("+3.00 [")  # the mean column: 0.01 - (-0.02)
+    assert rows["sft − base"].split(" | ")[3].startswith("-2.00 [")
+    assert "forgetting + selection.base_nll_floor=0.5 − forgetting" in rows
+    assert rows["forgetting − sft"].split(" | ")[5].count("/") == 2  # one mean difference per training seed
+    assert "| forgetting + selection.base_nll_floor=0.5 | 3 |" in md  # the probe table, labelled
+    assert "| [0, 0.1) | ≥ 0.1 |" in md and "| negative | 30.0% | 70.0% |" in md
+
+
+def test_every_committed_study_table_is_in_the_benchmarks_document():
+    records = sorted((REPO / "bench" / "results" / "studies").glob("*.json"))
+    assert records, "no raw study record committed under bench/results/studies/"
+    doc = (REPO / "BENCHMARKS.md").read_text()
+    for path in records:
+        table_rows = [line for line in render(json.loads(path.read_text())).splitlines()
+                      if line.startswith("| ") and not line.startswith("|---")]
+        missing = [line for line in table_rows if line not in doc]
+        assert not missing, f"{path.name}: {len(missing)} table rows differ from BENCHMARKS.md, e.g. {missing[:2]}"
