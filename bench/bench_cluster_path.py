@@ -12,6 +12,10 @@ run_dir and new caches each time) with MLflow in a sqlite store, ``--repeats`` t
 in each repeat.  Per stage, the time the pipeline reports (``stage timings``); the three-node / one-node ratios
 are paired within a repeat.  Cluster start-up is outside the stage timings.
 
+``--footer-actors-baseline 32`` adds, in each repeat, a third run: three nodes with Ray Data's own default of 32
+parquet footer actors per read (the product starts one; ``cluster.session.one_footer_actor``), the two three-node
+runs in alternating order.
+
 Usage: ``python bench/bench_cluster_path.py [--repeats 2]`` (about 20 minutes on 2 idle cores); writes ``--out``
 (default bench/results/cluster_path.json); ``--report FILE`` prints the table again.
 """
@@ -40,6 +44,7 @@ PIPELINE = ["examples/demo.yaml", "--tiny", "scoring.concurrency=1", "eval.concu
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
           "AWS_EC2_METADATA_DISABLED": "true"}
 TIMINGS = re.compile(r"^stage timings: (.*)$", re.M)
+FOOTER_BASELINE = "three_nodes_ray_footer_actors"
 
 
 def spread(values: list[float], fmt: str) -> str:
@@ -61,6 +66,20 @@ def report(res: dict) -> None:
     three = [sum(r["three_nodes"].values()) for r in reps]
     print(f"| all stages | {spread(one, '.1f')} | {spread(three, '.1f')} | "
           f"**{spread([b / a for a, b in zip(one, three)], '.2f')}x** |")
+    if all(FOOTER_BASELINE in r for r in reps):
+        print(f"\nThe score stage on three nodes with Ray Data's default {res['footer_actors_baseline']} parquet footer "
+              "actors per read (set in the driver's environment, which the product keeps) against the product's one, "
+              "in the same repeats (the two three-node runs in alternating order):\n")
+        print("| stage | three nodes, product (s) | three nodes, Ray's footer actors (s) | Ray's / product's, paired |"
+              "\n|---|---|---|---|")
+        for stage in ("score", "all stages"):
+            def seconds(r: dict) -> float:
+                return r[stage] if stage in r else sum(r.values())
+
+            ours = [seconds(r["three_nodes"]) for r in reps]
+            ray_default = [seconds(r[FOOTER_BASELINE]) for r in reps]
+            print(f"| {stage} | {spread(ours, '.1f')} | {spread(ray_default, '.1f')} | "
+                  f"{spread([b / a for a, b in zip(ours, ray_default)], '.2f')}x |")
 
 
 def free_port() -> int:
@@ -88,10 +107,10 @@ def one_node(rep: int, base_env: dict[str, str]) -> dict[str, float]:
                         env, folder / "pipeline.log")
 
 
-def three_nodes(rep: int, base_env: dict[str, str], endpoint: str) -> dict[str, float]:
+def three_nodes(rep: int, base_env: dict[str, str], endpoint: str, name: str = "three") -> dict[str, float]:
     from ray.cluster_utils import Cluster
 
-    folder = WORK / f"three-{rep}"
+    folder = WORK / f"{name}-{rep}"
     folder.mkdir()
     s3 = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
     os.environ.update(s3)  # the nodes' raylets (and so their workers) start with this process's environment
@@ -101,7 +120,7 @@ def three_nodes(rep: int, base_env: dict[str, str], endpoint: str) -> dict[str, 
             cluster.add_node(num_cpus=1, env_vars={"FORGETTING_RAY_CACHE": str(folder / f"node{i}-cache")})
         cluster.wait_for_nodes()
         env = {**base_env, **s3, "RAY_ADDRESS": cluster.address, "FORGETTING_RAY_CACHE": str(folder / "head-cache")}
-        return run_pipeline([*PIPELINE, f"run_dir=s3://{BUCKET}/runs/rep{rep}",
+        return run_pipeline([*PIPELINE, f"run_dir=s3://{BUCKET}/runs/{name}-rep{rep}",
                              f"tracking.tracking_uri=sqlite:///{folder}/mlflow.db"], env, folder / "pipeline.log")
     finally:
         cluster.shutdown()
@@ -112,6 +131,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="pairs of runs (one node, then three nodes)")
     ap.add_argument("--out", default=str(REPO / "bench/results/cluster_path.json"), help="raw figures (JSON)")
     ap.add_argument("--report", metavar="FILE", help="print the table from raw figures written earlier and exit")
+    ap.add_argument("--footer-actors-baseline", type=int, default=0, metavar="N",
+                    help="also run three nodes with RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=N (Ray's default: 32) in "
+                         "each repeat, against the product's one footer actor per read")
     args = ap.parse_args()
     if args.report:
         report(json.loads(Path(args.report).read_text()))
@@ -134,11 +156,18 @@ def main() -> None:
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
                  aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
     res = {"date": str(date.today()), "cores": os.cpu_count(),
-           "command": "python bench/bench_cluster_path.py " + " ".join(sys.argv[1:]), "repeats": []}
+           "command": "python bench/bench_cluster_path.py " + " ".join(sys.argv[1:]), "repeats": [],
+           "footer_actors_baseline": args.footer_actors_baseline}
     try:
         for rep in range(args.repeats):
             t = time.monotonic()
-            rec = {"one_node": one_node(rep, base_env), "three_nodes": three_nodes(rep, base_env, endpoint)}
+            rec = {"one_node": one_node(rep, base_env)}
+            variants = [("three_nodes", base_env)]
+            if args.footer_actors_baseline:
+                variants.append((FOOTER_BASELINE, {**base_env, "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS":
+                                                   str(args.footer_actors_baseline)}))
+            for key, env in variants[::-1] if rep % 2 else variants:
+                rec[key] = three_nodes(rep, env, endpoint, name=key)
             res["repeats"].append(rec)
             print(f"# repeat {rep}: {json.dumps(rec)} ({time.monotonic() - t:.0f} s)", flush=True)
     finally:
