@@ -239,6 +239,10 @@ print(json.dumps({n.node_id: {"cpus": n.resources_total.get("CPU", 0), "alive": 
 """
 
 
+# what Ray's job server answers while the head's dashboard agent cannot take a job yet
+NO_AGENT = "No available agent to submit job"
+
+
 @dataclass
 class MultinodeCluster:
     address: str  # the dashboard, for `ray job submit --address`
@@ -277,7 +281,14 @@ class MultinodeCluster:
         runtime_env = {"env_vars": env_vars or {}, "excludes": [".git", ".venv", "runs", ".cache"]}
         cmd = [str(BIN / "ray"), "job", "submit", "--no-wait", "--address", self.address, "--submission-id", job_id,
                "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint_args]
-        out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        # A head whose dashboard agent is still starting (or busy) answers 500 "No available agent to submit job,
+        # please try again later"; the job never got in, so the same submission id is tried again, as Ray asks.
+        deadline = time.monotonic() + 180
+        while True:
+            out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+            if not (out.returncode and NO_AGENT in out.stdout + out.stderr and time.monotonic() < deadline):
+                break
+            time.sleep(3)
         if out.returncode:  # the CLI never got the job in, e.g. a bad runtime env
             pytest.fail(f"ray job submit failed:\n{(out.stdout + out.stderr)[-6000:]}")
         return job_id
