@@ -13,7 +13,7 @@ in each repeat.  Per stage, the time the pipeline reports (``stage timings``); t
 are paired within a repeat.  Cluster start-up is outside the stage timings.
 
 ``--footer-actors-baseline 32`` adds, in each repeat, a third run: three nodes with Ray Data's own default of 32
-parquet footer actors per read (the product starts one; ``cluster.session.one_footer_actor``), the two three-node
+parquet footer actors per read against the product as built (one actor per read when this was measured), the two three-node
 runs in alternating order.
 
 Usage: ``python bench/bench_cluster_path.py [--repeats 2]`` (about 20 minutes on 2 idle cores); writes ``--out``
