@@ -258,7 +258,7 @@ def main() -> None:
         "probes": {m: {str(s): {k: v.tolist() for k, v in d.items()} for s, d in per.items()}
                    for m, per in measured.items()},
         "benchmarks": {"seeds": eval_seeds, "per_seed": [
-            {m: {t: {"metric": x.metric, "values": x.values, "groups": x.groups} for t, x in tasks.items()}
+            {m: {t: x.to_raw() for t, x in tasks.items()}
              for m, tasks in samples.items()} for samples in per_seed]},
     }
     if args.json:
@@ -307,7 +307,7 @@ def render(raw: dict) -> str:
 
     bench = raw["benchmarks"]
     if bench["seeds"]:
-        per_seed = [{m: {t: TaskSamples(t, x["metric"], x["values"], x["groups"]) for t, x in tasks.items()}
+        per_seed = [{m: {t: TaskSamples.from_raw(t, x) for t, x in tasks.items()}
                      for m, tasks in samples.items()} for samples in bench["per_seed"]]
         pairs = [(a, b) for a, b in (("forgetting", "sft"), ("ignore", "sft"), ("forgetting", "ignore"), ("sft", "base"),
                                      ("forgetting", "base"), ("variant", "sft"), ("variant", "forgetting"))

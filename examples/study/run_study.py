@@ -1,6 +1,9 @@
 """Run the FORGETTING vs SFT study with forgetting-ray's own pipeline and write docs/STUDY.md.
 
-    .venv/bin/python examples/study/run_study.py                        # the full study (~2 h, 2 CPU cores)
+    .venv/bin/python examples/study/run_study.py --json docs/study/study_raw.json \
+        --discussion docs/study/discussion.md                           # the full study (~1.4 h, 2 CPU cores)
+    .venv/bin/python examples/study/run_study.py --tables docs/study/study_raw.json \
+        --discussion docs/study/discussion.md                           # docs/STUDY.md again from the record
     .venv/bin/python examples/study/run_study.py --tiny --out /tmp/STUDY.md run_dir=/tmp/study-tiny \
         reference.max_steps=2 training.max_steps=2 eval.limit=4         # a smoke run in a few minutes
 
@@ -8,7 +11,10 @@ Recipe: load examples/study/study.yaml (plus dotted overrides) -> ``run_pipeline
 reference -> score -> partition -> sft, ignore and forgetting fine-tunes on the same data and steps
 -> the five benchmarks for base, sft, ignore and forgetting; every finished stage and evaluation is
 reused on a rerun, so an interrupted study continues where it stopped) -> read each evaluation's
-per-example samples -> paired bootstrap of the differences -> the Markdown report.
+per-example samples -> one raw record (``--json``: the config, every measured count, the training curves'
+end points, the hashes and every model's per-example values) -> the paired bootstrap and the Markdown report,
+rendered from that record.  ``--tables RAW`` renders the report again from a committed record without running
+anything (``make tables`` does it for docs/study/study_raw.json -> docs/STUDY.md).
 """
 
 from __future__ import annotations
@@ -18,96 +24,46 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = Path(__file__).with_name("study.yaml")
 COMPARISONS = [("forgetting", "sft"), ("forgetting", "ignore"), ("ignore", "sft"), ("forgetting", "base"),
                ("sft", "base")]
+RENDER_COMMAND = ("python examples/study/run_study.py --tables docs/study/study_raw.json "
+                  "--discussion docs/study/discussion.md")
 
 
-def _training_table(outputs: dict) -> str:
-    """Last-step and mean NLLs per fine-tune: did the forgetting term push the negatives up?"""
-    rows = ["| fine-tune | steps | first pos NLL | last pos NLL | last neg NLL | last λ |",
-            "|---|---:|---:|---:|---:|---:|"]
+def _training_rows(outputs: dict) -> list[dict]:
+    """First and last step of every fine-tune: did the forgetting term push the negatives up?"""
+    rows = []
     for stage, res in outputs.items():
         if not (stage == "reference" or stage.startswith("train")) or not getattr(res, "metrics", None):
             continue
         first, last = res.metrics[0], res.metrics[-1]
-        name = {"train": "forgetting (train)"}.get(stage, stage)
-        rows.append(f"| {name} | {res.global_step} | {first.get('pos_nll', float('nan')):.3f} | "
-                    f"{last.get('pos_nll', float('nan')):.3f} | {last.get('neg_nll', float('nan')):.3f} | "
-                    f"{last.get('lambda', 0.0):.3f} |")
-    return "\n".join(rows)
+        rows.append({"name": {"train": "forgetting (train)"}.get(stage, stage), "steps": res.global_step,
+                     "first_pos_nll": first.get("pos_nll", float("nan")), "last_pos_nll": last.get("pos_nll", float("nan")),
+                     "last_neg_nll": last.get("neg_nll", float("nan")), "last_lambda": last.get("lambda", 0.0)})
+    return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="FORGETTING vs SFT study -> docs/STUDY.md")
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="study config (default: examples/study/study.yaml)")
-    ap.add_argument("--out", default=str(REPO / "docs" / "STUDY.md"), help="where to write the report")
-    ap.add_argument("--tiny", action="store_true", help="random tiny model (smoke test of the whole script)")
-    ap.add_argument("--n-boot", type=int, default=10_000, help="bootstrap replicates")
-    ap.add_argument("--confidence", type=float, default=0.95)
-    ap.add_argument("--json", default=None, help="also write the scores, intervals and hashes to this JSON file")
-    ap.add_argument("--discussion", default=None,
-                    help="a hand-written Markdown file appended as the report's Discussion (for a committed run)")
-    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.limit=50")
-    args = ap.parse_args(argv)
-    for k, v in (("HF_HUB_OFFLINE", "1"), ("DS_ACCELERATOR", "cpu"), ("TOKENIZERS_PARALLELISM", "false"),
-                 ("MLFLOW_DISABLE_TELEMETRY", "true"), ("RAY_AUTH_MODE", "disabled"),
-                 ("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))):
-        os.environ.setdefault(k, v)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _training_table(rows: list[dict]) -> str:
+    out = ["| fine-tune | steps | first pos NLL | last pos NLL | last neg NLL | last λ |",
+           "|---|---:|---:|---:|---:|---:|"]
+    out += [f"| {r['name']} | {r['steps']} | {r['first_pos_nll']:.3f} | {r['last_pos_nll']:.3f} | "
+            f"{r['last_neg_nll']:.3f} | {r['last_lambda']:.3f} |" for r in rows]
+    return "\n".join(out)
 
-    from forgetting_ray.config import config_to_dict, load_config
-    from forgetting_ray.pipeline import run_pipeline, use_tiny_model
-    from forgetting_ray.report.study import StudyReport, compare_models, read_eval_samples
-    from forgetting_ray.store import atomic_write_text, content_hash, file_sha256
 
-    cfg = load_config(args.config, args.overrides)
-    if args.tiny:
-        cfg = use_tiny_model(cfg)
-    result = run_pipeline(cfg)
+def raw_record(cfg, result, samples: dict, *, tiny: bool, n_boot: int, confidence: float) -> dict:
+    """Everything the report says, measured or configured, before any of it is turned into text."""
+    from forgetting_ray.config import config_to_dict
+    from forgetting_ray.store import content_hash, file_sha256
+
     out = result.outputs
-    evals = out["eval"]  # model name -> EvalResult (base first, the configured strategy last)
-
-    samples = {name: read_eval_samples(r.out_dir, cfg.eval.tasks) for name, r in evals.items()}
-    # The samples must reproduce the stage's own headline numbers, or we are reading the wrong field.
-    for name, r in evals.items():
-        for task, value in r.headline.items():
-            mine = samples[name][task].score()
-            if abs(mine - value) > 1e-9:
-                raise RuntimeError(f"{r.out_dir}: {task} headline {value} but the samples give {mine}")
-    comparisons = [compare_models(samples, a, b, n_boot=args.n_boot, confidence=args.confidence, seed=cfg.seed)
-                   for a, b in COMPARISONS if a in samples and b in samples]
-
     prep, part = out["prepare"], out["partition"]
     manifest = prep.read_manifest()
-    counts = {s: manifest["sets"][s] for s in ("train", "reference")}
-    tr, ft = cfg.training, out["train"]
-    n_tokens = part.n_positive + part.n_negative
-    model_name = cfg.model.name_or_path if not args.tiny else "tiny random Llama (--tiny smoke run)"
-    task_n = {t: len(next(iter(samples.values()))[t].values) for t in cfg.eval.tasks}
-    ref_cfg = cfg.reference
-    ref_line = (f"reference SFT: {out['reference'].global_step} steps x {ref_cfg.micro_batch_size * ref_cfg.grad_accum} "
-                f"sequences x {cfg.resources.num_workers} worker(s), lr {ref_cfg.lr}, "
-                + (f"LoRA r={ref_cfg.lora.r}" if ref_cfg.lora.enabled else "full weights"))
-    setup = [
-        f"base model: `{model_name}`; data: `{', '.join(cfg.data.train_files)}`, max_length {cfg.data.max_length}",
-        (f"prepare: {counts['train']['n_samples']} training samples ({counts['train']['n_response_tokens']} response "
-         f"tokens), {counts['reference']['n_samples']} disjoint reference samples"),
-        ref_line,
-        (f"partition: rho = {cfg.selection.rho}: {part.n_positive} positive / {part.n_negative} negative tokens of "
-         f"{n_tokens}, threshold {part.threshold}"),
-        (f"fine-tunes (sft, ignore, forgetting): the same {ft.global_step} steps x "
-         f"{tr.micro_batch_size * tr.grad_accum} sequences x {cfg.resources.num_workers} worker(s), same order, "
-         f"lr {tr.lr}, LoRA r={tr.lora.r}; forgetting: λ {tr.lambda_schedule} to t_max = {tr.t_max}, "
-         f"{tr.normalization} normalisation"),
-        (f"evaluation: harness `{cfg.eval.harness}`, seeded subsets (limit {cfg.eval.limit}, mode "
-         f"`{cfg.eval.limit_mode}`, seed {cfg.eval.seed}): " + ", ".join(f"{t} {n}" for t, n in task_n.items())),
-        ("stage wall times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in result.seconds.items())
-         + " (a resumed run only counts what it redid)"),
-    ]
     hashes = {
         "config (content hash)": content_hash(config_to_dict(cfg)),
         "prepare key": prep.key,
@@ -118,37 +74,134 @@ def main(argv: list[str] | None = None) -> int:
     }
     for stage, res in out.items():
         if stage.startswith("train") or stage == "reference":
-            label = {"train": f"train ({tr.strategy})"}.get(stage, stage)
+            label = {"train": f"train ({cfg.training.strategy})"}.get(stage, stage)
             hashes[f"{label} key"] = res.key
             if res.export_dir is not None and (Path(res.export_dir) / "manifest.json").is_file():
                 hashes[f"{label} export manifest sha256"] = file_sha256(Path(res.export_dir) / "manifest.json")
-    for name, r in evals.items():
+    for name, r in out["eval"].items():
         hashes[f"eval {name} results.json sha256"] = file_sha256(r.results_path)
+    return {
+        "command": " ".join(["python", "examples/study/run_study.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d"),
+        "model": cfg.model.name_or_path if not tiny else "tiny random Llama (--tiny smoke run)",
+        "tiny": tiny,
+        "config": config_to_dict(cfg),
+        "sets": {s: {k: manifest["sets"][s][k] for k in ("n_samples", "n_response_tokens")}
+                 for s in ("train", "reference")},
+        "partition": {"n_positive": part.n_positive, "n_negative": part.n_negative, "threshold": part.threshold},
+        "steps": {"reference": out["reference"].global_step, "train": out["train"].global_step},
+        "stage_seconds": dict(result.seconds),
+        "training": _training_rows(out),
+        "hashes": hashes,
+        "n_boot": n_boot, "confidence": confidence, "bootstrap_seed": cfg.seed,
+        "samples": {m: {t: x.to_raw() for t, x in per.items()} for m, per in samples.items()},
+    }
 
+
+def render(raw: dict, discussion: str | None = None) -> str:
+    """The report (docs/STUDY.md) from a raw record; the intervals are recomputed here, seeded as in the run."""
+    from forgetting_ray.report.study import StudyReport, TaskSamples, compare_models
+
+    samples = {m: {t: TaskSamples.from_raw(t, x) for t, x in per.items()} for m, per in raw["samples"].items()}
+    comparisons = [compare_models(samples, a, b, n_boot=raw["n_boot"], confidence=raw["confidence"],
+                                  seed=raw["bootstrap_seed"]) for a, b in COMPARISONS if a in samples and b in samples]
+    cfg, sets, part, steps = raw["config"], raw["sets"], raw["partition"], raw["steps"]
+    ref, tr, workers, ev = cfg["reference"], cfg["training"], cfg["resources"]["num_workers"], cfg["eval"]
+    model = raw["model"]
+    task_n = {t: len(next(iter(samples.values()))[t].values) for t in ev["tasks"]}
+    setup = [
+        f"base model: `{model}`; data: `{', '.join(cfg['data']['train_files'])}`, max_length {cfg['data']['max_length']}",
+        (f"prepare: {sets['train']['n_samples']} training samples ({sets['train']['n_response_tokens']} response "
+         f"tokens), {sets['reference']['n_samples']} disjoint reference samples"),
+        (f"reference SFT: {steps['reference']} steps x {ref['micro_batch_size'] * ref['grad_accum']} sequences x "
+         f"{workers} worker(s), lr {ref['lr']}, "
+         + (f"LoRA r={ref['lora']['r']}" if ref["lora"]["enabled"] else "full weights")),
+        (f"partition: rho = {cfg['selection']['rho']}: {part['n_positive']} positive / {part['n_negative']} negative "
+         f"tokens of {part['n_positive'] + part['n_negative']}, threshold {part['threshold']}"),
+        (f"fine-tunes (sft, ignore, forgetting): the same {steps['train']} steps x "
+         f"{tr['micro_batch_size'] * tr['grad_accum']} sequences x {workers} worker(s), same order, "
+         f"lr {tr['lr']}, LoRA r={tr['lora']['r']}; forgetting: λ {tr['lambda_schedule']} to t_max = {tr['t_max']}, "
+         f"{tr['normalization']} normalisation"),
+        (f"evaluation: harness `{ev['harness']}`, seeded subsets (limit {ev['limit']}, mode "
+         f"`{ev['limit_mode']}`, seed {ev['seed']}): " + ", ".join(f"{t} {n}" for t, n in task_n.items())),
+        (f"stage wall times ({raw['date']}): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in raw["stage_seconds"].items())
+         + " (a resumed run only counts what it redid)"),
+        (f"raw record: every model's per-example values, the counts and hashes above; this report is rendered from "
+         f"it by `{RENDER_COMMAND}`"),
+    ]
     notes = [
-        (f"Scale: `{model_name}`, {counts['train']['n_samples']} training samples and {ft.global_step} "
-         f"{'LoRA' if tr.lora.enabled else 'full-weight'} steps on CPU; the paper's setting is 1B-8B models on "
+        (f"Scale: `{model}`, {sets['train']['n_samples']} training samples and {steps['train']} "
+         f"{'LoRA' if tr['lora']['enabled'] else 'full-weight'} steps on CPU; the paper's setting is 1B-8B models on "
          "50k samples. A difference that is within noise here says the study cannot tell the methods apart at "
          "this size, not that they are equal."),
         ("The intervals are over the evaluation examples only (which benchmark questions were drawn); they do not "
          "cover training randomness (seed, data order), which a single run cannot measure."),
     ]
-    report = StudyReport("FORGETTING vs standard SFT on SmolLM2-135M" if not args.tiny else
+    report = StudyReport("FORGETTING vs standard SFT on SmolLM2-135M" if not raw["tiny"] else
                          "Study smoke run (--tiny: random model, numbers are meaningless)",
-                         setup, samples, comparisons, hashes, training=_training_table(out), notes=notes)
+                         setup, samples, comparisons, raw["hashes"], training=_training_table(raw["training"]),
+                         notes=notes)
     text = report.markdown()
-    if args.discussion:
-        text = text.rstrip("\n") + "\n\n## Discussion\n\n" + Path(args.discussion).read_text(encoding="utf-8").strip() + "\n"
+    if discussion:
+        text = text.rstrip("\n") + "\n\n## Discussion\n\n" + discussion.strip() + "\n"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="FORGETTING vs SFT study -> docs/STUDY.md")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="study config (default: examples/study/study.yaml)")
+    ap.add_argument("--out", default=str(REPO / "docs" / "STUDY.md"), help="where to write the report")
+    ap.add_argument("--tiny", action="store_true", help="random tiny model (smoke test of the whole script)")
+    ap.add_argument("--n-boot", type=int, default=10_000, help="bootstrap replicates")
+    ap.add_argument("--confidence", type=float, default=0.95)
+    ap.add_argument("--json", default=None,
+                    help="also write the raw record (config, counts, hashes, every per-example value) to this file")
+    ap.add_argument("--tables", default=None, metavar="RAW_JSON",
+                    help="run nothing: write the report again from a raw record that --json wrote")
+    ap.add_argument("--discussion", default=None,
+                    help="a hand-written Markdown file appended as the report's Discussion (for a committed run)")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.limit=50")
+    args = ap.parse_args(argv)
+    from forgetting_ray.store import atomic_write_text
+
+    discussion = Path(args.discussion).read_text(encoding="utf-8") if args.discussion else None
+    if args.tables:
+        if args.overrides:
+            ap.error("--tables renders a finished run's record; config overrides do not apply")
+        path = atomic_write_text(args.out, render(json.loads(Path(args.tables).read_text(encoding="utf-8")), discussion))
+        print(f"wrote {path}")
+        return 0
+
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("DS_ACCELERATOR", "cpu"), ("TOKENIZERS_PARALLELISM", "false"),
+                 ("MLFLOW_DISABLE_TELEMETRY", "true"), ("RAY_AUTH_MODE", "disabled"),
+                 ("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))):
+        os.environ.setdefault(k, v)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from forgetting_ray.config import load_config
+    from forgetting_ray.pipeline import run_pipeline, use_tiny_model
+    from forgetting_ray.report.study import read_eval_samples
+
+    cfg = load_config(args.config, args.overrides)
+    if args.tiny:
+        cfg = use_tiny_model(cfg)
+    result = run_pipeline(cfg)
+    evals = result.outputs["eval"]  # model name -> EvalResult (base first, the configured strategy last)
+    samples = {name: read_eval_samples(r.out_dir, cfg.eval.tasks) for name, r in evals.items()}
+    # The samples must reproduce the stage's own headline numbers, or we are reading the wrong field.
+    for name, r in evals.items():
+        for task, value in r.headline.items():
+            mine = samples[name][task].score()
+            if abs(mine - value) > 1e-9:
+                raise RuntimeError(f"{r.out_dir}: {task} headline {value} but the samples give {mine}")
+    raw = raw_record(cfg, result, samples, tiny=args.tiny, n_boot=args.n_boot, confidence=args.confidence)
+    # The record is written first: a report can always be rendered again from it.
+    if args.json:
+        atomic_write_text(args.json, json.dumps(raw, indent=1) + "\n")
+    text = render(json.loads(json.dumps(raw)), discussion)
     path = atomic_write_text(args.out, text)
     print(text)
     print(f"wrote {path}")
-    if args.json:
-        atomic_write_text(args.json, json.dumps({
-            "comparisons": [{"a": c.a, "b": c.b, "mean": vars(c.mean),
-                             "per_task": {t: vars(i) for t, i in c.per_task.items()}} for c in comparisons],
-            "scores": {m: {t: s.score() for t, s in per.items()} for m, per in samples.items()},
-            "hashes": hashes,
-        }, indent=2))
     return 0
 
 

@@ -49,6 +49,14 @@ class TaskSamples:
     def score(self) -> float:
         return group_mean(np.array(list(self.values.values())), np.array([self.groups[k] for k in self.values]))
 
+    def to_raw(self) -> dict[str, Any]:
+        """The JSON form a study's raw record keeps (example order kept: the bootstrap draws by position)."""
+        return {"metric": self.metric, "values": dict(self.values), "groups": dict(self.groups)}
+
+    @classmethod
+    def from_raw(cls, task: str, raw: Mapping[str, Any]) -> TaskSamples:
+        return cls(task, raw["metric"], dict(raw["values"]), dict(raw["groups"]))
+
 
 def example_key(record: Mapping[str, Any]) -> str:
     lang = record.get("lang")
