@@ -70,3 +70,53 @@ def test_every_committed_study_table_is_in_the_benchmarks_document():
                       if line.startswith("| ") and not line.startswith("|---")]
         missing = [line for line in table_rows if line not in doc]
         assert not missing, f"{path.name}: {len(missing)} table rows differ from BENCHMARKS.md, e.g. {missing[:2]}"
+
+
+# ---- docs/STUDY.md: examples/study/run_study.py's renderer, then the committed record against the document -----
+sys.path.insert(0, str(REPO / "examples" / "study"))
+from run_study import render as render_study  # noqa: E402  (the study script's own renderer)
+
+
+def _study_record(offsets: dict[str, float], n_docs: int = 30) -> dict:
+    """A single-seed study record whose models differ from the base by a known offset on every document."""
+    rng = np.random.default_rng(1)
+    base = {t: rng.uniform(0.2, 0.8, n_docs) for t in TASKS}
+    samples = {}
+    for model, offset in offsets.items():
+        samples[model] = {}
+        for task, metric in TASKS.items():
+            langs = ["english", "finnish"] * (n_docs // 2) if task == "tydiqa" else [""] * n_docs
+            keys = [f"{lang}:{i}" if lang else str(i) for i, lang in enumerate(langs)]
+            samples[model][task] = {"metric": metric, "values": dict(zip(keys, (base[task] + offset).tolist())),
+                                    "groups": dict(zip(keys, langs))}
+    lora = {"enabled": True, "r": 16}
+    return {
+        "command": "python examples/study/run_study.py", "date": "2026-12-07", "model": "smollm2-135m", "tiny": False,
+        "config": {"data": {"train_files": ["a.tsv"], "max_length": 256}, "resources": {"num_workers": 1},
+                   "reference": {"micro_batch_size": 4, "grad_accum": 2, "lr": 3e-4, "lora": lora},
+                   "training": {"micro_batch_size": 4, "grad_accum": 2, "lr": 3e-4, "lora": lora,
+                                "lambda_schedule": "linear", "t_max": 0.25, "normalization": "micro_batch"},
+                   "selection": {"rho": 0.7},
+                   "eval": {"tasks": list(TASKS), "harness": "native", "limit": 30, "limit_mode": "random", "seed": 1}},
+        "sets": {"train": {"n_samples": 450, "n_response_tokens": 19530}, "reference": {"n_samples": 150,
+                                                                                          "n_response_tokens": 6000}},
+        "partition": {"n_positive": 7, "n_negative": 3, "threshold": -0.01},
+        "steps": {"reference": 48, "train": 112}, "stage_seconds": {"prepare": 6.0, "reference": 306.0},
+        "training": [{"name": "train-sft", "steps": 112, "first_pos_nll": 1.9, "last_pos_nll": 2.4,
+                      "last_neg_nll": float("nan"), "last_lambda": 0.0}],
+        "hashes": {"score key": "abc"}, "n_boot": 500, "confidence": 0.95, "bootstrap_seed": 42,
+        "samples": samples,
+    }
+
+
+def test_study_report_is_rendered_from_its_record_with_the_known_differences():
+    raw = _study_record({"base": 0.0, "sft": 0.02, "ignore": 0.02, "forgetting": -0.01})
+    md = render_study(json.loads(json.dumps(raw)), "Hand-written.")
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in md.splitlines() if " − " in line[:30]}
+    assert rows["forgetting − sft"][-2].startswith("-3.00 [-3.00, -3.00]")  # a constant shift: no spread
+    assert rows["sft − base"][-2].startswith("+2.00 [")
+    assert rows["ignore − sft"][-2].startswith("+0.00 [+0.00, +0.00]")
+    assert "19530 response tokens" in md and "7 positive / 3 negative tokens of 10" in md
+    assert "| train-sft | 112 | 1.900 | 2.400 | nan | 0.000 |" in md
+    assert md.endswith("## Discussion\n\nHand-written.\n") and "| score key | `abc` |" in md
+
