@@ -13,7 +13,9 @@ Usage (SmolLM2-135M, about 10-15 min on 2 busy CPU cores):
     .venv/bin/python bench/bench_noise_recovery.py
     .venv/bin/python bench/bench_noise_recovery.py --modes swap --fraction 0.3 --ref-steps 40
     .venv/bin/python bench/bench_noise_recovery.py --modes --controls --ref-steps 80 --lr 1e-3  # controls only
-Tiny random model (seconds): ``--model tiny``.  ``--controls`` also runs the positive controls
+Tiny random model (seconds): ``--model tiny``.  ``--json RAW`` writes the raw record (arguments, every
+figure the tables show, each stage's key and seconds); ``--tables RAW`` prints the Markdown tables again from
+a committed record without running anything (``make tables`` does it for bench/results/noise/).  ``--controls`` also runs the positive controls
 (``forgetting_ray.studies.experiments.run_positive_controls``: a sentence the reference corpus teaches, planted
 into a quarter of the training responses, must come out positive; an unseen replacement for "So the answer is"
 negative); both print every selection option (score variants, base-NLL floor, three-way split) on the same scores.
@@ -25,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -50,9 +53,16 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir", default="/tmp/forgetting-ray-bench-noise")
-    ap.add_argument("--json", default=None, help="also write the reports to this JSON file")
+    ap.add_argument("--json", default=None, help="also write the raw record (every figure of the tables) to this file")
+    ap.add_argument("--tables", default=None, metavar="RAW_JSON",
+                    help="run nothing: print the Markdown tables of a raw record that --json wrote")
     ap.add_argument("--controls", action="store_true", help="also run the positive controls")
     args = ap.parse_args()
+    if args.tables:
+        from forgetting_ray.studies.tables import render
+
+        print(render(json.loads(Path(args.tables).read_text(encoding="utf-8"))), end="")
+        return
     if not args.modes and not args.controls:
         ap.error("nothing to run: give --modes, --controls or both")
     for k, v in (("HF_HUB_OFFLINE", "1"), ("DS_ACCELERATOR", "cpu"), ("TOKENIZERS_PARALLELISM", "false"),
@@ -64,7 +74,8 @@ def main() -> None:
     from forgetting_ray.data.readers import read_records, resolve_files
     from forgetting_ray.studies.corruption import split_reference
     from forgetting_ray.studies.experiments import run_noise_recovery, run_positive_controls
-    from forgetting_ray.studies.tables import format_controls, format_noise_variants, format_runs
+    from forgetting_ray.store import atomic_write_text
+    from forgetting_ray.studies.tables import control_record, noise_record, render
 
     files = resolve_files(args.files)
     model = args.model
@@ -94,25 +105,24 @@ def main() -> None:
     t0 = time.perf_counter()
     for mode in args.modes:
         run = run_noise_recovery(cfg, reference, train, mode=mode, fraction=args.fraction, seed=args.seed)
-        runs.append(run)
+        runs.append(noise_record(run, args.rho))
         print(f"{mode}: " + ", ".join(f"{k} {v:.0f}s" for k, v in run.seconds.items()) + f"; keys {run.keys}",
               flush=True)
-    if runs:
-        print()
-        print(format_runs(runs, args.rho))
-        print()
-        print(format_noise_variants(runs, args.rho))
     controls = None
     if args.controls:
-        controls = run_positive_controls(cfg, reference, train, fraction=args.fraction, seed=args.seed)
-        print("\ncontrols: " + ", ".join(f"{k} {v:.0f}s" for k, v in controls.seconds.items()))
-        print(format_controls(controls, args.rho))
-    print(f"\ntotal {time.perf_counter() - t0:.0f}s")
+        run = run_positive_controls(cfg, reference, train, fraction=args.fraction, seed=args.seed)
+        controls = control_record(run)
+        print("controls: " + ", ".join(f"{k} {v:.0f}s" for k, v in run.seconds.items()), flush=True)
+    raw = {"command": " ".join(["python", "bench/bench_noise_recovery.py", *sys.argv[1:]]),
+           "date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - t0, 1),
+           "args": {k: v for k, v in vars(args).items() if k not in ("json", "tables", "run_dir")},
+           "noise": runs, "controls": controls}
+    # Every table is rendered from this record, here and by --tables from the committed file.
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"noise": [{"mode": r.mode, "fraction": r.fraction, "keys": r.keys, "seconds": r.seconds, **r.report}
-                       for r in runs],
-             "controls": controls.report if controls else None}, indent=2))
+        atomic_write_text(args.json, json.dumps(raw, indent=1) + "\n")
+    print()
+    print(render(json.loads(json.dumps(raw))), end="")
+    print(f"\ntotal {raw['seconds']:.0f}s")
 
 
 if __name__ == "__main__":

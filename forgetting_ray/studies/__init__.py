@@ -14,5 +14,6 @@ of the output (``metrics.recovery_report``):
 
 The positive controls (``experiments.run_positive_controls``) plant what the reference learned and what it
 never saw.  ``token_view`` joins the stage outputs into one flat view of the response tokens; ``tables``
-prints the results as bench/bench_noise_recovery.py shows them.
+renders the results as Markdown tables from a run's raw record (what bench/bench_noise_recovery.py prints and
+BENCHMARKS.md quotes).
 """

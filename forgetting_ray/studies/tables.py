@@ -1,60 +1,79 @@
-"""The study's results as the plain-text tables bench/bench_noise_recovery.py prints (and BENCHMARKS.md quotes)."""
+"""The noise and control studies' results as Markdown tables, rendered from their raw record (the JSON
+bench/bench_noise_recovery.py writes), so a table in BENCHMARKS.md can be regenerated and diffed."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .metrics import noise_variants
 
 if TYPE_CHECKING:  # pragma: no cover
     from .experiments import ControlRun, NoiseRun
 
+SIGNALS = {"score": "score (difference)", "-nll_base": "−NLL_base", "-nll_ref": "−NLL_ref", "random": "random"}
+SELECTIONS = {"difference": "difference (the paper's)", "relative": "relative", "prob_gain": "prob_gain",
+              "zscore": "zscore (per sequence)", "base_nll_floor 0.5": "difference + base-NLL floor 0.5",
+              "bottom 15% negative": "three-way, bottom 15 % negative"}
 
-def format_runs(runs: Sequence[NoiseRun], rho: float) -> str:
-    """Plain-text tables: the negative set per run, then each signal's AUROC beside the score's baselines."""
-    head = (f"{'mode':<14} {'frac':>5} {'bad tok':>8} {'changed':>8} {'neg prec':>8} {'exact':>6} {'(random)':>8} "
-            f"{'neg rec':>8} {'exact':>6} {'(random)':>8} {'score clean':>11} {'score bad':>9}")
-    lines = [f"rho = {rho}: negatives = bottom {1 - rho:.0%} of scores; random = a random split of the same sizes; "
-             "'bad' = every token of a corrupted sample, 'changed'/'exact' = only the tokens whose characters changed",
-             head, "-" * len(head)]
-    nan = float("nan")
+
+def noise_record(run: NoiseRun, rho: float) -> dict[str, Any]:
+    """What one noise run's tables need, as plain JSON (the token view itself stays out: it is large)."""
+    return {"mode": run.mode, "fraction": run.fraction, "keys": run.keys, "seconds": run.seconds,
+            "report": run.report, "selections": noise_variants(run.view, rho)}
+
+
+def control_record(run: ControlRun) -> dict[str, Any]:
+    return {"keys": run.keys, "seconds": run.seconds, "report": run.report}
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def noise_tables(runs: Sequence[Mapping[str, Any]], rho: float) -> str:
+    """Each signal's AUROC (token / token-exact / sample), then each selection option's negative set on the
+    tokens whose characters changed, beside a random split of the same size."""
+    head = "| mode | changed share of a corrupted sample's tokens | " + " | ".join(SIGNALS.values()) + " |"
+    out = [f"AUROC, token / token-exact / sample (1 = corrupted below clean, 0.5 = chance), ρ = {rho}:", "",
+           head, "|---|---:|" + "---|" * len(SIGNALS)]
     for r in runs:
-        m = r.report
-        lines.append(
-            f"{r.mode:<14} {r.fraction:>5.2f} {m['bad_token_share']:>8.3f} {m.get('changed_token_share', nan):>8.3f} "
-            f"{m['neg_precision']:>8.3f} {m.get('exact_neg_precision', nan):>6.3f} {m['neg_random_precision']:>8.3f} "
-            f"{m['neg_recall']:>8.3f} {m.get('exact_neg_recall', nan):>6.3f} {m['neg_random_recall']:>8.3f} "
-            f"{m['mean_score_clean']:>11.3f} {m['mean_score_bad']:>9.3f}")
-    head = f"{'mode':<14} {'signal':<10} {'AUROC token':>11} {'token exact':>11} {'sample':>7}"
-    lines += ["", "AUROC (1 = corrupted below clean, 0.5 = chance) of the score and of the baselines it must beat",
-              head, "-" * len(head)]
+        a = r["report"]["auroc"]
+        cells = [" / ".join(_num(a[s].get(k)) or "–" for k in ("token", "token_exact", "sample")) if s in a else ""
+                 for s in SIGNALS]
+        out.append(f"| {r['mode']} | {_num(r['report'].get('changed_share_of_bad_samples'), '.0%')} | "
+                   + " | ".join(cells) + " |")
+    out += ["", f"Negative set (bottom {1 - rho:.0%}) on the changed tokens:", "",
+            "| mode | selection | AUROC token-exact | precision | random precision | recall |",
+            "|---|---|---:|---:|---:|---:|"]
     for r in runs:
-        for signal, a in r.report["auroc"].items():
-            lines.append(f"{r.mode:<14} {signal:<10} {a['token']:>11.3f} {a.get('token_exact', nan):>11.3f} "
-                         f"{a['sample']:>7.3f}")
-    return "\n".join(lines)
+        for name, v in r["selections"].items():
+            out.append(f"| {r['mode']} | {SELECTIONS.get(name, name)} | {_num(v.get('auroc_exact'))} | "
+                       f"{_num(v['precision'])} | {_num(v['random_precision'])} | {_num(v['recall'])} |")
+    return "\n".join(out)
 
 
-def format_controls(run: ControlRun, rho: float) -> str:
-    head = f"{'scores':<22} {'planted +':>10} {'replaced -':>11} {'base rate -':>12}"
-    lines = [f"positive controls at rho = {rho}: planted sentence tokens that are positive (goal >= 90 %), unseen "
-             "replacement tokens that are negative (goal: well above the base rate)", head, "-" * len(head)]
-    rows = [("partition (difference)", run.report["partition"]), ("shifted by one", run.report["shifted_by_one"])]
-    rows += [(f"variant {k}", v) for k, v in run.report["variants"].items()]
-    for name, r in rows:
-        lines.append(f"{name:<22} {r['planted_positive']:>10.1%} {r['replaced_negative']:>11.1%} "
-                     f"{r['base_rate_negative']:>12.1%}")
-    return "\n".join(lines)
+def controls_table(report: Mapping[str, Any]) -> str:
+    """Planted sentence tokens that are positive (goal ≥ 90 %), unseen replacement tokens that are negative
+    (goal: well above the base rate), for the partition's split, the same scores shifted by one position and
+    each selection option."""
+    rows = [("partition (difference, the paper's)", report["partition"]),
+            ("the same scores shifted by one position", report["shifted_by_one"])]
+    rows += [(SELECTIONS.get(k, k), v) for k, v in report["variants"].items() if k != "difference"]
+    out = ["| scores | planted tokens positive | replacement tokens negative | negative base rate |",
+           "|---|---:|---:|---:|"]
+    out += [f"| {name} | {_num(r['planted_positive'], '.1%')} | {_num(r['replaced_negative'], '.1%')} | "
+            f"{_num(r['base_rate_negative'], '.1%')} |" for name, r in rows]
+    return "\n".join(out)
 
 
-def format_noise_variants(runs: Sequence[NoiseRun], rho: float) -> str:
-    """Each selection option on each noise run: token-exact AUROC of its score, its negatives' precision
-    and recall on the changed tokens (random: precision = the changed share)."""
-    head = f"{'mode':<14} {'selection':<24} {'AUROC exact':>11} {'neg prec':>8} {'(random)':>8} {'neg rec':>8}"
-    lines = [f"selection options at rho = {rho} on the changed tokens", head, "-" * len(head)]
-    for r in runs:
-        for name, v in noise_variants(r.view, rho).items():
-            lines.append(f"{r.mode:<14} {name:<24} {v.get('auroc_exact', float('nan')):>11.3f} {v['precision']:>8.3f} "
-                         f"{v['random_precision']:>8.3f} {v['recall']:>8.3f}")
-    return "\n".join(lines)
+def render(record: Mapping[str, Any]) -> str:
+    """Every table of one bench_noise_recovery run, from its raw record."""
+    rho = record["args"]["rho"]
+    parts = []
+    if record["noise"]:
+        parts.append(noise_tables(record["noise"], rho))
+    if record.get("controls"):
+        parts.append("Positive controls:\n\n" + controls_table(record["controls"]["report"]))
+    return "\n\n".join(parts) + "\n"

@@ -13,7 +13,7 @@ from conftest import REPO, tiny_reference_config
 from forgetting_ray.data.readers import read_records
 from forgetting_ray.studies.corruption import split_reference
 from forgetting_ray.studies.experiments import run_positive_controls
-from forgetting_ray.studies.tables import format_controls
+from forgetting_ray.studies.tables import controls_table
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def controls(ray_cluster, tiny_llama, tmp_path_factory):
     records = list(read_records(sorted((REPO / "examples/data/flan_v2_cot").glob("*.tsv")), cfg.data))
     reference, train = split_reference(records, 240, 160, seed=0)
     run = run_positive_controls(cfg, reference, train, fraction=0.25, seed=0)
-    print(format_controls(run, 0.7))
+    print(controls_table(run.report))
     return run
 
 
