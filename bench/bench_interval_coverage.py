@@ -8,17 +8,12 @@ d = seed offset (shared by both tasks, plus a small per-task part) + example eff
 with 1000 studies its simulation error is about +-0.7 points.
 
     .venv/bin/python bench/bench_interval_coverage.py --out bench/results/interval_coverage.json
-
-``--seed-means BENCHMARKS.md`` instead reads every difference row of BENCHMARKS.md that lists its per-seed means
-(``| a − b | ... | +3.46 / +2.15 / +0.79 |``) and prints the t interval over those seeds: documents held fixed,
-so a lower bound on the width of an interval that also covers the documents.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from datetime import date
 from pathlib import Path
@@ -62,40 +57,12 @@ def former_bootstrap(diffs, rng, n_boot):
     return np.quantile(np.mean(task_reps, axis=0), [0.025, 0.975])
 
 
-def seed_mean_rows(markdown: str) -> list[tuple[str, list[float]]]:
-    """(row label, per-seed mean differences) of every table row ending in ``x / y / z`` points."""
-    rows = []
-    for line in markdown.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) > 2 and re.fullmatch(r"[+−-]?\d+\.\d+( / [+−-]?\d+\.\d+)+", cells[-1]):
-            rows.append((cells[0], [float(v.replace("−", "-")) for v in cells[-1].split(" / ")]))
-    return rows
-
-
-def seed_t(values: list[float], confidence: float = 0.95) -> tuple[float, float, float, float]:
-    """(mean, low, high, two-sided p) of a one-sample t over the seeds' values."""
-    from scipy import stats
-
-    v = np.asarray(values)
-    se = v.std(ddof=1) / np.sqrt(v.size)
-    half = stats.t.ppf(0.5 + confidence / 2, v.size - 1) * se
-    return float(v.mean()), float(v.mean() - half), float(v.mean() + half), float(2 * stats.t.sf(abs(v.mean()) / se, v.size - 1))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--studies", type=int, default=1000, help="simulated studies per setting")
     p.add_argument("--n-boot", type=int, default=1000, help="replicates of the former bootstrap")
     p.add_argument("--out", default=None, help="raw figures (JSON)")
-    p.add_argument("--seed-means", default=None, help="a Markdown file whose difference rows list per-seed means")
     args = p.parse_args(argv)
-    if args.seed_means:
-        print("| difference | per-seed means | mean | 95 % t over seeds | p |\n|---|---|---:|---:|---:|")
-        for label, values in seed_mean_rows(Path(args.seed_means).read_text()):
-            m, low, high, pv = seed_t(values)
-            print(f"| {label} | {' / '.join(f'{v:+.2f}' for v in values)} | {m:+.2f} | [{low:+.2f}, {high:+.2f}] | "
-                  f"{pv:.3f} |")
-        return 0
     rows = []
     for n_seeds, seed_sd, example_sd, residual_sd in SETTINGS:
         rng = np.random.default_rng(12345)
