@@ -50,10 +50,12 @@ demo-tiny: $(STAMP)
 bench: $(STAMP)
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
 
-# Every study table again from its committed raw record (bench/results/studies/NAME.json -> NAME.md), to diff
-# against BENCHMARKS.md (tests/report/test_study_tables.py checks that every row is there).
+# Every study table again from its committed raw record (bench/results/{studies,noise}/NAME.json -> NAME.md), to
+# diff against BENCHMARKS.md (tests/report/test_study_tables.py and tests/studies/test_tables.py check that every
+# row is there).
 tables: $(STAMP)
 	for f in bench/results/studies/*.json; do $(BIN)/python bench/bench_harmful_responses.py --tables $$f > $${f%.json}.md || exit 1; done
+	for f in bench/results/noise/*.json; do $(BIN)/python bench/bench_noise_recovery.py --tables $$f > $${f%.json}.md || exit 1; done
 
 # Wheels an offline GPU machine lacks for bench/gpu_check.py, in .gpu-kit/ parts <= 60 MiB (bench/README.md).
 gpu-kit: $(STAMP)

@@ -1,14 +1,19 @@
-"""The noise and control tables (forgetting_ray.studies.tables) rendered from a raw record of hand-made runs."""
+"""The noise and control tables (forgetting_ray.studies.tables) rendered from a raw record of hand-made runs, and
+every committed record (bench/results/noise/*.json) against BENCHMARKS.md."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
 import numpy as np
 from test_metrics import hand_made_view
 
 from forgetting_ray.studies.experiments import ControlRun, NoiseRun
 from forgetting_ray.studies.metrics import controls_report, recovery_report
 from forgetting_ray.studies.tables import control_record, noise_record, render
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _record() -> dict:
@@ -34,3 +39,15 @@ def test_tables_show_the_hand_made_runs_figures_and_survive_the_json_round_trip(
     assert "| partition (difference, the paper's) |  | 100.0% | 42.9% |" in md
     assert md.count("| the same scores shifted by one position |") == 1 and "| difference |" not in md
 
+
+
+def test_every_committed_noise_table_is_in_the_benchmarks_document():
+    records = sorted((REPO / "bench" / "results" / "noise").glob("*.json"))
+    assert records, "no raw noise-study record committed under bench/results/noise/"
+    doc = (REPO / "BENCHMARKS.md").read_text(encoding="utf-8")
+    for path in records:
+        rows = [line for line in render(json.loads(path.read_text(encoding="utf-8"))).splitlines()
+                if line.startswith("| ") and not line.startswith("|---") and not line.startswith("| mode |")
+                and not line.startswith("| scores |")]
+        missing = [line for line in rows if line not in doc]
+        assert not missing, f"{path.name}: {len(missing)} table rows differ from BENCHMARKS.md, e.g. {missing[:2]}"
