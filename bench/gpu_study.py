@@ -17,11 +17,14 @@ and decay). The distributed path of the same stages is what ``bench/gpu_check.py
 
 Every figure goes to ``--out`` (results.json, report.md) as soon as it exists, so a run cut short by its
 time limit still reports what it finished; with ``--deadline-s`` no fine-tune starts that would end after that
-many seconds if it took as long (with its evaluation) as the one before.
+many seconds if it took as long (with its evaluation) as the one before. results.json is the run's raw record:
+besides the figures it keeps every model's per-document benchmark values, and report.md is rendered from it
+alone, so ``--tables results.json`` writes the same report again on any machine without a GPU.
 
     python bench/gpu_study.py --model /path/to/SmolLM2-135M --out /tmp/gpu-study     # on the GPU machine
     python bench/gpu_study.py --model tiny --cpu-rehearsal --files examples/data/dolly/dolly.jsonl \
         --n-reference 50 --micro-batch 8 --eval-limit 4 --out /tmp/rehearsal           # a minute on a CPU
+    python bench/gpu_study.py --tables /tmp/gpu-study/results.json --out /tmp/again   # report.md from the record
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-rehearsal", action="store_true", help="run on the CPU (the code path, not the scale)")
     p.add_argument("--n-boot", type=int, default=10_000)
     p.add_argument("--out", required=True, help="folder for results.json and report.md")
+    p.add_argument("--tables", default=None, metavar="RESULTS_JSON",
+                   help="run nothing: write report.md into --out again from a finished run's results.json")
     p.add_argument("--work", default=None, help="folder for the prepared data, models and evaluations (default --out)")
     return p.parse_args(argv)
 
@@ -82,6 +87,7 @@ def main(argv=None) -> None:
     from forgetting_ray.config import PipelineConfig
     from forgetting_ray.data.table import read_token_table
     from forgetting_ray.models import load_model, load_tokenizer
+    from forgetting_ray.report.study import read_eval_samples
     from forgetting_ray.scoring import response_token_nlls
     from forgetting_ray.selection import partition, three_way
     from forgetting_ray.stages.evaluate import run_eval
@@ -89,6 +95,11 @@ def main(argv=None) -> None:
     from forgetting_ray.store import atomic_write_text
 
     out = Path(args.out)
+    if args.tables:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_report(out, json.loads(Path(args.tables).read_text(encoding="utf-8")))
+        print(f"wrote {out / 'report.md'}")
+        return
     work = Path(args.work) if args.work else out
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -180,7 +191,6 @@ def main(argv=None) -> None:
     save("partition")
 
     # 4-5. fine-tunes and evaluations, the most informative first: base, then full, then LoRA
-    eval_dirs: dict[str, Path] = {}
 
     def evaluate(name: str, model) -> None:
         folder = work / "models" / name
@@ -188,10 +198,11 @@ def main(argv=None) -> None:
         unwrapped.save_pretrained(folder, safe_serialization=True)
         tok.save_pretrained(folder)
         res = run_eval(cfg, str(folder), work / "eval" / name)
-        eval_dirs[name] = res.out_dir
+        samples = read_eval_samples(res.out_dir, cfg.eval.tasks)
         results.setdefault("eval", {})[name] = {"headline": res.headline, "average": res.average}
-        _write_report(out, results, eval_dirs, cfg.eval.tasks, args.n_boot)
-        save(f"eval {name}")
+        results.setdefault("samples", {})[name] = {task: x.to_raw() for task, x in samples.items()}
+        save(f"eval {name}")  # the record first: the report is rendered from it
+        _write_report(out, results)
 
     evaluate("base", base)
     del base
@@ -290,25 +301,33 @@ def _split_back(classes: np.ndarray, rows: list[dict]) -> list[dict]:
     return out
 
 
-def _write_report(out: Path, results: dict, eval_dirs: dict, tasks, n_boot: int) -> None:
-    """report.md: the data, reference and partition figures, the score table and the paired comparisons."""
-    from forgetting_ray.report.study import comparison_table, compare_models_over_seeds, read_eval_samples, \
-        score_table
-    from forgetting_ray.store import atomic_write_text
+COMPARISONS = [("forgetting", "sft"), ("forgetting", "ignore"), ("ignore", "sft"), ("sft", "base"),
+               ("forgetting_floor", "forgetting"), ("forgetting_floor", "sft")]
 
-    samples = {name: read_eval_samples(d, tasks) for name, d in eval_dirs.items()}
+
+def render_report(results: dict) -> str:
+    """report.md from results.json alone: the data, reference and partition figures, the score table and the
+    paired comparisons over the documents (one training seed), bootstrap seeded as in every run."""
+    from forgetting_ray.report.study import TaskSamples, comparison_table, compare_models_over_seeds, score_table
+
+    samples = {name: {task: TaskSamples.from_raw(task, x) for task, x in tasks.items()}
+               for name, tasks in results.get("samples", {}).items()}
     lines = [f"# GPU study ({results['device']})", "", "```json", json.dumps(
-        {k: results[k] for k in ("data", "reference", "partition") if k in results}, indent=1), "```", "",
-        score_table(samples)]
-    pairs = [(f"{a}-{m}", f"{b}-{m}" if b != "base" else b) for m in ("full", "lora") for a, b in (
-        ("forgetting", "sft"), ("forgetting", "ignore"), ("ignore", "sft"), ("sft", "base"),
-        ("forgetting_floor", "forgetting"), ("forgetting_floor", "sft"))]
-    comps = [compare_models_over_seeds([samples], a, b, n_boot=n_boot) for a, b in pairs if a in samples and b in samples]
+        {k: results[k] for k in ("data", "reference", "partition") if k in results}, indent=1), "```"]
+    if samples:
+        lines += ["", score_table(samples)]
+    pairs = [(f"{a}-{m}", f"{b}-{m}" if b != "base" else b) for m in ("full", "lora") for a, b in COMPARISONS]
+    comps = [compare_models_over_seeds([samples], a, b, n_boot=results["args"]["n_boot"])
+             for a, b in pairs if a in samples and b in samples]
     if comps:
         lines += ["", comparison_table(comps)]
-        results["comparisons"] = [{"a": c.a, "b": c.b, "mean": vars(c.mean)} for c in comps]
-    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
+
+def _write_report(out: Path, results: dict) -> None:
+    from forgetting_ray.store import atomic_write_text
+
+    atomic_write_text(out / "report.md", render_report(results))
 
 if __name__ == "__main__":
     main()

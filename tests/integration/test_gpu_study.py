@@ -1,6 +1,7 @@
 """`bench/gpu_study.py --cpu-rehearsal`: the single-GPU study's code path (prepare with a reference split, a full
 reference fine-tune, token scores, the exact top-rho split, sft and FORGETTING as full and LoRA fine-tunes, the
-native evaluation and the paired comparisons) on the tiny model and the shipped Dolly sample."""
+native evaluation and the paired comparisons) on the tiny model and the shipped Dolly sample, and its report
+rendered again from the raw record alone."""
 
 from __future__ import annotations
 
@@ -41,3 +42,12 @@ def test_gpu_study_rehearses_on_the_cpu(tmp_path):
     for row in ("forgetting-full − sft-full", "sft-lora − base", "forgetting_floor-full − forgetting-full"):
         assert f"| {row} |" in report
     assert not list(out.glob("models")) and list((work / "models" / "forgetting-lora").glob("*.safetensors"))
+    # results.json is the raw record: every model's per-document values, and the report is rendered from it alone
+    assert set(r["samples"]) == set(r["eval"])
+    assert len(r["samples"]["sft-full"]["boolq"]["values"]) == 2
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(REPO / "bench/gpu_study.py"), "--tables", str(out / "results.json"),
+                           "--out", str(again)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert (again / "report.md").read_text() == report
