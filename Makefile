@@ -52,10 +52,12 @@ bench: $(STAMP)
 
 # Every study table again from its committed raw record (bench/results/{studies,noise}/NAME.json -> NAME.md), to
 # diff against BENCHMARKS.md (tests/report/test_study_tables.py and tests/studies/test_tables.py check that every
-# row is there).
+# row is there), and docs/STUDY.md from docs/study/study_raw.json (tests/report/test_study_tables.py checks that it
+# is exactly that).
 tables: $(STAMP)
 	for f in bench/results/studies/*.json; do $(BIN)/python bench/bench_harmful_responses.py --tables $$f > $${f%.json}.md || exit 1; done
 	for f in bench/results/noise/*.json; do $(BIN)/python bench/bench_noise_recovery.py --tables $$f > $${f%.json}.md || exit 1; done
+	$(BIN)/python examples/study/run_study.py --tables docs/study/study_raw.json --discussion docs/study/discussion.md --out docs/STUDY.md
 
 # Wheels an offline GPU machine lacks for bench/gpu_check.py, in .gpu-kit/ parts <= 60 MiB (bench/README.md).
 gpu-kit: $(STAMP)

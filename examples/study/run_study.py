@@ -1,7 +1,7 @@
 """Run the FORGETTING vs SFT study with forgetting-ray's own pipeline and write docs/STUDY.md.
 
     .venv/bin/python examples/study/run_study.py --json docs/study/study_raw.json \
-        --discussion docs/study/discussion.md                           # the full study (~1.4 h, 2 CPU cores)
+        --discussion docs/study/discussion.md                           # the full study (1.4-1.8 h, 2 CPU cores)
     .venv/bin/python examples/study/run_study.py --tables docs/study/study_raw.json \
         --discussion docs/study/discussion.md                           # docs/STUDY.md again from the record
     .venv/bin/python examples/study/run_study.py --tiny --out /tmp/STUDY.md run_dir=/tmp/study-tiny \
@@ -31,8 +31,19 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = Path(__file__).with_name("study.yaml")
 COMPARISONS = [("forgetting", "sft"), ("forgetting", "ignore"), ("ignore", "sft"), ("forgetting", "base"),
                ("sft", "base")]
-RENDER_COMMAND = ("python examples/study/run_study.py --tables docs/study/study_raw.json "
-                  "--discussion docs/study/discussion.md")
+STUDY_RECORD, STUDY_DISCUSSION = "docs/study/study_raw.json", "docs/study/discussion.md"
+
+
+def render_command(record: str, discussion: str | None, out: str) -> str:
+    """The command that writes a report again from its committed record (paths inside the repo shown relative)."""
+    def shown(path: str) -> str:
+        try:
+            return str(Path(path).resolve().relative_to(REPO))
+        except ValueError:
+            return path
+
+    return " ".join(["python examples/study/run_study.py --tables", shown(record),
+                     *(["--discussion", shown(discussion)] if discussion else []), "--out", shown(out)])
 
 
 def _training_rows(outputs: dict) -> list[dict]:
@@ -98,8 +109,10 @@ def raw_record(cfg, result, samples: dict, *, tiny: bool, n_boot: int, confidenc
     }
 
 
-def render(raw: dict, discussion: str | None = None) -> str:
-    """The report (docs/STUDY.md) from a raw record; the intervals are recomputed here, seeded as in the run."""
+def render(raw: dict, discussion: str | None = None,
+           command: str = render_command(STUDY_RECORD, STUDY_DISCUSSION, "docs/STUDY.md")) -> str:
+    """The report (docs/STUDY.md) from a raw record; the intervals are recomputed here, seeded as in the run.
+    ``command`` is the line the report names for rendering it again."""
     from forgetting_ray.report.study import StudyReport, TaskSamples, compare_models
 
     samples = {m: {t: TaskSamples.from_raw(t, x) for t, x in per.items()} for m, per in raw["samples"].items()}
@@ -127,7 +140,7 @@ def render(raw: dict, discussion: str | None = None) -> str:
         (f"stage wall times ({raw['date']}): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in raw["stage_seconds"].items())
          + " (a resumed run only counts what it redid)"),
         (f"raw record: every model's per-example values, the counts and hashes above; this report is rendered from "
-         f"it by `{RENDER_COMMAND}`"),
+         f"it by `{command}`"),
     ]
     notes = [
         (f"Scale: `{model}`, {sets['train']['n_samples']} training samples and {steps['train']} "
@@ -168,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tables:
         if args.overrides:
             ap.error("--tables renders a finished run's record; config overrides do not apply")
-        path = atomic_write_text(args.out, render(json.loads(Path(args.tables).read_text(encoding="utf-8")), discussion))
+        raw = json.loads(Path(args.tables).read_text(encoding="utf-8"))
+        path = atomic_write_text(args.out, render(raw, discussion, render_command(args.tables, args.discussion, args.out)))
         print(f"wrote {path}")
         return 0
 
@@ -198,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     # The record is written first: a report can always be rendered again from it.
     if args.json:
         atomic_write_text(args.json, json.dumps(raw, indent=1) + "\n")
-    text = render(json.loads(json.dumps(raw)), discussion)
+    text = render(json.loads(json.dumps(raw)), discussion,
+                  render_command(args.json or "RAW.json", args.discussion, args.out))
     path = atomic_write_text(args.out, text)
     print(text)
     print(f"wrote {path}")

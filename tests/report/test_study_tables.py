@@ -120,3 +120,15 @@ def test_study_report_is_rendered_from_its_record_with_the_known_differences():
     assert "| train-sft | 112 | 1.900 | 2.400 | nan | 0.000 |" in md
     assert md.endswith("## Discussion\n\nHand-written.\n") and "| score key | `abc` |" in md
 
+
+
+def test_committed_study_page_is_its_record_rendered():
+    """docs/STUDY.md is exactly docs/study/study_raw.json rendered, with the hand-written discussion appended."""
+    from run_study import STUDY_DISCUSSION, STUDY_RECORD, render_command
+
+    raw = json.loads((REPO / STUDY_RECORD).read_text(encoding="utf-8"))
+    assert raw["n_boot"] == 10_000 and not raw["tiny"]
+    assert set(raw["samples"]) == {"base", "sft", "ignore", "forgetting"}
+    md = render_study(raw, (REPO / STUDY_DISCUSSION).read_text(encoding="utf-8"),
+                      render_command(STUDY_RECORD, STUDY_DISCUSSION, "docs/STUDY.md"))
+    assert md == (REPO / "docs/STUDY.md").read_text(encoding="utf-8"), "docs/STUDY.md is not its record: make tables"
