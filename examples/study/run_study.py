@@ -110,9 +110,9 @@ def raw_record(cfg, result, samples: dict, *, tiny: bool, n_boot: int, confidenc
 
 
 def render(raw: dict, discussion: str | None = None,
-           command: str = render_command(STUDY_RECORD, STUDY_DISCUSSION, "docs/STUDY.md")) -> str:
+           command: str | None = render_command(STUDY_RECORD, STUDY_DISCUSSION, "docs/STUDY.md")) -> str:
     """The report (docs/STUDY.md) from a raw record; the intervals are recomputed here, seeded as in the run.
-    ``command`` is the line the report names for rendering it again."""
+    ``command`` is the line the report names for rendering it again (None: the record was not kept)."""
     from forgetting_ray.report.study import StudyReport, TaskSamples, compare_models
 
     samples = {m: {t: TaskSamples.from_raw(t, x) for t, x in per.items()} for m, per in raw["samples"].items()}
@@ -139,9 +139,10 @@ def render(raw: dict, discussion: str | None = None,
          f"`{ev['limit_mode']}`, seed {ev['seed']}): " + ", ".join(f"{t} {n}" for t, n in task_n.items())),
         (f"stage wall times ({raw['date']}): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in raw["stage_seconds"].items())
          + " (a resumed run only counts what it redid)"),
-        (f"raw record: every model's per-example values, the counts and hashes above; this report is rendered from "
-         f"it by `{command}`"),
     ]
+    if command:
+        setup.append(f"raw record: every model's per-example values, the counts and hashes above; this report is "
+                     f"rendered from it by `{command}`")
     notes = [
         (f"Scale: `{model}`, {sets['train']['n_samples']} training samples and {steps['train']} "
          f"{'LoRA' if tr['lora']['enabled'] else 'full-weight'} steps on CPU; the paper's setting is 1B-8B models on "
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(raw, indent=1) + "\n")
     text = render(json.loads(json.dumps(raw)), discussion,
-                  render_command(args.json or "RAW.json", args.discussion, args.out))
+                  render_command(args.json, args.discussion, args.out) if args.json else None)
     path = atomic_write_text(args.out, text)
     print(text)
     print(f"wrote {path}")
