@@ -57,7 +57,7 @@ bench: $(STAMP)
 tables: $(STAMP)
 	for f in bench/results/studies/*.json; do $(BIN)/python bench/bench_harmful_responses.py --tables $$f > $${f%.json}.md || exit 1; done
 	for f in bench/results/noise/*.json; do $(BIN)/python bench/bench_noise_recovery.py --tables $$f > $${f%.json}.md || exit 1; done
-	$(BIN)/python examples/study/run_study.py --tables docs/study/study_raw.json --discussion docs/study/discussion.md --out docs/STUDY.md
+	$(BIN)/python examples/study/run_study.py --committed  # docs/STUDY.md and the shorter run's page
 
 # Wheels an offline GPU machine lacks for bench/gpu_check.py, in .gpu-kit/ parts <= 60 MiB (bench/README.md).
 gpu-kit: $(STAMP)

@@ -14,7 +14,7 @@ reused on a rerun, so an interrupted study continues where it stopped) -> read e
 per-example samples -> one raw record (``--json``: the config, every measured count, the training curves'
 end points, the hashes and every model's per-example values) -> the paired bootstrap and the Markdown report,
 rendered from that record.  ``--tables RAW`` renders the report again from a committed record without running
-anything (``make tables`` does it for docs/study/study_raw.json -> docs/STUDY.md).
+anything (``make tables`` does it for every committed report, ``COMMITTED_REPORTS``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,13 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = Path(__file__).with_name("study.yaml")
 COMPARISONS = [("forgetting", "sft"), ("forgetting", "ignore"), ("ignore", "sft"), ("forgetting", "base"),
                ("sft", "base")]
-STUDY_RECORD, STUDY_DISCUSSION = "docs/study/study_raw.json", "docs/study/discussion.md"
+# The committed reports, each (raw record, hand-written discussion, page): `make tables` renders each page from
+# its record and tests/report/test_study_tables.py checks that it is exactly that.
+COMMITTED_REPORTS = [
+    ("docs/study/study_raw.json", "docs/study/discussion.md", "docs/STUDY.md"),
+    ("docs/study/short_run_raw.json", "docs/study/short_run_discussion.md", "docs/study/short-run-28-steps.md"),
+]
+STUDY_RECORD, STUDY_DISCUSSION, STUDY_PAGE = COMMITTED_REPORTS[0]
 
 
 def render_command(record: str, discussion: str | None, out: str) -> str:
@@ -110,7 +116,7 @@ def raw_record(cfg, result, samples: dict, *, tiny: bool, n_boot: int, confidenc
 
 
 def render(raw: dict, discussion: str | None = None,
-           command: str | None = render_command(STUDY_RECORD, STUDY_DISCUSSION, "docs/STUDY.md")) -> str:
+           command: str | None = render_command(STUDY_RECORD, STUDY_DISCUSSION, STUDY_PAGE)) -> str:
     """The report (docs/STUDY.md) from a raw record; the intervals are recomputed here, seeded as in the run.
     ``command`` is the line the report names for rendering it again (None: the record was not kept)."""
     from forgetting_ray.report.study import StudyReport, TaskSamples, compare_models
@@ -174,18 +180,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="run nothing: write the report again from a raw record that --json wrote")
     ap.add_argument("--discussion", default=None,
                     help="a hand-written Markdown file appended as the report's Discussion (for a committed run)")
+    ap.add_argument("--committed", action="store_true",
+                    help="run nothing: write every committed report again from its record (make tables)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.limit=50")
     args = ap.parse_args(argv)
     from forgetting_ray.store import atomic_write_text
 
-    discussion = Path(args.discussion).read_text(encoding="utf-8") if args.discussion else None
-    if args.tables:
-        if args.overrides:
-            ap.error("--tables renders a finished run's record; config overrides do not apply")
-        raw = json.loads(Path(args.tables).read_text(encoding="utf-8"))
-        path = atomic_write_text(args.out, render(raw, discussion, render_command(args.tables, args.discussion, args.out)))
-        print(f"wrote {path}")
+    if (args.tables or args.committed) and args.overrides:
+        ap.error("--tables and --committed render a finished run's record; config overrides do not apply")
+    rerender = [(REPO / r, REPO / d, REPO / p) for r, d, p in COMMITTED_REPORTS] if args.committed else \
+        [(args.tables, args.discussion, args.out)] if args.tables else []
+    for record, discussion_file, out in rerender:
+        raw = json.loads(Path(record).read_text(encoding="utf-8"))
+        discussion = Path(discussion_file).read_text(encoding="utf-8") if discussion_file else None
+        text = render(raw, discussion, render_command(str(record), discussion_file and str(discussion_file), str(out)))
+        print(f"wrote {atomic_write_text(out, text)}")
+    if rerender:
         return 0
+
+    discussion = Path(args.discussion).read_text(encoding="utf-8") if args.discussion else None
 
     for k, v in (("HF_HUB_OFFLINE", "1"), ("DS_ACCELERATOR", "cpu"), ("TOKENIZERS_PARALLELISM", "false"),
                  ("MLFLOW_DISABLE_TELEMETRY", "true"), ("RAY_AUTH_MODE", "disabled"),

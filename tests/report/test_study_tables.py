@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
@@ -74,6 +75,7 @@ def test_every_committed_study_table_is_in_the_benchmarks_document():
 
 # ---- docs/STUDY.md: examples/study/run_study.py's renderer, then the committed record against the document -----
 sys.path.insert(0, str(REPO / "examples" / "study"))
+from run_study import COMMITTED_REPORTS  # noqa: E402
 from run_study import render as render_study  # noqa: E402  (the study script's own renderer)
 
 
@@ -122,13 +124,14 @@ def test_study_report_is_rendered_from_its_record_with_the_known_differences():
 
 
 
-def test_committed_study_page_is_its_record_rendered():
-    """docs/STUDY.md is exactly docs/study/study_raw.json rendered, with the hand-written discussion appended."""
-    from run_study import STUDY_DISCUSSION, STUDY_RECORD, render_command
+@pytest.mark.parametrize("record,discussion,page", COMMITTED_REPORTS, ids=[p for _, _, p in COMMITTED_REPORTS])
+def test_committed_study_page_is_its_record_rendered(record, discussion, page):
+    """Each committed study page (docs/STUDY.md, the shorter run) is exactly its raw record rendered, with its
+    hand-written discussion appended."""
+    from run_study import render_command
 
-    raw = json.loads((REPO / STUDY_RECORD).read_text(encoding="utf-8"))
+    raw = json.loads((REPO / record).read_text(encoding="utf-8"))
     assert raw["n_boot"] == 10_000 and not raw["tiny"]
     assert set(raw["samples"]) == {"base", "sft", "ignore", "forgetting"}
-    md = render_study(raw, (REPO / STUDY_DISCUSSION).read_text(encoding="utf-8"),
-                      render_command(STUDY_RECORD, STUDY_DISCUSSION, "docs/STUDY.md"))
-    assert md == (REPO / "docs/STUDY.md").read_text(encoding="utf-8"), "docs/STUDY.md is not its record: make tables"
+    md = render_study(raw, (REPO / discussion).read_text(encoding="utf-8"), render_command(record, discussion, page))
+    assert md == (REPO / page).read_text(encoding="utf-8"), f"{page} is not its record: make tables"
