@@ -71,6 +71,13 @@ class TuneConfig(Section):
         "for the val_nll objective; 0 = none (objective eval_mean only).",
     )
     seed: int = Field(42, description="Seed of the searcher and of the validation split.")
+    max_trial_failures: int = Field(
+        2,
+        ge=0,
+        description="Times Tune restarts a trial whose process or node died (a node lost on a cluster, a worker "
+        "the autoscaler took away); the restarted trial reuses its partition and resumes its fine-tune from the "
+        "latest checkpoint in storage when it wrote one. 0 = such a trial ends in error.",
+    )
 
     @field_validator("rho")
     @classmethod

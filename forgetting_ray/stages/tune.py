@@ -290,7 +290,8 @@ def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_al
     progress = tune_callback(TrialProgress, tc.num_samples, mode)
     # quiet: the bar instead of Tune's status tables
     run_config = tune.RunConfig(name="search", storage_path=storage, verbose=0 if quiet() else 1,
-                                callbacks=[reaper, trial_tracker, watch, progress])
+                                callbacks=[reaper, trial_tracker, watch, progress],
+                                failure_config=tune.FailureConfig(max_failures=tc.max_trial_failures))
     experiment = join_storage(storage, "search")
     if tune.Tuner.can_restore(str(experiment)):
         log.info("tune: resuming the search in %s", experiment)

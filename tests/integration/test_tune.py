@@ -3,7 +3,8 @@
 One search of 3 trials, run one at a time so ASHA's rungs fill (grace 1, reduction factor 2, a
 report every 2 steps); the scores are computed once by the pipeline and only re-partitioned by the
 trials; MLflow holds the whole tree.  Then a restart with another search space fails before any
-training, naming both space hashes.
+training, naming both space hashes; and a trial whose process is killed mid-fine-tune is restarted and
+finishes (fault injection).
 """
 
 from __future__ import annotations
@@ -224,3 +225,59 @@ def test_optuna_search_on_the_eval_mean_objective(searched, tiny_llama, caplog):
     # Optuna, not the random generator, drove the search: its sampler state is what Tune checkpointed
     experiment = tuned.dir / "ray" / "search"
     assert list(experiment.glob("searcher-state-*.pkl")) and not list(experiment.glob("basic-variant-state-*"))
+
+
+def test_a_trial_whose_process_dies_is_restarted_and_finishes(searched, tiny_llama):
+    """Fault injection: the trial's process is killed mid-fine-tune (what a lost node does to it); Tune restarts
+    the trial (tune.max_trial_failures), which reuses its partition and finishes with an objective."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import ray
+    from ray.util.state import list_actors
+
+    cfg, first = searched
+    run = make_cfg(Path(cfg.run_dir), tiny_llama, ["tune.num_samples=1", "tune.scheduler=fifo", "tune.seed=4",
+                                                   "training.max_steps=12"])
+    # this session's cluster by its address: another Ray instance on the machine must not make the lookup ambiguous
+    gcs = ray.get_runtime_context().gcs_address
+    killed: list[int] = []
+    killer_errors: list[BaseException] = []
+
+    def kill_the_trial_once_it_trains():
+        try:
+            watch_and_kill()
+        except BaseException as e:  # noqa: BLE001 - re-raised by the test below
+            killer_errors.append(e)
+
+    def watch_and_kill():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            alive = {a.class_name: a.pid
+                     for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], limit=1000)}
+            trial_pid = next((pid for name, pid in alive.items() if "ImplicitFunc" in name), None)
+            if trial_pid is not None and "RayTrainWorker" in alive:
+                time.sleep(3)  # let it take a few steps
+                os.kill(trial_pid, signal.SIGKILL)
+                killed.append(trial_pid)
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_the_trial_once_it_trains, daemon=True)
+    killer.start()
+    result = run_pipeline(run, until="tune")
+    killer.join()
+    assert not killer_errors, killer_errors
+    assert killed, "the trial never started training"
+    tuned = result.outputs["tune"]
+    assert result.outputs["score"].cached  # the scores are shared with the first search
+    assert [t["status"] for t in tuned.trials] == ["finished"] and tuned.trials[0]["objective"] is not None
+    # both attempts' Train controllers were recorded, and the driver left none of their placement groups
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from forgetting_ray.cluster.internals import PG_KV_NAMESPACE, _placement_groups_created_by
+
+    controllers = json.loads(_internal_kv_get(tuned.trials[0]["trial_id"], namespace=PG_KV_NAMESPACE))
+    assert len(controllers) == 2, controllers
+    assert not [pg for c in controllers for pg in _placement_groups_created_by(c)]
