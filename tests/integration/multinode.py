@@ -343,12 +343,26 @@ def _worker_node_cmd(gcs_address: str, temp_dir: Path, used: set[int]) -> list[s
             "--max-worker-port", str(workers.stop - 1), "--temp-dir", str(temp_dir), "--disable-usage-stats"]
 
 
+def head_node_cmd(temp_dir: Path) -> tuple[list[str], str, str]:
+    """`ray start --head` of a CPU-less head on ports of its own: ``(cmd, dashboard URL, GCS address)``.
+
+    Every port is named: the dashboard agent's default (52365) is held by whichever local cluster started first,
+    and a head whose agent cannot bind it answers every submission "No available agent to submit job".
+    """
+    gcs, dash, client, agent_http, agent_grpc, metrics, rt_env = _free_ports(7)
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "0", "--node-ip-address", "127.0.0.1",
+           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_http),
+           "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+           "--runtime-env-agent-port", str(rt_env), "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    return cmd, f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
+
+
 @pytest.fixture(scope="module")
 def multinode_cluster(s3_server: S3Server) -> Iterator[MultinodeCluster]:
     root = Path(tempfile.mkdtemp(prefix="frm", dir="/tmp"))  # short: Ray's unix socket paths are length-limited
-    gcs, dash, client, agent_http, agent_grpc, metrics, rt_env = _free_ports(7)
-    cluster = MultinodeCluster(address=f"http://127.0.0.1:{dash}", gcs_address=f"127.0.0.1:{gcs}",
-                               head_cache=root / "head-cache",
+    head_cmd, dashboard, gcs_address = head_node_cmd(root / "h")
+    cluster = MultinodeCluster(address=dashboard, gcs_address=gcs_address, head_cache=root / "head-cache",
                                worker_caches=[root / f"node{i}-cache" for i in range(WORKER_NODES)])
     cluster.head_only = root / "head-only"
     for folder in (cluster.head_cache, *cluster.worker_caches, cluster.head_only):
@@ -358,15 +372,10 @@ def multinode_cluster(s3_server: S3Server) -> Iterator[MultinodeCluster]:
     procs: list[subprocess.Popen] = []
     try:
         head_log = root / "head.log"
-        cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "0", "--node-ip-address", "127.0.0.1",
-               "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-               "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_http),
-               "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
-               "--runtime-env-agent-port", str(rt_env), "--temp-dir", str(root / "h"), "--disable-usage-stats"]
         # no drain on SIGTERM: a head's raylet never finishes draining, so stopping it would wait the full 30 s
         head_env = base_env | {"FORGETTING_RAY_CACHE": str(cluster.head_cache),
                                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-        procs.append(_start(cmd, head_env, head_log))
+        procs.append(_start(head_cmd, head_env, head_log))
         _wait_until(lambda: _started(head_log) and _answers(f"{cluster.address}/api/version"), procs[0], head_log,
                     "ray head", 120)
         (cluster.head_node_id,) = cluster.alive()

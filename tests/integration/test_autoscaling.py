@@ -30,7 +30,7 @@ import psutil
 import pytest
 import yaml
 
-from .multinode import REPO, BIN, MultinodeCluster, _answers, _env, _free_ports, _start, _started, _stop, _wait_until
+from .multinode import REPO, BIN, MultinodeCluster, _answers, _env, _start, _started, _stop, _wait_until, head_node_cmd
 
 if TYPE_CHECKING:
     from .conftest import CloneRun
@@ -84,9 +84,9 @@ def _stop_what_runs_under(root: Path) -> None:
 @pytest.fixture(scope="module")
 def autoscaling_cluster() -> Iterator[MultinodeCluster]:
     root = Path(tempfile.mkdtemp(prefix="fras", dir="/tmp"))  # short: Ray's unix socket paths are length-limited
-    gcs, dash, client = _free_ports(3)
-    cluster = MultinodeCluster(address=f"http://127.0.0.1:{dash}", gcs_address=f"127.0.0.1:{gcs}",
-                               head_cache=root / "head-cache", worker_caches=[])
+    cmd, dashboard, gcs_address = head_node_cmd(root / "t")
+    cluster = MultinodeCluster(address=dashboard, gcs_address=gcs_address, head_cache=root / "head-cache",
+                               worker_caches=[])
     cluster.head_cache.mkdir()
     config = root / "autoscaler.yaml"
     config.write_text(yaml.safe_dump(fake_autoscaler_config(REPO / "cluster.yaml", cluster.gcs_address)))
@@ -95,11 +95,7 @@ def autoscaling_cluster() -> Iterator[MultinodeCluster]:
         "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_TMPDIR": str(root / "t"),
         "FORGETTING_RAY_CACHE": str(cluster.head_cache), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     log = root / "head.log"
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "0", "--node-ip-address", "127.0.0.1",
-           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--ray-client-server-port", str(client), "--autoscaling-config", str(config),
-           "--temp-dir", str(root / "t"), "--disable-usage-stats"]
-    head = _start(cmd, env, log)
+    head = _start([*cmd, "--autoscaling-config", str(config)], env, log)
     try:
         _wait_until(lambda: _started(log) and _answers(f"{cluster.address}/api/version"), head, log, "ray head", 120)
         (cluster.head_node_id,) = cluster.alive()
