@@ -113,9 +113,13 @@ def working_in(folder: Path) -> Iterator[None]:
     A Ray job's cwd is its unpacked working_dir, and Ray unpacks it again (delete, then extract) when a node
     that shares the Ray temp dir sets up the same runtime env: a shared /tmp/ray, or Ray's fake multi-node
     provider.  Tune's driver resolves bucket paths against the cwd (``os.path.relpath`` in
-    ``ray.train._internal.storage``), so a cwd removed under it fails a finished search.
+    ``ray.train._internal.storage``), so a cwd removed under it fails a finished search.  It can be replaced
+    before the block as well (a node added while the job's first stages ran): the path is then the shell's $PWD.
     """
-    before = os.getcwd()
+    try:
+        before = os.getcwd()
+    except FileNotFoundError:
+        before = os.environ.get("PWD", "")  # Ray starts the entrypoint with `cd DIR && ...`
     os.chdir(folder)
     try:
         yield

@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from forgetting_ray.cluster.session import RAY_JOB_CONFIG_VAR, worker_env, working_in
 
 
@@ -41,3 +43,17 @@ def test_working_in_returns_to_a_cwd_that_ray_unpacked_again(tmp_path, monkeypat
     with working_in(search):
         shutil.rmtree(unpacked)  # and gone for good: the search folder stays the cwd
     assert Path.cwd() == search
+
+
+def test_working_in_starts_from_a_cwd_ray_replaced_before_the_block(tmp_path, monkeypatch):
+    unpacked, search = tmp_path / "_ray_pkg_1", tmp_path / "search"
+    unpacked.mkdir(), search.mkdir()
+    monkeypatch.chdir(unpacked)
+    monkeypatch.setenv("PWD", str(unpacked))  # what `cd DIR && python ...` leaves the job
+    shutil.rmtree(unpacked)  # a node added during the job's first stages unpacked the working_dir again
+    unpacked.mkdir()
+    with pytest.raises(FileNotFoundError):
+        os.getcwd()
+    with working_in(search):
+        assert Path.cwd() == search
+    assert Path.cwd() == unpacked and os.getcwd()
