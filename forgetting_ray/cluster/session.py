@@ -106,6 +106,27 @@ def ray_data_bars_off() -> Iterator[None]:
         ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start = saved
 
 
+# Ray Data's parquet reader starts a pool of actor processes per read to fetch the files' footers: 32 by default
+# (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, read in this process when the Dataset is built).  The pipeline's reads are
+# its own token tables, one parquet file each: one actor does all the work, and each of the other 31 costs a worker
+# process start (about 2 s apiece on a 2-core node; a 71 s score stage on three nodes, BENCHMARKS.md "Multi-node
+# cluster path").
+FOOTER_ACTORS_VAR = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
+@contextmanager
+def one_footer_actor() -> Iterator[None]:
+    """Around building a Dataset over one parquet file: one footer actor, unless the user set the variable."""
+    if FOOTER_ACTORS_VAR in os.environ:
+        yield
+        return
+    os.environ[FOOTER_ACTORS_VAR] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(FOOTER_ACTORS_VAR, None)
+
+
 @contextmanager
 def working_in(folder: Path) -> Iterator[None]:
     """Run the block with ``folder`` (absolute) as the cwd, then return to the cwd's path as it is by then.

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..cluster.capacity import bounded_actor_start, check_actor_pool_cpus, gpu_node_resources
 from ..cluster.devices import PeakMemory
-from ..cluster.session import init_ray, ray_data_bars_off
+from ..cluster.session import init_ray, one_footer_actor, ray_data_bars_off
 from ..config import ModelConfig, PipelineConfig
 from ..data.batching import plan_batches
 from ..data.collate import collate
@@ -384,7 +384,9 @@ def _scores_dataset(cfg: PipelineConfig, table_path: Path, pending_ids: list[str
     s = cfg.scoring
     with ray_data_bars_off():  # the stage's one bar is drawn by the caller
         # Ray Data reads the table where it is stored (a bucket: every node reads it; no shared disk needed)
-        ds = ray.data.read_parquet(portable(table_path), columns=["sample_id", "input_ids", "labels"], num_cpus=0.25)
+        with one_footer_actor():
+            ds = ray.data.read_parquet(portable(table_path), columns=["sample_id", "input_ids", "labels"],
+                                       num_cpus=0.25)
         # Small parquet files arrive as one block (STACK_NOTES Exp 3); blocks of shard_size rows feed every
         # actor and let shards complete (and be written) one after another.
         ds = ds.repartition(target_num_rows_per_block=n_blocks_rows)

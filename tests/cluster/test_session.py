@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from forgetting_ray.cluster.session import RAY_JOB_CONFIG_VAR, worker_env, working_in
+from forgetting_ray.cluster.session import (FOOTER_ACTORS_VAR, RAY_JOB_CONFIG_VAR, one_footer_actor, worker_env,
+                                            working_in)
 
 
 def test_worker_env_leaves_to_a_submitted_job_what_its_runtime_env_sets(monkeypatch):
@@ -27,6 +28,17 @@ def test_worker_env_leaves_to_a_submitted_job_what_its_runtime_env_sets(monkeypa
 
     monkeypatch.setenv(RAY_JOB_CONFIG_VAR, "not json")  # unreadable: forward everything, as before
     assert "AWS_ENDPOINT_URL" in worker_env()
+
+
+def test_parquet_reads_start_one_footer_actor_unless_the_user_says_otherwise(monkeypatch):
+    monkeypatch.delenv(FOOTER_ACTORS_VAR, raising=False)
+    with one_footer_actor():
+        assert os.environ[FOOTER_ACTORS_VAR] == "1"
+    assert FOOTER_ACTORS_VAR not in os.environ  # only while the Dataset is built
+    monkeypatch.setenv(FOOTER_ACTORS_VAR, "8")
+    with one_footer_actor():
+        assert os.environ[FOOTER_ACTORS_VAR] == "8"
+    assert os.environ[FOOTER_ACTORS_VAR] == "8"
 
 
 def test_working_in_returns_to_a_cwd_that_ray_unpacked_again(tmp_path, monkeypatch):

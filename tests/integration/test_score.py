@@ -143,9 +143,21 @@ def test_ray_scores_equal_single_process_token_nll(env, scored):
     assert res.stats["padded_tokens"] >= res.stats["real_tokens"] > 0
 
 
+def footer_reader_actors() -> int:
+    """Ray Data's parquet footer actors this cluster has started (alive or killed)."""
+    import ray
+    from ray.util.state import list_actors
+
+    return len(list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "FooterReader")],
+                           limit=10_000, raise_on_missing_output=False))
+
+
 def test_adapter_reference_matches_merged_weights(env, scored, ray_cluster):
     cfg = make_cfg(env["root"] / "run_adapter", env["base"], concurrency=1)
+    started = footer_reader_actors()
     res = run_score(cfg, env["table"], env["export"])
+    # the token table is one file: one footer actor, not Ray's default 32 (cluster.session.one_footer_actor)
+    assert footer_reader_actors() - started == 1
     assert res.reference_mode == "adapter"  # one base copy per actor, LoRA toggled for the base pass
     got, plain = read_scores(res.dir).to_pylist(), read_scores(scored[1].dir).to_pylist()
     rows = pq.read_table(env["table"]).to_pylist()
