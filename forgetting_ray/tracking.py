@@ -347,8 +347,10 @@ class Tracker:
         box = Outbox.of(self.journal) if self.enabled else None
         return box.send(self.uri, self.experiment_id, self._client) if box is not None and box.pending() else 0
 
-    def close_trial_runs(self, stopped: Iterable[str], errored: Iterable[str]) -> None:
-        """End the child runs of the Tune trials that did not finish (tagged :data:`TRIAL_ID_TAG`).
+    def close_trial_runs(self, stopped: Iterable[str], errored: Iterable[str],
+                         restarts: Mapping[str, int] | None = None) -> None:
+        """End the child runs of the Tune trials that did not finish (tagged :data:`TRIAL_ID_TAG`), and tag
+        ``forgetting_ray.restarts`` on the runs of trials Tune restarted after their process died.
 
         Trials the scheduler stopped were killed mid-fit: their runs become KILLED, not RUNNING, tagged
         ``forgetting_ray.stopped_by=scheduler``.  A kill that lands inside the trial's own tracking context
@@ -367,6 +369,8 @@ class Tracker:
             return
         for run in runs:
             tid = run.data.tags.get(TRIAL_ID_TAG)
+            if (restarts or {}).get(tid):
+                self.client.set_tag(run.info.run_id, "forgetting_ray.restarts", str(restarts[tid]))
             if run.info.status in ("RUNNING", "FAILED") and tid in stopped:
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 self.client.set_tag(run.info.run_id, "forgetting_ray.stopped_by", "scheduler")

@@ -115,7 +115,7 @@ def test_compare_runs_url_opens_the_compare_view_of_those_runs():
     assert query == {"runs": ['["a1", "b2"]'], "experiments": ['["7"]']}
 
 
-def test_close_trial_runs_marks_the_runs_the_scheduler_stopped_or_that_errored(tmp_path):
+def test_close_trial_runs_marks_the_runs_the_scheduler_stopped_errored_or_restarted(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from forgetting_ray.tracking import TRIAL_ID_TAG
@@ -125,13 +125,15 @@ def test_close_trial_runs_marks_the_runs_the_scheduler_stopped_or_that_errored(t
     runs = {tid: stage.child(f"trial-{tid}", {TRIAL_ID_TAG: tid}) for tid in ("stopped", "raced", "errored", "done")}
     runs["raced"].end("FAILED")  # killed inside the trial's own tracking context
     runs["done"].end("FINISHED")
-    stage.close_trial_runs(stopped=["stopped", "raced", "done"], errored=["errored"])
+    stage.close_trial_runs(stopped=["stopped", "raced", "done"], errored=["errored"], restarts={"done": 2})
     client = MlflowClient(uri)
     status = {tid: client.get_run(t.run_id) for tid, t in runs.items()}
     assert {tid: r.info.status for tid, r in status.items()} == {
         "stopped": "KILLED", "raced": "KILLED", "errored": "FAILED", "done": "FINISHED"}
     assert status["stopped"].data.tags["forgetting_ray.stopped_by"] == "scheduler"
     assert "forgetting_ray.stopped_by" not in status["errored"].data.tags
+    assert status["done"].data.tags["forgetting_ray.restarts"] == "2"  # Tune restarted it twice
+    assert "forgetting_ray.restarts" not in status["stopped"].data.tags
     Tracker.disabled().close_trial_runs(stopped=["x"], errored=[])  # nothing to close, no store
 
 

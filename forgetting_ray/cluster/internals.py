@@ -86,6 +86,7 @@ def reaper_class():
         def __init__(self, wait_s: float = 120.0):
             self.wait_s = wait_s
             self.threads: list[threading.Thread] = []
+            self.restarts: dict[str, int] = {}  # trial id -> how many times Tune restarted it in this driver
 
         def _reap(self, trial_id: str) -> None:
             from ray._private.state import actors
@@ -123,6 +124,7 @@ def reaper_class():
             self._start(trial)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
+            self.restarts[trial.trial_id] = self.restarts.get(trial.trial_id, 0) + 1
             # the dead attempt's workers may hold the CPUs its restart needs
             self._start(trial)
 

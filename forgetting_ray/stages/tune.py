@@ -9,8 +9,8 @@ Recipe, top to bottom (``run_tune``):
 4. ``_data_plan``: check the remaining samples make at least one step;
 5. ``_scheduler`` (ASHA | FIFO) and ``_searcher`` (random | Optuna), sized to the cluster;
 6. ``_fit``: ``Tuner.fit`` (or restore an interrupted search), reaping what stopped trials leave behind;
-7. ``_collect_trials``: one record per trial; ``Tracker.close_trial_runs`` closes the MLflow runs of the
-   trials the scheduler stopped;
+7. ``_collect_trials``: one record per trial (with how often Tune restarted it); ``Tracker.close_trial_runs``
+   closes the MLflow runs of the trials the scheduler stopped and tags the restarted ones;
 8. ``_finish``: pick the best finished trial, write ``result.json``, load its model and partition.
 
 A trial (``_trial``, a function trainable: the Ray Train V2 pattern, not ``Tuner(trainer)``)
@@ -106,7 +106,7 @@ class TuneResult:
     space_hash: str
     objective: str
     mode: str
-    trials: list[dict[str, Any]]  # trial_id, config, status, objective, last step, out_dir, ...
+    trials: list[dict[str, Any]]  # trial_id, config, restarts, status, objective, last step, out_dir, ...
     best: dict[str, Any] | None
     best_config: PipelineConfig | None = None
     best_train: Any = None  # FinetuneResult of the best trial
@@ -280,7 +280,10 @@ def _param_space(tc: TuneConfig) -> dict[str, Any]:
 
 def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_alg, trial_tracker,
          placement_timeout_s: float, mode: str):
-    """Run the search (or resume an interrupted one in the same folder). Returns (result grid, experiment folder)."""
+    """Run the search (or resume an interrupted one in the same folder).
+
+    Returns (result grid, experiment folder, {trial id: restarts after its process died}).
+    """
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": TRIAL_CPUS})
@@ -314,16 +317,18 @@ def _fit(tc: TuneConfig, folder: Path, ctx: dict[str, Any], scheduler, search_al
             raise
         raise cause from None
     reaper.join()
-    return grid, experiment
+    return grid, experiment, reaper.restarts
 
 
-def _collect_trials(grid) -> list[dict[str, Any]]:
-    """One record per trial, by trial id: finished (has the objective), stopped (by the scheduler) or error."""
+def _collect_trials(grid, restarts: dict[str, int]) -> list[dict[str, Any]]:
+    """One record per trial, by trial id: finished (has the objective), stopped (by the scheduler) or error, and
+    how many times Tune restarted it after its process died (``tune.max_trial_failures``)."""
     trials = []
     for r in grid:
         m = r.metrics or {}
         status = "error" if r.error else ("finished" if OBJECTIVE_METRIC in m else "stopped")
-        trials.append({"trial_id": m.get("trial_id") or Path(r.path).name, "config": dict(r.config or {}),
+        trial_id = m.get("trial_id") or Path(r.path).name
+        trials.append({"trial_id": trial_id, "config": dict(r.config or {}), "restarts": restarts.get(trial_id, 0),
                        "status": status, "objective": m.get(OBJECTIVE_METRIC), "last_step": m.get("step"),
                        ONLINE_METRIC: m.get(ONLINE_METRIC), "out_dir": m.get("out_dir"),
                        "partition_dir": m.get("partition_dir"), "train_table": m.get("train_table_used"),
@@ -401,12 +406,12 @@ def run_tune(cfg: PipelineConfig, train_table: Path, score, tracker: Any) -> Tun
                         "tune.max_concurrent_trials_resolved": concurrent, "tune.total_steps": plan.total_steps,
                         "tune.val_samples": len(val_ids)})
     trial_tracker = tune_callback(TrialTracker, tracker, cfg, report_every, score.key)
-    grid, experiment = _fit(tc, folder, ctx, scheduler, search_alg, trial_tracker, cfg.resources.placement_timeout_s,
-                            mode)
+    grid, experiment, restarts = _fit(tc, folder, ctx, scheduler, search_alg, trial_tracker,
+                                      cfg.resources.placement_timeout_s, mode)
 
-    trials = _collect_trials(grid)
+    trials = _collect_trials(grid, restarts)
     tracker.close_trial_runs(stopped=[t["trial_id"] for t in trials if t["status"] == "stopped"],
-                             errored=[t["trial_id"] for t in trials if t["status"] == "error"])
+                             errored=[t["trial_id"] for t in trials if t["status"] == "error"], restarts=restarts)
     result = TuneResult(folder, key, space_hash(spec), objective, mode, trials, pick_best(trials, mode),
                         stats={"max_concurrent_trials": concurrent, "total_steps": plan.total_steps,
                                "val_samples": len(val_ids)}, trial_runs=dict(trial_tracker.run_ids))
@@ -417,15 +422,16 @@ def format_tune_summary(result: TuneResult) -> str:
     """A printable table of the trials and the best configuration."""
     keys = sorted({k for t in result.trials for k in t["config"]})
     lines = [f"Tune search {result.dir} (space {result.space_hash}, objective {result.objective}, {result.mode})",
-             "| trial | " + " | ".join(keys) + " | status | last step | online_nll | objective |",
-             "|" + "---|" * (len(keys) + 5)]
+             "| trial | " + " | ".join(keys) + " | status | restarts | last step | online_nll | objective |",
+             "|" + "---|" * (len(keys) + 6)]
 
     def fmt(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
 
     for t in result.trials:
         lines.append(f"| {t['trial_id']} | " + " | ".join(fmt(t["config"].get(k)) for k in keys)
-                     + f" | {t['status']} | {fmt(t['last_step'])} | {fmt(t[ONLINE_METRIC])} | {fmt(t['objective'])} |")
+                     + f" | {t['status']} | {t.get('restarts', 0)} | {fmt(t['last_step'])} | {fmt(t[ONLINE_METRIC])}"
+                     + f" | {fmt(t['objective'])} |")
     if result.best:
         lines += ["", f"best: trial {result.best['trial_id']} objective {result.best['objective']:.6g} "
                       + json.dumps(result.best["config"], sort_keys=True),

@@ -69,6 +69,7 @@ def test_search_stops_trials_early_and_reports_the_best(searched):
     print(format_tune_summary(tuned))
     print("stage seconds:", {k: round(v, 1) for k, v in result.seconds.items()})
     assert len(tuned.trials) == 3 and not [t for t in tuned.trials if t["status"] == "error"]
+    assert all(t["restarts"] == 0 for t in tuned.trials)
     assert tuned.n_stopped_early >= 1  # ASHA cut at least one trial at a rung
     stopped = [t for t in tuned.trials if t["status"] == "stopped"]
     assert all(t["objective"] is None and t["online_nll"] is not None for t in stopped)
@@ -273,6 +274,16 @@ def test_a_trial_whose_process_dies_is_restarted_and_finishes(searched, tiny_lla
     tuned = result.outputs["tune"]
     assert result.outputs["score"].cached  # the scores are shared with the first search
     assert [t["status"] for t in tuned.trials] == ["finished"] and tuned.trials[0]["objective"] is not None
+    assert tuned.trials[0]["restarts"] == 1 and "| finished | 1 |" in format_tune_summary(tuned)
+    saved = json.loads((tuned.dir / "result.json").read_text())
+    assert [t["restarts"] for t in saved["trials"]] == [1]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=result.tracker.uri)
+    experiment_id = client.get_run(result.tracker.run_id).info.experiment_id
+    (trial_run,) = [r for r in client.search_runs([experiment_id])
+                    if r.data.tags.get("forgetting_ray.trial_id") == tuned.trials[0]["trial_id"]]
+    assert trial_run.data.tags["forgetting_ray.restarts"] == "1"
     # both attempts' Train controllers were recorded, and the driver left none of their placement groups
     from ray.experimental.internal_kv import _internal_kv_get
 
